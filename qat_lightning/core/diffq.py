@@ -1,0 +1,422 @@
+"""DiffQ: differentiable quantization by noise injection, with a learned number of bits per group.
+
+Plain torch, usable without Lightning. Public API compatible with ``diffq.DiffQuantizer``
+(facebookresearch/diffq); see ``ALGORITHMS.md`` in the reference folder for the formulas.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validate import check_bool, check_choice, check_number, check_patterns
+from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
+from .uniform import tensor_range, uniform_dequantize, uniform_quantize
+
+MEGABYTE_BITS = 8 * 2**20
+MAX_QUANT_BITS = 15
+
+
+@dataclass(eq=False)
+class QuantizedParam(SwappedParam):
+    """A quantized parameter: one bits logit per group of ``group_size`` entries."""
+
+    logit: nn.Parameter | None = None
+    group_size: int = 0
+    _noisy: tuple[torch.Tensor, int, int] | None = None
+    _eval: tuple[torch.Tensor, int, int] | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return self.param.numel() // self.group_size
+
+
+@dataclass(eq=False)
+class KeptParam(SwappedParam):
+    """A parameter left unquantized (too small or excluded): fp32, or fp16 when ``float16``."""
+
+    half: bool = False
+    _eval: tuple[torch.Tensor, int, int] | None = None
+
+
+class DiffQuantizer:
+    """Noise-injection quantizer with learned bits and a differentiable model-size estimate.
+
+    In training mode each quantized weight is seen by its module as ``w + noise``, the noise
+    scaled per group by the learned number of bits; in eval mode modules see the true quantized
+    weights (``round(extra_bits + bits)`` bits, uniform quantization over the tensor's range),
+    computed once and reused until the weights or bits change. ``model_size()`` is a
+    differentiable estimate in MB to add to the loss as a penalty.
+
+    Example::
+
+        model = nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 10))
+        quantizer = DiffQuantizer(model, group_size=8)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        quantizer.setup_optimizer(optimizer, lr=1e-2)    # bits in their own group, no weight decay
+        loss = F.cross_entropy(model(x), y) + 1.0 * quantizer.model_size()
+        ...
+        with quantizer.quantized():                      # true quantized weights, restored after
+            accuracy = evaluate(model)
+        print(quantizer.true_model_size(), "MB")
+
+    Args:
+        model: the model to quantize; bits logits are registered on it as ``<param><suffix>``.
+        min_size: parameters of at most ``min_size`` MB (in fp32) are not quantized.
+        float16: keep the unquantized parameters in fp16 (counted as 16 bits, rounded in eval).
+        group_size: weights sharing one number of bits; must divide every quantized tensor's
+            size; 0 means one number of bits per tensor. The reference default is 1, which
+            doubles parameter memory; ours is 8.
+        min_bits, max_bits: range of the learned bits, ``0 < min_bits < init_bits < max_bits <= 15``.
+        param: ``"bits"`` (sigmoid interpolation of the bits) or ``"noise"`` (log-space
+            interpolation of the noise scale).
+        noise: ``"gaussian"`` (``randn / 2``, the default) or ``"uniform"`` (``rand - 0.5``).
+        init_bits: initial number of bits.
+        extra_bits: added to the bits before rounding for true quantization and size.
+        suffix: name suffix of the registered bits logits.
+        exclude: fnmatch patterns on ``"module.param"`` or the bare parameter name.
+        detect_bound: tied parameters share one logit and one noisy tensor and count once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        min_size: float = 0.01,
+        float16: bool = False,
+        group_size: int = 8,
+        min_bits: float = 2,
+        max_bits: float = 15,
+        param: str = "bits",
+        noise: str = "gaussian",
+        init_bits: float = 8,
+        extra_bits: float = 0,
+        suffix: str = "_diffq",
+        exclude: Sequence[str] = (),
+        detect_bound: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.min_size = check_number("min_size", min_size, low=0)
+        self.float16 = check_bool("float16", float16)
+        self.group_size = check_number("group_size", group_size, low=0, integer=True)
+        self.min_bits = check_number("min_bits", min_bits, low=0, low_open=True, high=MAX_QUANT_BITS)
+        self.max_bits = check_number("max_bits", max_bits, low=0, low_open=True, high=MAX_QUANT_BITS)
+        self.init_bits = check_number("init_bits", init_bits, low=min_bits, high=max_bits, low_open=True, high_open=True)
+        self.param = check_choice("param", param, ("bits", "noise"))
+        self.noise = check_choice("noise", noise, ("gaussian", "uniform"))
+        self.extra_bits = check_number("extra_bits", extra_bits)
+        if not isinstance(suffix, str) or not suffix:
+            raise ValueError(f"suffix must be a non-empty string; got {suffix!r}")
+        self.suffix = suffix
+        self.exclude = check_patterns("exclude", exclude)
+        self.detect_bound = check_bool("detect_bound", detect_bound)
+        for name, _ in model.named_parameters():
+            if name.endswith(suffix):
+                raise ValueError(
+                    f"model already has a parameter named {name!r} ending with suffix {suffix!r}: "
+                    "a DiffQuantizer is already attached (call detach() first) or pick another suffix"
+                )
+
+        self.model = model
+        self.enabled = True  # False: modules see their float weights in training and eval
+        self._min_noise = 1 / (2**self.max_bits - 1)
+        self._max_noise = 1 / (2**self.min_bits - 1)
+        self._qparams: list[QuantizedParam] = []
+        self._kept: list[KeptParam] = []
+        self._saved: dict[int, torch.Tensor] | None = None
+        self._find_params()
+
+        self._swapper = WeightSwapper(self._substitute)
+        self._handles = [model.register_forward_pre_hook(self._on_root_forward)]
+        for entry in [*self._qparams, *self._kept]:
+            self._swapper.add(entry)
+        for qp in self._qparams:
+            for tensor in (qp.param, qp.logit):
+                if tensor.requires_grad:  # after backward the noisy tensor's graph is spent
+                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: qp.__setattr__("_noisy", None)))
+        for module in {slot.module for e in [*self._qparams, *self._kept] for slot in e.slots}:
+            # a plain function: torch tags public hooks with an attribute, which bound methods refuse
+            self._handles.append(module.register_state_dict_post_hook(lambda *a: self._float_state_dict(*a)))
+        if not self._qparams:
+            warnings.warn(
+                f"DiffQuantizer found nothing to quantize: every parameter is excluded or at most "
+                f"min_size={self.min_size} MB ({self._min_numel} entries)",
+                stacklevel=2,
+            )
+
+    # ----------------------------------------------------------------------------- discovery
+    @property
+    def _min_numel(self) -> int:
+        return int(self.min_size * 2**20 // 4)
+
+    def _find_params(self) -> None:
+        seen: dict[int, SwappedParam] = {}
+        for module_name, module in self.model.named_modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                qualified = f"{module_name}.{name}" if module_name else name
+                slot = Slot(module, name, qualified)
+                previous = seen.get(id(param)) if self.detect_bound else None
+                if previous is not None:
+                    previous.slots.append(slot)
+                    continue
+                excluded = any(fnmatch(qualified, pat) or fnmatch(name, pat) for pat in self.exclude)
+                if excluded or param.numel() <= self._min_numel or not param.is_floating_point():
+                    entry: SwappedParam = KeptParam(qualified, param, [slot], half=self.float16)
+                    self._kept.append(entry)
+                else:
+                    entry = self._register(qualified, param, slot)
+                    self._qparams.append(entry)
+                seen.setdefault(id(param), entry)
+
+    def _register(self, qualified: str, param: nn.Parameter, slot: Slot) -> QuantizedParam:
+        group_size = self.group_size or param.numel()
+        if param.numel() % group_size:
+            raise ValueError(
+                f"group_size={self.group_size} does not divide the size of parameter {qualified!r} "
+                f"(shape {tuple(param.shape)}, {param.numel()} entries): pick a group_size that divides it, "
+                f"group_size=0 (one group per tensor), or exclude it with exclude=[{qualified!r}]"
+            )
+        logit = nn.Parameter(torch.full((param.numel() // group_size,), self._init_logit(), device=param.device))
+        slot.module.register_parameter(slot.attr + self.suffix, logit)
+        return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size)
+
+    def _init_logit(self) -> float:
+        if self.param == "noise":
+            t = (math.log(1 / (2**self.init_bits - 1)) - math.log(self._max_noise)) / (
+                math.log(self._min_noise) - math.log(self._max_noise)
+            )
+        else:
+            t = (self.init_bits - self.min_bits) / (self.max_bits - self.min_bits)
+        return math.log(t / (1 - t))
+
+    # ----------------------------------------------------------------------------- bits
+    def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
+        """Bits per group (before ``extra_bits`` and rounding) for a logit tensor."""
+        if self.param == "noise":
+            return torch.log2(1 + 1 / self._noise_unit(logit))
+        t = torch.sigmoid(logit)
+        return self.max_bits * t + (1 - t) * self.min_bits
+
+    def _noise_unit(self, logit: torch.Tensor) -> torch.Tensor:
+        """Quantization step relative to the tensor's range, ``1 / (2**bits - 1)``."""
+        if self.param == "noise":
+            t = torch.sigmoid(logit)
+            return torch.exp(t * math.log(self._min_noise) + (1 - t) * math.log(self._max_noise))
+        return 1 / (2 ** self.get_bits(logit) - 1)
+
+    def _true_bits(self, qp: QuantizedParam) -> torch.Tensor:
+        return (self.extra_bits + self.get_bits(qp.logit.detach())).round().clamp(1, MAX_QUANT_BITS)
+
+    # ----------------------------------------------------------------------------- weights
+    def _substitute(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
+        if self._saved is not None:  # quantized in place by quantize()
+            if not module.training:
+                return None
+            self.restore()  # a training forward always works on the float weights
+        if not self.enabled:
+            return None
+        if module.training:
+            return self._noisy_weight(entry) if isinstance(entry, QuantizedParam) else None
+        return self._eval_weight(entry)
+
+    def _noisy_weight(self, qp: QuantizedParam) -> torch.Tensor:
+        versions = (qp.param._version, qp.logit._version)
+        if qp._noisy is not None and qp._noisy[1:] == versions:
+            return qp._noisy[0]
+        p = qp.param
+        flat = p.reshape(qp.num_groups, qp.group_size)
+        mn, mx = torch.aminmax(p)
+        if self.noise == "gaussian":
+            source, half = torch.randn_like(flat), 0.5
+        else:
+            source, half = torch.rand_like(flat).sub_(0.5), 1.0
+        std = (mx - mn) * half * self._noise_unit(qp.logit)
+        noisy = torch.addcmul(flat, source, std[:, None]).view_as(p)
+        qp._noisy = (noisy, *versions)
+        return noisy
+
+    def _eval_weight(self, entry: SwappedParam) -> torch.Tensor:
+        logit_version = entry.logit._version if isinstance(entry, QuantizedParam) else 0
+        versions = (entry.param._version, logit_version)
+        if entry._eval is None or entry._eval[1:] != versions:
+            entry._eval = (self.quantized_weight(entry), *versions)
+        return entry._eval[0]
+
+    @torch.no_grad()
+    def quantized_weight(self, entry: SwappedParam) -> torch.Tensor:
+        """The true quantized (or fp16-rounded) value of one parameter, as a float tensor."""
+        p = entry.param.detach()
+        if isinstance(entry, KeptParam):
+            return p.half().to(p.dtype) if entry.half else p
+        bits = self._true_bits(entry)[:, None]
+        levels, mn, mx = uniform_quantize(p.reshape(entry.num_groups, entry.group_size), bits)
+        return uniform_dequantize(levels, mn, mx, bits, dtype=p.dtype).view_as(p)
+
+    def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
+        for qp in self._qparams:  # a new forward of the whole model draws new noise
+            qp._noisy = None
+            if module.training:
+                qp._eval = None
+
+    # ----------------------------------------------------------------------------- quantize / restore
+    @property
+    def is_quantized(self) -> bool:
+        """True between :meth:`quantize` and :meth:`restore`."""
+        return self._saved is not None
+
+    @torch.no_grad()
+    def quantize(self) -> bool:
+        """Write the true quantized weights into the parameters, keeping the float ones aside.
+
+        Returns False if already quantized. ``state_dict()`` still returns the float weights.
+        """
+        if self._saved is not None:
+            return False
+        saved: dict[int, torch.Tensor] = {}
+        for entry in [*self._qparams, *self._kept]:
+            if isinstance(entry, KeptParam) and not entry.half or id(entry.param) in saved:
+                continue
+            value = self.quantized_weight(entry)
+            saved[id(entry.param)] = entry.param.detach().clone()
+            entry.param.detach().copy_(value)
+        self._saved = saved
+        self._refresh_rnns()
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Put back the exact float weights saved by :meth:`quantize`. Returns False if not quantized."""
+        if self._saved is None:
+            return False
+        saved, self._saved = self._saved, None
+        for entry in [*self._qparams, *self._kept]:
+            if id(entry.param) in saved:
+                entry.param.detach().copy_(saved[id(entry.param)])
+        self._refresh_rnns()
+        return True
+
+    unquantize = restore  # reference name
+
+    @contextmanager
+    def quantized(self) -> Iterator[None]:
+        """Context manager: true quantized weights inside, exact float weights restored on exit."""
+        entered = self.quantize()
+        try:
+            yield
+        finally:
+            if entered:
+                self.restore()
+
+    enter_quantize = quantized  # reference name
+
+    def _refresh_rnns(self) -> None:
+        for entry in [*self._qparams, *self._kept]:
+            for slot in entry.slots:
+                refresh_rnn(slot.module)
+
+    def _float_state_dict(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if self._saved is None:
+            return
+        for entry in [*self._qparams, *self._kept]:
+            for slot in entry.slots:
+                key = prefix + slot.attr
+                if slot.module is module and key in state_dict and id(entry.param) in self._saved:
+                    state_dict[key] = self._saved[id(entry.param)]
+
+    # ----------------------------------------------------------------------------- sizes
+    def model_size(self, exact: bool = False) -> torch.Tensor:
+        """Estimated model size in MB: differentiable w.r.t. the bits unless ``exact``."""
+        fixed = sum((16 if e.half else 32) * e.param.numel() for e in self._kept)
+        total = torch.zeros((), device=self._device())
+        for qp in self._qparams:
+            bits = self.extra_bits + self.get_bits(qp.logit)
+            if exact:
+                bits = bits.round().clamp(1, MAX_QUANT_BITS)
+            # bits needed to store each group's number of bits: a constant for the gradient
+            span = (bits.detach().max().round() - self.min_bits + 1).clamp(min=1)
+            bits_bits = torch.ceil(torch.log2(span))
+            total = total + qp.group_size * bits.sum() + 64 + 8 + bits_bits * qp.num_groups
+        return (total + fixed) / MEGABYTE_BITS
+
+    def true_model_size(self) -> float:
+        """Exact size in MB of the quantized model (rounded bits, no further compression)."""
+        with torch.no_grad():
+            return self.model_size(exact=True).item()
+
+    def float_model_size(self) -> float:
+        """Size in MB of the same parameters stored in fp32 (bits logits not counted)."""
+        unique = {id(e.param): e.param.numel() for e in [*self._qparams, *self._kept]}
+        numel = sum(unique.values())
+        return 32 * numel / MEGABYTE_BITS
+
+    def average_bits(self, exact: bool = False) -> torch.Tensor:
+        """Mean number of bits per quantized weight (``extra_bits`` included)."""
+        bits_sum = torch.zeros((), device=self._device())
+        numel = 0
+        for qp in self._qparams:
+            bits = self.extra_bits + self.get_bits(qp.logit.detach())
+            if exact:
+                bits = bits.round().clamp(1, MAX_QUANT_BITS)
+            bits_sum = bits_sum + qp.group_size * bits.sum()
+            numel += qp.param.numel()
+        return bits_sum / max(numel, 1)
+
+    def _device(self) -> torch.device:
+        return self._qparams[0].logit.device if self._qparams else torch.device("cpu")
+
+    # ----------------------------------------------------------------------------- optimizer
+    def parameters(self) -> list[nn.Parameter]:
+        """The bits logits, one per quantized tensor (one per tied group with ``detect_bound``)."""
+        return [qp.logit for qp in self._qparams]
+
+    def clear_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the bits logits from every param group of ``optimizer``."""
+        ids = {id(p) for p in self.parameters()}
+        for group in optimizer.param_groups:
+            group["params"][:] = [p for p in group["params"] if id(p) not in ids]
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs: Any) -> dict[str, Any]:
+        """Give the bits logits their own param group (``lr``, weight decay 0, ``kwargs`` on top).
+
+        Logits already in the optimizer (built after the quantizer) are moved out of their group.
+        """
+        check_number("lr", lr, low=0, low_open=True)
+        self.clear_optimizer(optimizer)
+        group = {"params": self.parameters(), "lr": lr, "weight_decay": 0.0, **kwargs}
+        optimizer.add_param_group(group)
+        return optimizer.param_groups[-1]
+
+    def no_optimizer(self) -> None:
+        """Reference API; nothing to do here (training does not require an optimizer setup)."""
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def detach(self) -> None:
+        """Restore float weights, remove every hook and the bits logits from the model."""
+        self.restore()
+        self._swapper.remove()
+        for handle in self._handles:
+            handle.remove()
+        for qp in self._qparams:
+            slot = qp.slots[0]
+            if slot.attr + self.suffix in slot.module._parameters:
+                del slot.module._parameters[slot.attr + self.suffix]
+        self._qparams.clear()
+        self._kept.clear()
+
+    def quantized_params(self) -> list[QuantizedParam]:
+        """Quantized parameter records (name, parameter, logit, group size), in model order."""
+        return list(self._qparams)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(quantized={len(self._qparams)}, kept={len(self._kept)}, "
+            f"group_size={self.group_size}, bits=[{self.min_bits}, {self.max_bits}], param={self.param!r}, "
+            f"noise={self.noise!r})"
+        )

@@ -1,0 +1,87 @@
+"""Per-module weight swapping: the mechanism every weight quantizer here builds on.
+
+A quantizer decides, for each parameter it owns, what tensor a module's forward should see
+(noisy weights in training, true quantized weights in eval). ``WeightSwapper`` installs a
+forward pre-hook and an always-called forward hook on each module that owns such a parameter:
+the pre-hook puts the substitute into ``module._parameters`` and the hook puts the real
+``nn.Parameter`` back. Hooks sit on the owning modules, not on the root, so calling a submodule
+directly is quantized too; outside a forward the model always holds its float parameters, so
+``state_dict()``, optimizers and checkpoints never see a substitute.
+
+Why not ``torch.nn.utils.parametrize``: it renames state-dict keys (checkpoints would no longer
+load into a plain model), recomputes on every attribute access, and does not cooperate with the
+flattened weights of ``nn.LSTM``/``nn.GRU``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(eq=False)
+class Slot:
+    """One place a parameter is registered: ``module._parameters[attr]``."""
+
+    module: nn.Module
+    attr: str
+    qualified_name: str
+
+
+@dataclass(eq=False)
+class SwappedParam:
+    """A parameter and every slot that holds it (several when it is tied)."""
+
+    name: str
+    param: nn.Parameter
+    slots: list[Slot] = field(default_factory=list)
+
+
+class WeightSwapper:
+    """Installs the hooks that substitute ``substitute(entry, module)`` for each entry's parameter."""
+
+    def __init__(self, substitute: Callable[[SwappedParam, nn.Module], torch.Tensor | None]) -> None:
+        self._substitute = substitute
+        self._by_module: dict[nn.Module, list[tuple[str, SwappedParam]]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, entry: SwappedParam) -> None:
+        for slot in entry.slots:
+            if slot.module not in self._by_module:
+                self._by_module[slot.module] = []
+                self._handles.append(slot.module.register_forward_pre_hook(self._pre_hook))
+                self._handles.append(slot.module.register_forward_hook(self._post_hook, always_call=True))
+            self._by_module[slot.module].append((slot.attr, entry))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._by_module.clear()
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        swapped = False
+        for attr, entry in self._by_module[module]:
+            tensor = self._substitute(entry, module)
+            if tensor is not None:
+                module._parameters[attr] = tensor  # bypasses the leaf check of __setattr__ on purpose
+                swapped = True
+        if swapped:
+            refresh_rnn(module)
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        swapped = False
+        for attr, entry in self._by_module[module]:
+            if module._parameters[attr] is not entry.param:
+                module._parameters[attr] = entry.param
+                swapped = True
+        if swapped:
+            refresh_rnn(module)
+
+
+def refresh_rnn(module: nn.Module) -> None:
+    """RNN modules cache their weights in ``_flat_weights``; rebuild it after a swap."""
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
