@@ -1,5 +1,6 @@
 """qat_lightning: quantization-aware training as PyTorch Lightning callbacks."""
-from .core import DiffQuantizer
+from .callbacks import DiffQ
+from .core import DiffQConfig, DiffQuantizer
 
-__all__ = ["DiffQuantizer"]
+__all__ = ["DiffQ", "DiffQConfig", "DiffQuantizer"]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """Framework-free quantization core (plain torch)."""
-from .diffq import DiffQuantizer, KeptParam, QuantizedParam
+from .diffq import DiffQConfig, DiffQuantizer, KeptParam, QuantizedParam
 from .uniform import uniform_dequantize, uniform_quantize
 
-__all__ = ["DiffQuantizer", "KeptParam", "QuantizedParam", "uniform_dequantize", "uniform_quantize"]
+__all__ = ["DiffQConfig", "DiffQuantizer", "KeptParam", "QuantizedParam", "uniform_dequantize", "uniform_quantize"]

@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from typing import Any
 
@@ -44,6 +44,39 @@ class KeptParam(SwappedParam):
 
     half: bool = False
     _eval: tuple[torch.Tensor, int, int] | None = None
+
+
+@dataclass
+class DiffQConfig:
+    """Options of :class:`DiffQuantizer`, validated on construction (see its docstring)."""
+
+    min_size: float = 0.01
+    float16: bool = False
+    group_size: int = 8
+    min_bits: float = 2
+    max_bits: float = 15
+    param: str = "bits"
+    noise: str = "gaussian"
+    init_bits: float = 8
+    extra_bits: float = 0
+    suffix: str = "_diffq"
+    exclude: Sequence[str] = ()
+    detect_bound: bool = True
+
+    def __post_init__(self) -> None:
+        check_number("min_size", self.min_size, low=0)
+        check_bool("float16", self.float16)
+        check_number("group_size", self.group_size, low=0, integer=True)
+        check_number("min_bits", self.min_bits, low=0, low_open=True, high=MAX_QUANT_BITS, high_open=True)
+        check_number("max_bits", self.max_bits, low=self.min_bits, low_open=True, high=MAX_QUANT_BITS)
+        check_number("init_bits", self.init_bits, low=self.min_bits, high=self.max_bits, low_open=True, high_open=True)
+        check_choice("param", self.param, ("bits", "noise"))
+        check_choice("noise", self.noise, ("gaussian", "uniform"))
+        check_number("extra_bits", self.extra_bits)
+        if not isinstance(self.suffix, str) or not self.suffix:
+            raise ValueError(f"suffix must be a non-empty string; got {self.suffix!r}")
+        self.exclude = check_patterns("exclude", self.exclude)
+        check_bool("detect_bound", self.detect_bound)
 
 
 class DiffQuantizer:
@@ -103,20 +136,13 @@ class DiffQuantizer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        self.min_size = check_number("min_size", min_size, low=0)
-        self.float16 = check_bool("float16", float16)
-        self.group_size = check_number("group_size", group_size, low=0, integer=True)
-        self.min_bits = check_number("min_bits", min_bits, low=0, low_open=True, high=MAX_QUANT_BITS)
-        self.max_bits = check_number("max_bits", max_bits, low=0, low_open=True, high=MAX_QUANT_BITS)
-        self.init_bits = check_number("init_bits", init_bits, low=min_bits, high=max_bits, low_open=True, high_open=True)
-        self.param = check_choice("param", param, ("bits", "noise"))
-        self.noise = check_choice("noise", noise, ("gaussian", "uniform"))
-        self.extra_bits = check_number("extra_bits", extra_bits)
-        if not isinstance(suffix, str) or not suffix:
-            raise ValueError(f"suffix must be a non-empty string; got {suffix!r}")
-        self.suffix = suffix
-        self.exclude = check_patterns("exclude", exclude)
-        self.detect_bound = check_bool("detect_bound", detect_bound)
+        self.config = DiffQConfig(
+            min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
+            param=param, noise=noise, init_bits=init_bits, extra_bits=extra_bits, suffix=suffix,
+            exclude=exclude, detect_bound=detect_bound,
+        )  # fmt: skip
+        for key, value in asdict(self.config).items():
+            setattr(self, key, value)
         for name, _ in model.named_parameters():
             if name.endswith(suffix):
                 raise ValueError(
@@ -259,11 +285,20 @@ class DiffQuantizer:
         levels, mn, mx = uniform_quantize(p.reshape(entry.num_groups, entry.group_size), bits)
         return uniform_dequantize(levels, mn, mx, bits, dtype=p.dtype).view_as(p)
 
-    def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
-        for qp in self._qparams:  # a new forward of the whole model draws new noise
+    def new_noise(self) -> None:
+        """Draw fresh noise at the next training forward.
+
+        Happens by itself on every forward of the root model and after each backward; a tied
+        parameter used twice within one forward sees the same noisy tensor.
+        """
+        for qp in self._qparams:
             qp._noisy = None
-            if module.training:
-                qp._eval = None
+
+    def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
+        self.new_noise()
+        if module.training:  # the eval cache is only worth its memory while evaluating
+            for entry in [*self._qparams, *self._kept]:
+                entry._eval = None
 
     # ----------------------------------------------------------------------------- quantize / restore
     @property

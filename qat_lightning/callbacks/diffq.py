@@ -1,0 +1,218 @@
+"""Lightning callback ``DiffQ``: a thin adapter that drives :class:`~qat_lightning.core.DiffQuantizer`."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ..core._validate import check_bool, check_number
+from ..core.diffq import DiffQConfig, DiffQuantizer
+
+
+class DiffQ(pl.Callback):
+    """Quantization-aware training with DiffQ: learned bits, a model-size penalty, quantized eval.
+
+    Add it to the ``Trainer``; the LightningModule stays as it is::
+
+        trainer = Trainer(callbacks=[DiffQ(penalty=5.0, bits_lr=3e-2)])
+        trainer.fit(model, datamodule)
+
+    What it does, hook by hook:
+
+    * ``setup``: attaches a :class:`DiffQuantizer` to the LightningModule (so the bits exist before
+      ``configure_optimizers`` and before a checkpoint's weights are loaded).
+    * ``on_fit_start``: moves the bits into their own param group of the optimizer that holds
+      them (``bits_lr``, ``bits_weight_decay``); LR schedulers scale that group like the others.
+    * ``on_before_optimizer_step`` (after AMP unscaling, before clipping): adds the gradient of
+      ``penalty * model_size()`` to the bits and logs ``quant/model_size_mb``, ``quant/avg_bits``,
+      ``quant/penalty`` every step; ``on_train_epoch_end`` logs ``quant/true_model_size_mb`` and
+      ``quant/compression``.
+    * validation, test and predict run on the true quantized weights, swapped in once when the
+      stage starts and restored bit-identically when it ends (``quantize_eval=False`` keeps float).
+    * ``quantize_on_fit_end=True`` leaves the model holding its quantized weights after ``fit``.
+
+    Args:
+        penalty: weight of the model size (in MB) in the training objective.
+        bits_lr: learning rate of the bits param group.
+        bits_weight_decay: weight decay of the bits param group.
+        quantize_eval: run validation / test / predict on the true quantized weights.
+        quantize_on_fit_end: keep the true quantized weights in the model after ``fit``.
+        min_size, float16, group_size, min_bits, max_bits, param, noise, init_bits, extra_bits,
+        suffix, exclude, detect_bound: passed to :class:`DiffQuantizer`.
+    """
+
+    def __init__(
+        self,
+        penalty: float = 1.0,
+        group_size: int = 8,
+        min_size: float = 0.01,
+        float16: bool = False,
+        min_bits: float = 2,
+        max_bits: float = 15,
+        param: str = "bits",
+        noise: str = "gaussian",
+        init_bits: float = 8,
+        extra_bits: float = 0,
+        suffix: str = "_diffq",
+        exclude: Sequence[str] = (),
+        detect_bound: bool = True,
+        bits_lr: float = 1e-3,
+        bits_weight_decay: float = 0.0,
+        quantize_eval: bool = True,
+        quantize_on_fit_end: bool = False,
+    ) -> None:
+        self.penalty = check_number("penalty", penalty, low=0)
+        self.bits_lr = check_number("bits_lr", bits_lr, low=0, low_open=True)
+        self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
+        self.quantize_eval = check_bool("quantize_eval", quantize_eval)
+        self.quantize_on_fit_end = check_bool("quantize_on_fit_end", quantize_on_fit_end)
+        self.config = DiffQConfig(
+            min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
+            param=param, noise=noise, init_bits=init_bits, extra_bits=extra_bits, suffix=suffix,
+            exclude=exclude, detect_bound=detect_bound,
+        )  # fmt: skip
+        self.quantizer: DiffQuantizer | None = None
+        self._swapped_for_stage = False
+
+    # ----------------------------------------------------------------------------- structure
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.quantizer is None:
+            self.quantizer = self.build_quantizer(pl_module)
+            rank_zero_info(
+                f"DiffQ: {len(self.quantizer.quantized_params())} tensors quantized, "
+                f"float size {self.quantizer.float_model_size():.4f} MB"
+            )
+
+    def build_quantizer(self, pl_module: pl.LightningModule) -> DiffQuantizer:
+        """Create the quantizer; override to quantize only part of the module."""
+        return DiffQuantizer(pl_module, **asdict(self.config))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.setup_bits_param_group(trainer)
+
+    def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
+        """Move the bits into their own param group (the optimizer that holds them, else the first)."""
+        quantizer = self._require_quantizer()
+        bits = {id(p) for p in quantizer.parameters()}
+        if not trainer.optimizers or not bits:
+            return
+        holders = [opt for opt in trainer.optimizers if any(id(p) in bits for g in opt.param_groups for p in g["params"])]
+        optimizer = holders[0] if holders else trainer.optimizers[0]
+        for opt in holders[1:]:
+            quantizer.clear_optimizer(opt)
+        reference = optimizer.param_groups[0]
+        group = quantizer.setup_optimizer(optimizer, lr=self.bits_lr, weight_decay=self.bits_weight_decay)
+        # Schedulers built in configure_optimizers know only the user's groups: let them scale this
+        # one too, as if it had been there from the start, with its lr at fit start == bits_lr.
+        ratio = self.bits_lr / reference["lr"] if reference["lr"] else 1.0
+        for key in ("initial_lr", "max_lr", "min_lr"):
+            if key in reference:
+                group[key] = reference[key] * ratio
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs.append(scheduler.base_lrs[0] * ratio)
+                if hasattr(scheduler, "_last_lr"):
+                    scheduler._last_lr.append(group["lr"])
+
+    # ----------------------------------------------------------------------------- training
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._require_quantizer().new_noise()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        quantizer = self._require_quantizer()
+        logits = quantizer.parameters()
+        if not logits or not any(p is logits[0] for g in optimizer.param_groups for p in g["params"]):
+            return
+        with torch.enable_grad():
+            size = quantizer.model_size()
+            term = self.penalty * size
+            if self.penalty > 0:
+                self.add_penalty_gradient(term, logits)
+        pl_module.log("quant/model_size_mb", size.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        pl_module.log("quant/avg_bits", quantizer.average_bits(), prog_bar=True, on_step=True, on_epoch=False)
+        pl_module.log("quant/penalty", term.detach(), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def add_penalty_gradient(term: torch.Tensor, logits: list[torch.nn.Parameter]) -> None:
+        """Accumulate ``d term / d logits`` into the logits' ``.grad`` (the task gradient is already there)."""
+        trainable = [p for p in logits if p.requires_grad]
+        grads = torch.autograd.grad(term, trainable, allow_unused=True)
+        for p, g in zip(trainable, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        quantizer = self._require_quantizer()
+        true_size = quantizer.true_model_size()
+        pl_module.log("quant/true_model_size_mb", true_size, on_step=False, on_epoch=True)
+        pl_module.log("quant/compression", quantizer.float_model_size() / true_size, on_step=False, on_epoch=True)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_eval()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._leave_eval()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_eval()
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._leave_eval()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_eval()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._leave_eval()
+
+    def _enter_eval(self) -> None:
+        quantizer = self._require_quantizer()
+        if self.quantize_eval:
+            self._swapped_for_stage = quantizer.quantize()
+        else:
+            quantizer.enabled = False
+
+    def _leave_eval(self) -> None:
+        quantizer = self._require_quantizer()
+        if self._swapped_for_stage:
+            quantizer.restore()
+            self._swapped_for_stage = False
+        quantizer.enabled = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.quantize_on_fit_end:
+            self._require_quantizer().quantize()
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["exclude"] = list(config["exclude"])
+        return {
+            "config": config,
+            "penalty": self.penalty,
+            "bits_lr": self.bits_lr,
+            "bits_weight_decay": self.bits_weight_decay,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {})
+        current = self.state_dict()["config"]
+        changed = sorted(k for k in saved if saved[k] != current.get(k))
+        if changed:
+            rank_zero_warn(f"DiffQ: resuming with options that differ from the checkpoint's: {changed}")
+
+    def _require_quantizer(self) -> DiffQuantizer:
+        if self.quantizer is None:
+            raise RuntimeError("DiffQ has no quantizer yet: it is attached in setup(); use it through a Trainer")
+        return self.quantizer

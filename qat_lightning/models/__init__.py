@@ -1,0 +1,5 @@
+"""Demo LightningModules for the Hydra app."""
+from .classifier import Classifier
+from .nets import CNN1D, MLP
+
+__all__ = ["CNN1D", "MLP", "Classifier"]

@@ -1,0 +1,113 @@
+"""Hydra training app: ``python -m qat_lightning.train [overrides]``.
+
+Trains the configured LightningModule with the configured callbacks (DiffQ by default) on the
+embedded MNIST-1D, then tests the float and the true quantized weights and writes
+``summary.json`` into the run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .callbacks import DiffQ
+
+log = logging.getLogger(__name__)
+MEGABYTE = 2**20
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a config group such as ``callbacks``."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def test_accuracy(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, metric: str) -> float:
+    results = trainer.test(model, datamodule=datamodule, verbose=False)
+    if not results or metric not in results[0]:
+        raise KeyError(f"test_metric={metric!r} was not logged by test_step; logged: {sorted(results[0]) if results else []}")
+    return float(results[0][metric])
+
+
+def summarize(
+    trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, callbacks: list[Any], metric: str
+) -> dict[str, Any]:
+    """Float and true quantized sizes and test accuracies of the trained model."""
+    diffq = next((c for c in callbacks if isinstance(c, DiffQ)), None)
+    if diffq is None or diffq.quantizer is None:
+        float_size = 4 * sum(p.numel() for p in model.parameters()) / MEGABYTE
+        accuracy = test_accuracy(trainer, model, datamodule, metric)
+        return dict(float_size_mb=float_size, quantized_size_mb=float_size, compression=1.0, avg_bits=32.0,
+                    float_test_acc=accuracy, quantized_test_acc=accuracy)  # fmt: skip
+    quantizer = diffq.quantizer
+    quantized_acc = test_accuracy(trainer, model, datamodule, metric)
+    diffq.quantize_eval, setting = False, diffq.quantize_eval
+    try:
+        float_acc = test_accuracy(trainer, model, datamodule, metric)
+    finally:
+        diffq.quantize_eval = setting
+    float_size, true_size = quantizer.float_model_size(), quantizer.true_model_size()
+    return dict(
+        float_size_mb=float_size,
+        quantized_size_mb=true_size,
+        compression=float_size / true_size,
+        avg_bits=float(quantizer.average_bits(exact=True)),
+        float_test_acc=float_acc,
+        quantized_test_acc=quantized_acc,
+        estimated_size_mb=float(quantizer.model_size().detach()),
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    rows = [
+        ("float size", f"{summary['float_size_mb']:.4f} MB"),
+        ("quantized size (true)", f"{summary['quantized_size_mb']:.4f} MB"),
+        ("compression", f"{summary['compression']:.2f}x"),
+        ("average bits / weight", f"{summary['avg_bits']:.2f}"),
+        ("float test accuracy", f"{100 * summary['float_test_acc']:.2f} %"),
+        ("quantized test accuracy", f"{100 * summary['quantized_test_acc']:.2f} %"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v:>12}" for k, v in rows]
+    rule = "-" * len(lines[0])
+    return "\n".join([rule, *lines, rule])
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train and summarise one configuration; returns the summary (also written as JSON)."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(model, datamodule=datamodule)
+    if not cfg.get("test", True):
+        return {}
+    summary = summarize(trainer, model, datamodule, callbacks, cfg.get("test_metric", "test/acc"))
+    summary["epochs"] = trainer.current_epoch
+    print(format_summary(summary), flush=True)
+    if output_dir is not None:
+        path = Path(output_dir) / cfg.get("summary_file", "summary.json")
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("summary written to %s", path)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    summary = run(cfg, HydraConfig.get().runtime.output_dir)
+    return summary.get("quantized_test_acc", 0.0)  # the value an Optuna sweeper would maximise
+
+
+if __name__ == "__main__":
+    main()
