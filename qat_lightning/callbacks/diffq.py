@@ -108,9 +108,9 @@ class DiffQ(pl.Callback):
         # Schedulers built in configure_optimizers know only the user's groups: let them scale this
         # one too, as if it had been there from the start, with its lr at fit start == bits_lr.
         ratio = self.bits_lr / reference["lr"] if reference["lr"] else 1.0
-        for key in ("initial_lr", "max_lr", "min_lr"):
-            if key in reference:
-                group[key] = reference[key] * ratio
+        for key, value in reference.items():  # e.g. OneCycleLR's max_lr, min_lr, max_momentum
+            if key not in group:
+                group[key] = value * ratio if key.endswith("_lr") else value
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):

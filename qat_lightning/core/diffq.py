@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_choice, check_number, check_patterns
+from .noise import inject_noise
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
 from .uniform import tensor_range, uniform_dequantize, uniform_quantize
 
@@ -36,6 +37,13 @@ class QuantizedParam(SwappedParam):
     @property
     def num_groups(self) -> int:
         return self.param.numel() // self.group_size
+
+
+@dataclass
+class _Layout:
+    lengths: torch.Tensor  # groups per quantized tensor
+    lengths_float: torch.Tensor
+    group_sizes: torch.Tensor  # entries per group, one value per group
 
 
 @dataclass(eq=False)
@@ -157,6 +165,7 @@ class DiffQuantizer:
         self._qparams: list[QuantizedParam] = []
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
+        self._layout_cache: _Layout | None = None
         self._find_params()
 
         self._swapper = WeightSwapper(self._substitute)
@@ -257,14 +266,12 @@ class DiffQuantizer:
         if qp._noisy is not None and qp._noisy[1:] == versions:
             return qp._noisy[0]
         p = qp.param
-        flat = p.reshape(qp.num_groups, qp.group_size)
-        mn, mx = torch.aminmax(p)
+        _, _, span = tensor_range(p)
         if self.noise == "gaussian":
-            source, half = torch.randn_like(flat), 0.5
+            source, half = torch.randn_like(p), 0.5
         else:
-            source, half = torch.rand_like(flat).sub_(0.5), 1.0
-        std = (mx - mn) * half * self._noise_unit(qp.logit)
-        noisy = torch.addcmul(flat, source, std[:, None]).view_as(p)
+            source, half = torch.rand_like(p).sub_(0.5), 1.0
+        noisy = inject_noise(p, (span * half) * self._noise_unit(qp.logit), source)
         qp._noisy = (noisy, *versions)
         return noisy
 
@@ -368,17 +375,30 @@ class DiffQuantizer:
     # ----------------------------------------------------------------------------- sizes
     def model_size(self, exact: bool = False) -> torch.Tensor:
         """Estimated model size in MB: differentiable w.r.t. the bits unless ``exact``."""
-        fixed = sum((16 if e.half else 32) * e.param.numel() for e in self._kept)
-        total = torch.zeros((), device=self._device())
-        for qp in self._qparams:
-            bits = self.extra_bits + self.get_bits(qp.logit)
-            if exact:
-                bits = bits.round().clamp(1, MAX_QUANT_BITS)
-            # bits needed to store each group's number of bits: a constant for the gradient
-            span = (bits.detach().max().round() - self.min_bits + 1).clamp(min=1)
-            bits_bits = torch.ceil(torch.log2(span))
-            total = total + qp.group_size * bits.sum() + 64 + 8 + bits_bits * qp.num_groups
-        return (total + fixed) / MEGABYTE_BITS
+        kept_bits = sum((16 if e.half else 32) * e.param.numel() for e in self._kept)
+        if not self._qparams:
+            return torch.tensor(kept_bits / MEGABYTE_BITS)
+        bits = self._all_bits(exact)
+        layout = self._layout()
+        payload = torch.dot(bits, layout.group_sizes)
+        with torch.no_grad():  # bits needed to store each group's number of bits: a constant for the gradient
+            max_bits = torch.segment_reduce(bits.detach(), "max", lengths=layout.lengths)
+            bits_bits = torch.ceil(torch.log2((max_bits.round() - self.min_bits + 1).clamp(min=1)))
+            header = torch.dot(bits_bits, layout.lengths_float) + 72 * len(self._qparams)  # fp32 min/max + 8
+        return (payload + header + kept_bits) / MEGABYTE_BITS
+
+    def _all_bits(self, exact: bool, detach: bool = False) -> torch.Tensor:
+        logits = torch.cat([qp.logit.detach() if detach else qp.logit for qp in self._qparams])
+        bits = self.extra_bits + self.get_bits(logits)
+        return bits.round().clamp(1, MAX_QUANT_BITS) if exact else bits
+
+    def _layout(self) -> _Layout:
+        device = self._qparams[0].logit.device
+        if self._layout_cache is None or self._layout_cache.lengths.device != device:
+            lengths = torch.tensor([qp.num_groups for qp in self._qparams], device=device)
+            group_sizes = torch.cat([torch.full((qp.num_groups,), float(qp.group_size), device=device) for qp in self._qparams])
+            self._layout_cache = _Layout(lengths, lengths.float(), group_sizes)
+        return self._layout_cache
 
     def true_model_size(self) -> float:
         """Exact size in MB of the quantized model (rounded bits, no further compression)."""
@@ -392,19 +412,12 @@ class DiffQuantizer:
         return 32 * numel / MEGABYTE_BITS
 
     def average_bits(self, exact: bool = False) -> torch.Tensor:
-        """Mean number of bits per quantized weight (``extra_bits`` included)."""
-        bits_sum = torch.zeros((), device=self._device())
-        numel = 0
-        for qp in self._qparams:
-            bits = self.extra_bits + self.get_bits(qp.logit.detach())
-            if exact:
-                bits = bits.round().clamp(1, MAX_QUANT_BITS)
-            bits_sum = bits_sum + qp.group_size * bits.sum()
-            numel += qp.param.numel()
-        return bits_sum / max(numel, 1)
-
-    def _device(self) -> torch.device:
-        return self._qparams[0].logit.device if self._qparams else torch.device("cpu")
+        """Mean number of bits per quantized weight (``extra_bits`` included); not differentiable."""
+        if not self._qparams:
+            return torch.tensor(float("nan"))
+        with torch.no_grad():
+            numel = sum(qp.param.numel() for qp in self._qparams)
+            return torch.dot(self._all_bits(exact, detach=True), self._layout().group_sizes) / numel
 
     # ----------------------------------------------------------------------------- optimizer
     def parameters(self) -> list[nn.Parameter]:

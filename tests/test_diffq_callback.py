@@ -1,0 +1,264 @@
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.testing import assert_close
+
+from qat_lightning import DiffQ, DiffQuantizer
+
+from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+SMALL = dict(min_size=0, exclude=["*.bias"])  # quantize every weight of the tiny model
+
+
+class Snapshots(pl.Callback):
+    """Records weights at chosen hooks (placed before or after DiffQ in the callback list)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    def _take(self, name: str, pl_module: pl.LightningModule) -> None:
+        weights = {k: v.detach().clone() for k, v in pl_module.named_parameters() if not k.endswith("_diffq")}
+        self.seen.setdefault(name, []).append(weights)
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._take("validation_start", pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._take("validation_end", pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._take("test_start", pl_module)
+
+
+def test_fit_validates_on_true_quantized_weights_and_restores_float(tmp_path) -> None:
+    before, after = Snapshots(), Snapshots()
+    diffq = DiffQ(**SMALL)
+    trainer = tiny_trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[before, diffq, after])
+    model = tiny_model()
+    trainer.fit(model, tiny_loader(), tiny_loader(seed=1))
+    # sanity check + 2 epochs of validation, each on quantized weights, each restored exactly
+    assert len(after.seen["validation_start"]) == 3
+    for float_w, quant_w, restored in zip(
+        before.seen["validation_start"], after.seen["validation_start"], after.seen["validation_end"]
+    ):
+        for name in float_w:
+            assert torch.equal(restored[name], float_w[name]), name
+        assert not torch.equal(quant_w["net.0.weight"], float_w["net.0.weight"])
+    q = diffq.quantizer
+    qp = q.quantized_params()[0]
+    with q.quantized():
+        assert torch.equal(qp.param, after.seen["validation_end"][-1]["net.0.weight"]) is False
+        current = qp.param.detach().clone()
+    assert torch.equal(q.quantized_weight(qp), current)
+    assert not q.is_quantized
+
+
+def test_test_and_predict_use_quantized_weights_unless_disabled() -> None:
+    snap = Snapshots()
+    diffq = DiffQ(**SMALL)
+    trainer = tiny_trainer(callbacks=[diffq, snap])
+    model = tiny_model()
+    trainer.fit(model, tiny_loader())
+    trainer.test(model, tiny_loader(), verbose=False)
+    q = diffq.quantizer
+    expected = q.quantized_weight(q.quantized_params()[0])
+    assert torch.equal(snap.seen["test_start"][-1]["net.0.weight"], expected)
+    preds = torch.cat(trainer.predict(model, tiny_loader()))
+    with q.quantized():
+        model.eval()
+        direct = torch.cat([model(x).argmax(-1) for x, _ in tiny_loader()])
+    assert torch.equal(preds, direct)
+    diffq.quantize_eval = False
+    trainer.test(model, tiny_loader(), verbose=False)
+    assert torch.equal(snap.seen["test_start"][-1]["net.0.weight"], model.net[0].weight.detach())
+
+
+def test_bits_get_their_own_param_group() -> None:
+    diffq = DiffQ(bits_lr=0.02, bits_weight_decay=0.001, **SMALL)
+    trainer = tiny_trainer(callbacks=[diffq])
+    model = tiny_model(weight_decay=0.1)
+    trainer.fit(model, tiny_loader())
+    (optimizer,) = trainer.optimizers
+    bits = {id(p) for p in diffq.quantizer.parameters()}
+    assert not any(id(p) in bits for p in optimizer.param_groups[0]["params"])
+    group = optimizer.param_groups[1]
+    assert {id(p) for p in group["params"]} == bits
+    assert group["lr"] == 0.02 and group["weight_decay"] == 0.001
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "step"])
+def test_lr_schedulers_scale_the_bits_group(scheduler: str) -> None:
+    class Scheduled(type(tiny_model())):
+        def configure_optimizers(self):  # noqa: ANN201
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            sched = {
+                "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+                "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=8),
+                "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+            }[scheduler]()
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    torch.manual_seed(0)
+    model = Scheduled(tiny_model().net, num_classes=8)
+    diffq = DiffQ(bits_lr=0.01, **SMALL)
+    trainer = tiny_trainer(max_steps=5, callbacks=[diffq])
+    trainer.fit(model, tiny_loader(n=128))
+    groups = trainer.optimizers[0].param_groups
+    # the bits group follows the same schedule, scaled so that it started at bits_lr
+    ratio = 0.01 / (0.1 if scheduler != "onecycle" else 0.5 / 25)
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * ratio, rel=1e-6)
+
+
+def _grads_at_first_step(diffq: DiffQ, trainer_kwargs: dict, batches: int) -> tuple:
+    """Run one optimizer step; return (recorded bits grads, model state before, rng state, batches)."""
+
+    class Recorder(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            if batch_idx == 0:
+                self.state = copy.deepcopy(pl_module.state_dict())
+                self.rng = torch.get_rng_state()
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+            if not hasattr(self, "grads"):
+                self.grads = [p.grad.detach().clone() for p in diffq.quantizer.parameters()]
+
+    recorder = Recorder()
+    trainer = tiny_trainer(max_steps=1, callbacks=[diffq, recorder], **trainer_kwargs)
+    trainer.fit(tiny_model(), tiny_loader(batch_size=8))
+    data = list(tiny_loader(batch_size=8))[:batches]
+    return recorder.grads, recorder.state, recorder.rng, data
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "batches", "autocast"),
+    [({}, 1, False), ({"accumulate_grad_batches": 2}, 2, False), ({"precision": "bf16-mixed"}, 1, True)],
+    ids=["plain", "accumulate2", "bf16-mixed"],
+)
+def test_penalty_gradient_equals_autograd_of_the_full_objective(trainer_kwargs: dict, batches: int, autocast: bool) -> None:
+    penalty = 3.0
+    grads, state, rng, data = _grads_at_first_step(DiffQ(penalty=penalty, **SMALL), trainer_kwargs, batches)
+    # by hand: same weights, same noise (same RNG state), loss = mean task loss + penalty * size
+    model = tiny_model()
+    quantizer = DiffQuantizer(model, **SMALL)
+    model.load_state_dict(state)
+    torch.set_rng_state(rng)
+    task = 0.0
+    for x, y in data:
+        quantizer.new_noise()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            task = task + F.cross_entropy(model(x), y) / batches
+    objective = task + penalty * quantizer.model_size()
+    expected = torch.autograd.grad(objective, quantizer.parameters())
+    tolerance = dict(rtol=1e-2, atol=1e-6) if autocast else dict(rtol=1e-5, atol=1e-8)
+    for got, want in zip(grads, expected):
+        assert_close(got, want, **tolerance)
+    size_grad = torch.autograd.grad(penalty * quantizer.model_size(), quantizer.parameters())
+    assert any((g - s).abs().max() > 0 for g, s in zip(grads, size_grad))  # the task part is there too
+
+
+def test_logs_size_bits_and_penalty(tmp_path) -> None:
+    logger = CSVLogger(tmp_path, name="csv")
+    diffq = DiffQ(penalty=2.0, **SMALL)
+    trainer = tiny_trainer(max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[diffq])
+    trainer.fit(tiny_model(), tiny_loader())
+    metrics = trainer.logged_metrics
+    for key in ("quant/model_size_mb", "quant/avg_bits", "quant/penalty", "quant/true_model_size_mb", "quant/compression"):
+        assert key in metrics, key
+    q = diffq.quantizer
+    assert metrics["quant/true_model_size_mb"].item() == pytest.approx(q.true_model_size())
+    assert metrics["quant/compression"].item() == pytest.approx(q.float_model_size() / q.true_model_size(), rel=1e-5)
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "quant/model_size_mb" in header and "quant/compression" in header
+
+
+def test_penalty_shrinks_the_model() -> None:
+    sizes, bits = {}, {}
+    for penalty in (0.0, 1000.0):
+        diffq = DiffQ(penalty=penalty, bits_lr=0.1, **SMALL)
+        tiny_trainer(max_epochs=3, callbacks=[diffq]).fit(tiny_model(), tiny_loader())
+        sizes[penalty] = diffq.quantizer.true_model_size()
+        bits[penalty] = diffq.quantizer.average_bits(exact=True).item()
+    assert sizes[1000.0] < 0.8 * sizes[0.0]
+    assert bits[1000.0] < bits[0.0] - 2
+
+
+def test_checkpoint_resume_restores_bits_weights_and_optimizer(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = DiffQ(bits_lr=0.05, **SMALL)
+    tiny_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[first, ckpt]).fit(tiny_model(), tiny_loader())
+    path = tmp_path / "last.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["callbacks"]["DiffQ"]["config"]["group_size"] == 8
+    assert any(k.endswith("_diffq") for k in saved["state_dict"])
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            for key, value in pl_module.state_dict().items():
+                assert torch.equal(value, saved["state_dict"][key]), key
+            opt_state = trainer.optimizers[0].state_dict()
+            assert len(opt_state["param_groups"]) == 2
+            assert opt_state["param_groups"][1]["lr"] == 0.05
+            for index, state in saved["optimizer_states"][0]["state"].items():
+                for name, value in state.items():
+                    assert torch.equal(opt_state["state"][index][name], value), (index, name)
+            self.checked = True
+
+    check = Check()
+    second = DiffQ(bits_lr=0.05, **SMALL)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[second, check])
+    trainer.fit(tiny_model(), tiny_loader(), ckpt_path=path)
+    assert check.checked and trainer.current_epoch == 3
+
+
+def test_resume_with_other_options_warns(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[DiffQ(**SMALL), ckpt]).fit(tiny_model(), tiny_loader())
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[DiffQ(init_bits=6, **SMALL)])
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's: \['init_bits'\]"):
+        trainer.fit(tiny_model(), tiny_loader(), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_quantize_on_fit_end() -> None:
+    diffq = DiffQ(quantize_on_fit_end=True, **SMALL)
+    model = tiny_model()
+    tiny_trainer(callbacks=[diffq]).fit(model, tiny_loader())
+    q = diffq.quantizer
+    assert q.is_quantized
+    qp = q.quantized_params()[0]
+    q.restore()
+    assert torch.equal(q.quantized_weight(qp), q.quantized_weight(qp))
+    with q.quantized():
+        quantized = qp.param.detach().clone()
+    q.quantize()
+    assert torch.equal(qp.param.detach(), quantized)
+
+
+def test_trainer_test_alone_builds_the_quantizer_before_loading(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[DiffQ(**SMALL), ckpt]).fit(tiny_model(), tiny_loader())
+    fresh = DiffQ(**SMALL)
+    results = tiny_trainer(callbacks=[fresh]).test(tiny_model(), tiny_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert "test/acc" in results[0] and fresh.quantizer is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"penalty": -1.0}, "penalty must be a number >= 0"),
+        ({"bits_lr": 0.0}, "bits_lr must be a number > 0"),
+        ({"bits_weight_decay": -0.1}, "bits_weight_decay must be a number >= 0"),
+        ({"quantize_eval": "yes"}, "quantize_eval must be True or False"),
+        ({"quantize_on_fit_end": None}, "quantize_on_fit_end must be True or False"),
+        ({"group_size": -8}, "group_size must be an integer >= 0"),
+        ({"param": "sigmoid"}, "param must be one of 'bits', 'noise'"),
+        ({"min_bits": 9}, "init_bits must be a number > 9"),
+    ],
+)
+def test_callback_constructor_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DiffQ(**kwargs)

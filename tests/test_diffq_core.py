@@ -1,0 +1,337 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from qat_lightning import DiffQuantizer
+
+MB = 8 * 2**20
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+# ----------------------------------------------------------------------------- sizes by hand
+def test_size_hand_computed() -> None:
+    model = nn.Linear(32, 8)  # weight 256 entries quantized, bias 8 entries kept in fp32
+    q = DiffQuantizer(model, min_size=0.0001, group_size=8)
+    # 32 groups x 8 weights x 8 bits + 64 (min, max) + 8 + bits_bits * 32, bits_bits = ceil(log2(1 + 8 - 2)) = 3
+    expected = (8 * 32 * 8 + 64 + 8 + 3 * 32 + 32 * 8) / MB
+    assert q.true_model_size() == pytest.approx(expected, rel=0, abs=0)
+    assert_close(q.model_size(), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert q.float_model_size() == 32 * (256 + 8) / MB
+
+
+def test_size_float16_and_group_zero() -> None:
+    model = nn.Linear(32, 8)
+    q = DiffQuantizer(model, min_size=0.0001, group_size=0, float16=True, init_bits=6)
+    # one group of 256 weights at 6 bits, bits_bits = ceil(log2(1 + 6 - 2)) = 3 for one group; bias fp16
+    assert q.true_model_size() == (256 * 6 + 64 + 8 + 3 + 16 * 8) / MB
+
+
+def test_size_is_differentiable_in_bits() -> None:
+    q = DiffQuantizer(mlp(), min_size=0, group_size=8)
+    q.model_size().backward()
+    for logit in q.parameters():
+        assert logit.grad is not None and (logit.grad > 0).all()
+
+
+def test_exact_size_rounds_bits() -> None:
+    model = nn.Linear(32, 8, bias=False)
+    q = DiffQuantizer(model, min_size=0, group_size=8)
+    bits = torch.linspace(2.2, 9.6, 32)  # rounds to 2..10
+    t = (bits - 2) / 13
+    q.parameters()[0].data.copy_(torch.log(t / (1 - t)))
+    rounded = bits.round()
+    bits_bits = math.ceil(math.log2(1 + rounded.max().item() - 2))
+    assert q.true_model_size() == pytest.approx((8 * rounded.sum().item() + 72 + bits_bits * 32) / MB, rel=1e-7)
+    assert q.average_bits(exact=True).item() == pytest.approx(rounded.mean().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- bits parametrisations
+@pytest.mark.parametrize("param", ["bits", "noise"])
+@pytest.mark.parametrize("init_bits", [3, 8, 14.5])
+def test_initial_bits(param: str, init_bits: float) -> None:
+    q = DiffQuantizer(mlp(), min_size=0, param=param, init_bits=init_bits)
+    for logit in q.parameters():
+        assert_close(q.get_bits(logit), torch.full_like(logit, init_bits), rtol=0, atol=1e-4)
+
+
+def test_bits_formulas_by_hand() -> None:
+    q = DiffQuantizer(mlp(), min_size=0, min_bits=2, max_bits=10, param="bits")
+    assert q.get_bits(torch.tensor(0.0)).item() == pytest.approx(6.0)  # midpoint of 2..10
+    qn = DiffQuantizer(mlp(), min_size=0, min_bits=2, max_bits=10, param="noise")
+    # logit 0: noise scale is the geometric mean of 1/(2^10 - 1) and 1/(2^2 - 1)
+    noise = math.sqrt(1 / 1023 / 3)
+    assert qn.get_bits(torch.tensor(0.0)).item() == pytest.approx(math.log2(1 + 1 / noise), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- training forward
+def test_training_noise_follows_the_bits() -> None:
+    layer = nn.Linear(1024, 256, bias=False)
+    q = DiffQuantizer(layer, min_size=0, group_size=1024)
+    bits = torch.tensor([3.0] * 128 + [6.0] * 128)
+    t = (bits - 2) / 13
+    q.parameters()[0].data.copy_(torch.log(t / (1 - t)))
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
+    layer(torch.randn(1, 1024))
+    noise = seen[0] - layer.weight.detach()
+    span = (layer.weight.max() - layer.weight.min()).item()
+    for rows, b in ((slice(0, 128), 3.0), (slice(128, 256), 6.0)):
+        expected_std = span / (2**b - 1) / 2  # gaussian: randn / 2 times the quantization step
+        assert noise[rows].std().item() == pytest.approx(expected_std, rel=0.02)
+    assert layer._parameters["weight"] is layer.weight  # the float parameter is back after forward
+
+
+def test_uniform_noise_is_bounded_by_half_a_step() -> None:
+    layer = nn.Linear(256, 64, bias=False)
+    q = DiffQuantizer(layer, min_size=0, noise="uniform", init_bits=4)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
+    layer(torch.randn(1, 256))
+    step = (layer.weight.max() - layer.weight.min()).item() / (2**4 - 1)
+    noise = (seen[0] - layer.weight.detach()).abs()
+    assert noise.max().item() <= step / 2 * (1 + 1e-5)
+    assert noise.max().item() > step / 2 * 0.95
+
+
+def test_gradients_reach_weights_and_bits() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    F.cross_entropy(model(torch.randn(8, 40)), torch.randint(0, 8, (8,))).backward()
+    for qp in q.quantized_params():
+        assert qp.param.grad is not None and qp.param.grad.abs().sum() > 0
+        assert qp.logit.grad is not None and qp.logit.grad.abs().sum() > 0
+
+
+def test_weight_gradient_is_the_float_gradient_of_the_noisy_forward() -> None:
+    """d loss / d w equals the gradient of the same loss with the noisy weight as a constant input."""
+    layer = nn.Linear(16, 4, bias=False)
+    q = DiffQuantizer(layer, min_size=0)
+    x = torch.randn(3, 16)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
+    layer(x).square().sum().backward()
+    noisy = seen[0].requires_grad_()
+    F.linear(x, noisy).square().sum().backward()
+    assert_close(layer.weight.grad, noisy.grad, rtol=0, atol=0)
+    assert q.parameters()[0].grad is not None
+
+
+def test_accumulating_two_backwards_draws_new_noise() -> None:
+    model = mlp()
+    DiffQuantizer(model, min_size=0)
+    x = torch.randn(8, 40)
+    model(x).sum().backward()
+    model(x).sum().backward()  # would fail if the spent noisy graph were reused
+
+
+def test_tied_parameter_one_logit_one_noisy_tensor_counted_once() -> None:
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(128, 32)
+            self.out = nn.Linear(32, 128, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(tokens))
+
+    model = TiedLM()
+    q = DiffQuantizer(model, min_size=0)
+    assert len(q.parameters()) == 1
+    assert q.true_model_size() == (128 * 32 * 8 + 72 + 3 * 128 * 32 // 8) / MB
+    seen = {}
+    model.emb.register_forward_pre_hook(lambda m, i: seen.__setitem__("emb", m.weight))
+    model.out.register_forward_pre_hook(lambda m, i: seen.__setitem__("out", m.weight))
+    model(torch.randint(0, 128, (4, 5))).sum().backward()
+    assert seen["emb"] is seen["out"] and seen["emb"] is not model.emb.weight
+    untied = DiffQuantizer(TiedLM(), min_size=0, detect_bound=False)
+    assert len(untied.parameters()) == 2
+
+
+def test_submodule_called_directly_is_quantized() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0, exclude=["*.bias"])
+    x = torch.randn(4, 40)
+    first = model[0]
+    float_out = F.linear(x, first.weight, first.bias)
+    assert not torch.equal(first(x), float_out)  # noisy in training
+    model.eval()
+    expected = F.linear(x, q.quantized_weight(q.quantized_params()[0]), first.bias)
+    assert_close(first(x), expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- eval and quantize/restore
+def test_eval_uses_true_quantized_weights_once() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    model.eval()
+    x = torch.randn(4, 40)
+    with q.quantized():
+        expected = model(x)
+    calls = []
+    original = q.quantized_weight
+    q.quantized_weight = lambda entry: calls.append(entry) or original(entry)  # type: ignore[method-assign]
+    assert_close(model(x), expected, rtol=0, atol=0)
+    assert_close(model(x), expected, rtol=0, atol=0)
+    assert len(calls) == len(q.quantized_params())  # computed once, reused by the second forward
+
+
+def test_eval_cache_follows_weight_updates() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    model.eval()
+    x = torch.randn(4, 40)
+    before = model(x)
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # in-place update bumps the version counter
+    after = model(x)
+    assert not torch.equal(before, after)
+    with q.quantized():
+        assert_close(model(x), after, rtol=0, atol=0)
+
+
+def test_quantize_restore_is_bit_exact_and_state_dict_stays_float() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    floats = {k: v.clone() for k, v in model.state_dict().items()}
+    assert q.quantize() and not q.quantize()
+    assert q.is_quantized
+    qp = q.quantized_params()[0]
+    assert not torch.equal(qp.param, floats["0.weight"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, floats[key]), key  # checkpoints written now still hold float weights
+    assert q.restore() and not q.restore()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, floats[key])
+    with q.quantized():
+        assert q.is_quantized
+    assert not q.is_quantized
+    assert torch.equal(model[0].weight, floats["0.weight"])
+
+
+def test_quantized_levels_use_rounded_bits_and_extra_bits() -> None:
+    layer = nn.Linear(64, 8, bias=False)
+    q = DiffQuantizer(layer, min_size=0, init_bits=3.4, extra_bits=1.0)  # round(4.4) = 4 bits
+    with q.quantized():
+        w = layer.weight.detach().clone()
+    mn, mx = layer.weight.min(), layer.weight.max()
+    levels = (w - mn) / (mx - mn) * 15
+    assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    assert levels.round().unique().numel() <= 16
+
+
+def test_training_forward_restores_float_weights_after_quantize() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    w = model[0].weight.detach().clone()
+    q.quantize()
+    model.train()
+    model(torch.randn(2, 40))
+    assert not q.is_quantized and torch.equal(model[0].weight, w)
+
+
+@pytest.mark.parametrize("rnn_type", [nn.LSTM, nn.GRU])
+def test_recurrent_weights(rnn_type: type[nn.RNNBase]) -> None:
+    rnn = rnn_type(16, 32, num_layers=2, batch_first=True)
+    q = DiffQuantizer(rnn, min_size=0)
+    x = torch.randn(3, 5, 16)
+    out, _ = rnn(x)
+    out.sum().backward()
+    assert all(qp.logit.grad is not None for qp in q.quantized_params())
+    rnn.eval()
+    reference = rnn_type(16, 32, num_layers=2, batch_first=True)
+    with torch.no_grad():
+        for qp in q.quantized_params():
+            getattr(reference, qp.name).copy_(q.quantized_weight(qp))
+        for name, p in reference.named_parameters():
+            if name not in {qp.name for qp in q.quantized_params()}:
+                p.copy_(getattr(rnn, name))
+    assert_close(rnn(x)[0], reference(x)[0], rtol=0, atol=1e-6)  # fused kernels may sum in another order
+    assert all(w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, rnn._flat_weights_names))
+
+
+def test_min_size_and_exclude() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0, exclude=["*.bias", "4.weight"])
+    assert [qp.name for qp in q.quantized_params()] == ["0.weight", "2.weight"]
+    q2 = DiffQuantizer(mlp(), min_size=64 * 64 * 4 / 2**20)  # 2.weight has exactly the limit: kept
+    assert [qp.name for qp in q2.quantized_params()] == []
+    q3 = DiffQuantizer(mlp(), min_size=64 * 64 * 4 / 2**20 - 1e-6)
+    assert [qp.name for qp in q3.quantized_params()] == ["2.weight"]
+
+
+def test_setup_optimizer_moves_bits_to_their_own_group() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    group = q.setup_optimizer(optimizer, lr=1e-2)
+    bits = {id(p) for p in q.parameters()}
+    assert not any(id(p) in bits for p in optimizer.param_groups[0]["params"])
+    assert {id(p) for p in group["params"]} == bits and group["weight_decay"] == 0 and group["lr"] == 1e-2
+
+
+def test_detach_removes_everything() -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    q.quantize()
+    q.detach()
+    assert not any(name.endswith("_diffq") for name, _ in model.named_parameters())
+    x = torch.randn(2, 40)
+    assert torch.equal(model(x), model(x))  # no noise anymore
+    DiffQuantizer(model, min_size=0)  # can be attached again
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_size": -1}, "min_size must be a number >= 0"),
+        ({"float16": "yes"}, "float16 must be True or False"),
+        ({"group_size": -1}, "group_size must be an integer >= 0"),
+        ({"group_size": 1.5}, "group_size must be an integer"),
+        ({"min_bits": 0}, "min_bits must be a number > 0"),
+        ({"max_bits": 16}, "max_bits must be a number > 2 and <= 15"),
+        ({"init_bits": 2}, "init_bits must be a number > 2 and < 15"),
+        ({"init_bits": 15}, "init_bits must be a number > 2 and < 15"),
+        ({"param": "logit"}, "param must be one of 'bits', 'noise'"),
+        ({"noise": "laplace"}, "noise must be one of 'gaussian', 'uniform'"),
+        ({"extra_bits": float("nan")}, "extra_bits must be a number"),
+        ({"suffix": ""}, "suffix must be a non-empty string"),
+        ({"exclude": "bias"}, "exclude must be a list of fnmatch patterns"),
+        ({"exclude": [1]}, "exclude must contain only strings"),
+        ({"detect_bound": 1}, "detect_bound must be True or False"),
+    ],
+)
+def test_constructor_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DiffQuantizer(mlp(), **kwargs)
+
+
+def test_model_must_be_a_module() -> None:
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        DiffQuantizer([torch.zeros(3)])  # type: ignore[arg-type]
+
+
+def test_group_size_must_divide() -> None:
+    with pytest.raises(ValueError, match=r"group_size=300 does not divide .*'weight' \(shape \(64, 40\), 2560 entries\)"):
+        DiffQuantizer(nn.Linear(40, 64), min_size=0, group_size=300)
+
+
+def test_attaching_twice_is_refused() -> None:
+    model = mlp()
+    DiffQuantizer(model, min_size=0)
+    with pytest.raises(ValueError, match="already has a parameter named '0.weight_diffq'"):
+        DiffQuantizer(model, min_size=0)
+
+
+def test_nothing_to_quantize_warns() -> None:
+    with pytest.warns(UserWarning, match="found nothing to quantize"):
+        DiffQuantizer(nn.Linear(2, 2))
