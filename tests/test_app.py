@@ -1,0 +1,93 @@
+"""The Hydra app: every config composes and instantiates; the entry point runs end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from qat_lightning import DiffQ
+from qat_lightning.train import instantiate_group
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SUMMARY_KEYS = {"float_size_mb", "quantized_size_mb", "compression", "avg_bits", "float_test_acc", "quantized_test_acc"}
+
+
+def compose_train(overrides: list[str]):  # noqa: ANN201
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=False)
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
+def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Path) -> None:
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_train([f"{group}={option}"])
+        node = cfg.get(group)
+        if group == "callbacks":
+            objects = instantiate_group(node)
+            assert all(hasattr(o, "setup") for o in objects)
+        elif node and "_target_" in node:
+            if group in ("trainer", "logger"):
+                node = OmegaConf.merge(node, {"default_root_dir" if group == "trainer" else "save_dir": str(tmp_path)})
+            assert instantiate(node) is not None
+
+
+def test_diffq_yaml_mirrors_every_callback_argument() -> None:
+    import inspect
+
+    cfg = compose_train([])
+    documented = set(cfg.callbacks.diffq) - {"_target_"}
+    arguments = set(inspect.signature(DiffQ.__init__).parameters) - {"self"}
+    assert documented == arguments
+    text = (CONF / "callbacks" / "diffq.yaml").read_text()
+    for name in arguments:
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{name}:"))
+        assert "#" in line, f"{name} has no comment in diffq.yaml"
+
+
+def test_overrides_reach_the_callback() -> None:
+    cfg = compose_train(["callbacks.diffq.penalty=5", "trainer.max_epochs=3"])
+    (diffq,) = instantiate_group(cfg.callbacks)
+    assert diffq.penalty == 5 and cfg.trainer.max_epochs == 3
+    assert instantiate_group(compose_train(["callbacks=none"]).callbacks) == []
+
+
+def test_bad_override_fails_at_construction() -> None:
+    cfg = compose_train(["callbacks.diffq.group_size=-1"])
+    with pytest.raises(Exception, match="group_size must be an integer >= 0"):
+        instantiate_group(cfg.callbacks)
+
+
+def _run_app(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    cmd = [sys.executable, "-m", "qat_lightning.train", *(["-m"] if multirun else []), f"{key}={tmp_path}",
+           "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+           "trainer.enable_progress_bar=false", *overrides]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_app_runs_and_writes_summary(tmp_path: Path) -> None:
+    result = _run_app(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["compression"] > 3 and summary["avg_bits"] < 9
+    assert "compression" in result.stdout and "quantized test accuracy" in result.stdout
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").exists()
+
+
+def test_app_float_baseline_and_multirun(tmp_path: Path) -> None:
+    _run_app(tmp_path, "callbacks.diffq.penalty=0,3", "model=cnn", multirun=True)
+    sizes = [json.loads((tmp_path / str(i) / "summary.json").read_text())["quantized_size_mb"] for i in (0, 1)]
+    assert len(sizes) == 2
+    baseline = tmp_path / "float"
+    _run_app(baseline, "callbacks=none")
+    summary = json.loads((baseline / "summary.json").read_text())
+    assert summary["compression"] == 1.0 and summary["float_test_acc"] == summary["quantized_test_acc"]

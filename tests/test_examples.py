@@ -1,0 +1,26 @@
+"""Examples run in a shortened form."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs() -> None:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--epochs", "1", "--batches", "5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MB ->" in result.stdout and "bits/weight" in result.stdout
+
+
+def test_readme_usage_matches_quickstart() -> None:
+    source = (ROOT / "examples" / "quickstart.py").read_text()
+    usage = source.split("# --8<-- [start:usage]\n")[1].split("# --8<-- [end:usage]")[0]
+    readme = (ROOT / "README.md").read_text()
+    body = [line for line in usage.splitlines() if line.strip()]
+    for line in body:
+        assert line.replace("args.epochs", "30").replace(", limit_train_batches=args.batches", "") in readme, line
