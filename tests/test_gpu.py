@@ -33,12 +33,19 @@ def test_true_quantization_on_gpu_equals_cpu() -> None:
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
 def test_fit_validate_test_on_gpu(precision: str) -> None:
-    diffq = DiffQ(penalty=10.0, bits_lr=0.05, min_size=0, exclude=["*.bias"])
-    trainer = tiny_trainer(accelerator="gpu", precision=precision, max_epochs=3, num_sanity_val_steps=1, callbacks=[diffq])
+    import lightning.pytorch as pl
+
+    class OnDevice(pl.Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            self.devices = {p.device.type for p in diffq.quantizer.parameters()}
+            self.quantized = diffq.quantizer.is_quantized
+
+    diffq, check = DiffQ(penalty=10.0, bits_lr=0.05, min_size=0, exclude=["*.bias"]), OnDevice()
+    trainer = tiny_trainer(accelerator="gpu", precision=precision, max_epochs=3, num_sanity_val_steps=1, callbacks=[diffq, check])
     model = tiny_model()
     trainer.fit(model, tiny_loader(), tiny_loader(seed=1))
     q = diffq.quantizer
-    assert all(p.is_cuda for p in q.parameters())
+    assert check.devices == {"cuda"} and check.quantized
     assert q.average_bits().item() < 8.0  # the penalty moved the bits
     assert not q.is_quantized
     result = trainer.test(model, tiny_loader(), verbose=False)[0]
