@@ -335,3 +335,28 @@ def test_attaching_twice_is_refused() -> None:
 def test_nothing_to_quantize_warns() -> None:
     with pytest.warns(UserWarning, match="found nothing to quantize"):
         DiffQuantizer(nn.Linear(2, 2))
+
+
+def test_eval_with_grad_keeps_gradients_of_float_parameters() -> None:
+    model = mlp()
+    DiffQuantizer(model, min_size=0, exclude=["*.bias"])
+    model.eval()
+    model(torch.randn(2, 40)).sum().backward()
+    assert model[0].bias.grad is not None  # fp32-kept parameters are never swapped
+
+
+def test_float16_kept_parameters_are_rounded_in_eval_only() -> None:
+    layer = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        layer.bias.copy_(torch.linspace(0.1, 0.2, 8) + 1e-4 / 3)  # not representable in fp16
+    q = DiffQuantizer(layer, min_size=0, exclude=["bias"], float16=True)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.bias.detach().clone()))
+    layer(torch.randn(1, 64))
+    layer.eval()
+    layer(torch.randn(1, 64))
+    assert torch.equal(seen[0], layer.bias.detach())
+    assert torch.equal(seen[1], layer.bias.detach().half().float()) and not torch.equal(seen[1], seen[0])
+    with q.quantized():
+        assert torch.equal(layer.bias.detach(), seen[1])
+    assert torch.equal(layer.bias.detach(), seen[0])

@@ -38,6 +38,9 @@ class QuantizedParam(SwappedParam):
     def num_groups(self) -> int:
         return self.param.numel() // self.group_size
 
+    def drop_noise(self) -> None:
+        self._noisy = None
+
 
 @dataclass
 class _Layout:
@@ -170,15 +173,19 @@ class DiffQuantizer:
 
         self._swapper = WeightSwapper(self._substitute)
         self._handles = [model.register_forward_pre_hook(self._on_root_forward)]
-        for entry in [*self._qparams, *self._kept]:
+        by_module: dict[nn.Module, list[tuple[str, SwappedParam]]] = {}
+        for entry in self._swapped_entries():
             self._swapper.add(entry)
+            for slot in entry.slots:
+                by_module.setdefault(slot.module, []).append((slot.attr, entry))
+        for module, slots in by_module.items():
+            # a closure, not a bound method: torch tags public hooks with an attribute
+            hook = lambda m, state, prefix, meta, slots=slots: self._float_state_dict(state, prefix, slots)  # noqa: E731
+            self._handles.append(module.register_state_dict_post_hook(hook))
         for qp in self._qparams:
             for tensor in (qp.param, qp.logit):
-                if tensor.requires_grad:  # after backward the noisy tensor's graph is spent
-                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: qp.__setattr__("_noisy", None)))
-        for module in {slot.module for e in [*self._qparams, *self._kept] for slot in e.slots}:
-            # a plain function: torch tags public hooks with an attribute, which bound methods refuse
-            self._handles.append(module.register_state_dict_post_hook(lambda *a: self._float_state_dict(*a)))
+                if tensor.requires_grad:  # after backward the noisy tensor's graph is spent: draw anew
+                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: qp.drop_noise()))
         if not self._qparams:
             warnings.warn(
                 f"DiffQuantizer found nothing to quantize: every parameter is excluded or at most "
@@ -299,12 +306,12 @@ class DiffQuantizer:
         parameter used twice within one forward sees the same noisy tensor.
         """
         for qp in self._qparams:
-            qp._noisy = None
+            qp.drop_noise()
 
     def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
         self.new_noise()
         if module.training:  # the eval cache is only worth its memory while evaluating
-            for entry in [*self._qparams, *self._kept]:
+            for entry in self._swapped_entries():
                 entry._eval = None
 
     # ----------------------------------------------------------------------------- quantize / restore
@@ -322,8 +329,8 @@ class DiffQuantizer:
         if self._saved is not None:
             return False
         saved: dict[int, torch.Tensor] = {}
-        for entry in [*self._qparams, *self._kept]:
-            if isinstance(entry, KeptParam) and not entry.half or id(entry.param) in saved:
+        for entry in self._swapped_entries():
+            if id(entry.param) in saved:
                 continue
             value = self.quantized_weight(entry)
             saved[id(entry.param)] = entry.param.detach().clone()
@@ -338,7 +345,7 @@ class DiffQuantizer:
         if self._saved is None:
             return False
         saved, self._saved = self._saved, None
-        for entry in [*self._qparams, *self._kept]:
+        for entry in self._swapped_entries():
             if id(entry.param) in saved:
                 entry.param.detach().copy_(saved[id(entry.param)])
         self._refresh_rnns()
@@ -359,18 +366,21 @@ class DiffQuantizer:
     enter_quantize = quantized  # reference name
 
     def _refresh_rnns(self) -> None:
-        for entry in [*self._qparams, *self._kept]:
+        for entry in self._swapped_entries():
             for slot in entry.slots:
                 refresh_rnn(slot.module)
 
-    def _float_state_dict(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    def _swapped_entries(self) -> list[SwappedParam]:
+        """Entries whose modules see another tensor in some mode (fp32-kept ones never do)."""
+        return [*self._qparams, *(k for k in self._kept if k.half)]
+
+    def _float_state_dict(self, state_dict: dict[str, Any], prefix: str, slots: list[tuple[str, SwappedParam]]) -> None:
         if self._saved is None:
             return
-        for entry in [*self._qparams, *self._kept]:
-            for slot in entry.slots:
-                key = prefix + slot.attr
-                if slot.module is module and key in state_dict and id(entry.param) in self._saved:
-                    state_dict[key] = self._saved[id(entry.param)]
+        for attr, entry in slots:
+            key = prefix + attr
+            if key in state_dict and id(entry.param) in self._saved:
+                state_dict[key] = self._saved[id(entry.param)]
 
     # ----------------------------------------------------------------------------- sizes
     def model_size(self, exact: bool = False) -> torch.Tensor:
