@@ -1,15 +1,17 @@
 """Training-step time with the DiffQ callback vs the same Lightning loop without it.
 
-MNIST-1D MLP 40-512-512-10, batch 100, one thread. Float and DiffQ runs alternate in one
-process; each reports the median time between ``on_train_batch_start`` and
-``on_train_batch_end`` after warm-up. Also prints the noise floor: the time to draw one
-gaussian number per quantized weight, ``floor = (fp32 step + noise) / fp32 step``.
+MNIST-1D MLP 40-512-512-10, batch 100, one thread. Float, DiffQ and (when ``diffq-fixed`` is
+installed) the reference diffq driven by an equivalent callback alternate in one process; each
+reports the median time between ``on_train_batch_start`` and ``on_train_batch_end`` after
+warm-up. Also prints the noise floor: the time to draw one gaussian number per quantized weight,
+``floor = (fp32 step + noise) / fp32 step``.
 
     python benchmarks/step_overhead.py [--steps 300] [--rounds 3] [--threads 1] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import statistics
@@ -36,10 +38,40 @@ class StepTimer(pl.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def step_time(quantize: bool, steps: int, warmup: int, hidden: tuple[int, ...]) -> float:
+class ReferenceDiffQ(pl.Callback):
+    """The reference ``diffq.DiffQuantizer`` (PyPI ``diffq-fixed``) driven the same way, for comparison."""
+
+    def __init__(self, penalty: float = 1.0, **kwargs: object) -> None:
+        self.penalty, self.kwargs = penalty, kwargs
+
+    def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+        import diffq
+
+        self.quantizer = diffq.DiffQuantizer(pl_module, **self.kwargs)
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        optimizer = trainer.optimizers[0]
+        self.quantizer.clear_optimizer(optimizer)
+        self.quantizer.setup_optimizer(optimizer, lr=1e-2)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        logits = [qp.logit for qp in self.quantizer._qparams]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.penalty * self.quantizer.model_size(), logits)
+        for p, g in zip(logits, grads):
+            p.grad.add_(g)
+
+
+def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) -> float:
     pl.seed_everything(0, verbose=False)
     timer = StepTimer(warmup)
-    callbacks = [timer, DiffQ(penalty=1.0, bits_lr=1e-2)] if quantize else [timer]
+    extra = {
+        "fp32": [],
+        "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
+        "reference": [ReferenceDiffQ(penalty=1.0)],  # its defaults: group_size=1
+        "reference_g8": [ReferenceDiffQ(penalty=1.0, group_size=8)],
+    }[variant]
+    callbacks = [timer, *extra]
     trainer = pl.Trainer(
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, accelerator="cpu",
@@ -68,30 +100,36 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference diffq")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     hidden = tuple(args.hidden)
 
-    float_times, diffq_times = [], []
-    for _ in range(args.rounds):
-        float_times.append(step_time(False, args.steps, args.warmup, hidden))
-        diffq_times.append(step_time(True, args.steps, args.warmup, hidden))
-    fp32, diffq = statistics.median(float_times), statistics.median(diffq_times)
-    noise = noise_time(hidden)
+    variants = ["fp32", "diffq"]
+    if args.reference and importlib.util.find_spec("diffq") is not None:
+        variants += ["reference", "reference_g8"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):  # interleaved, so drifts of the machine hit every variant alike
+        for variant in variants:
+            times[variant].append(step_time(variant, args.steps, args.warmup, hidden))
+    median = {v: statistics.median(t) for v, t in times.items()}
+    fp32, noise = median["fp32"], noise_time(hidden)
     result = {
         "model": f"MLP 40-{'-'.join(map(str, hidden))}-10, batch 100, {args.threads} thread(s)",
         "fp32_step_ms": 1e3 * fp32,
-        "diffq_step_ms": 1e3 * diffq,
         "noise_ms": 1e3 * noise,
-        "diffq_ratio": diffq / fp32,
         "noise_floor_ratio": (fp32 + noise) / fp32,
+        **{f"{v}_step_ms": 1e3 * median[v] for v in variants if v != "fp32"},
+        **{f"{v}_ratio": median[v] / fp32 for v in variants if v != "fp32"},
     }
-    print(f"{result['model']}")
-    print(f"  fp32 step          {result['fp32_step_ms']:8.3f} ms")
-    print(f"  DiffQ step         {result['diffq_step_ms']:8.3f} ms   ratio {result['diffq_ratio']:.2f}x")
-    print(f"  noise alone        {result['noise_ms']:8.3f} ms   floor {result['noise_floor_ratio']:.2f}x")
+    labels = {"diffq": "qat_lightning DiffQ", "reference": "reference diffq (group 1)", "reference_g8": "reference diffq (group 8)"}
+    print(result["model"])
+    print(f"  {'fp32 step':28s} {result['fp32_step_ms']:8.3f} ms")
+    for v in variants[1:]:
+        print(f"  {labels[v]:28s} {result[f'{v}_step_ms']:8.3f} ms   ratio {result[f'{v}_ratio']:.2f}x")
+    print(f"  {'noise alone (normal_)':28s} {result['noise_ms']:8.3f} ms   floor {result['noise_floor_ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

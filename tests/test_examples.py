@@ -24,3 +24,19 @@ def test_readme_usage_matches_quickstart() -> None:
     body = [line for line in usage.splitlines() if line.strip()]
     for line in body:
         assert line.replace("args.epochs", "30").replace(", limit_train_batches=args.batches", "") in readme, line
+
+
+def test_step_benchmark_smoke(tmp_path: Path) -> None:
+    """Tiny sizes, no timing assertion: the benchmark runs and writes its JSON."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/step_overhead.py", "--steps", "4", "--warmup", "2", "--rounds", "1",
+         "--hidden", "64", "64", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["diffq_ratio"] > 0 and data["noise_floor_ratio"] >= 1
