@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .callbacks import DiffQ
+from .callbacks import DiffQ, EMAFakeQuant
 
 log = logging.getLogger(__name__)
 MEGABYTE = 2**20
@@ -40,30 +42,40 @@ def test_accuracy(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl
 def summarize(
     trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, callbacks: list[Any], metric: str
 ) -> dict[str, Any]:
-    """Float and true quantized sizes and test accuracies of the trained model."""
-    diffq = next((c for c in callbacks if isinstance(c, DiffQ)), None)
-    if diffq is None or diffq.quantizer is None:
-        float_size = 4 * sum(p.numel() for p in model.parameters()) / MEGABYTE
-        accuracy = test_accuracy(trainer, model, datamodule, metric)
-        return dict(float_size_mb=float_size, quantized_size_mb=float_size, compression=1.0, avg_bits=32.0,
-                    float_test_acc=accuracy, quantized_test_acc=accuracy)  # fmt: skip
-    quantizer = diffq.quantizer
+    """Float and quantized sizes and test accuracies of the trained model.
+
+    The float accuracy is the same trained model evaluated with every quantizer switched off.
+    """
+    diffq = next((c for c in callbacks if isinstance(c, DiffQ) and c.quantizer is not None), None)
+    ema = next((c for c in callbacks if isinstance(c, EMAFakeQuant) and c.quantizer is not None), None)
     quantized_acc = test_accuracy(trainer, model, datamodule, metric)
-    diffq.quantize_eval, setting = False, diffq.quantize_eval
+    with _float_evaluation(diffq, ema):
+        float_acc = test_accuracy(trainer, model, datamodule, metric) if diffq or ema else quantized_acc
+    float_size = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_diffq")) / MEGABYTE
+    summary: dict[str, Any] = dict(float_size_mb=float_size, quantized_size_mb=float_size, avg_bits=32.0)
+    if diffq is not None:
+        q = diffq.quantizer
+        summary.update(quantized_size_mb=q.true_model_size(), avg_bits=float(q.average_bits(exact=True)),
+                       estimated_size_mb=float(q.model_size().detach()))  # fmt: skip
+    elif ema is not None and ema.options["weights"]:
+        summary.update(quantized_size_mb=ema.quantizer.model_size(), avg_bits=float(ema.options["weight_bits"]))
+    summary.update(compression=float_size / summary["quantized_size_mb"], float_test_acc=float_acc, quantized_test_acc=quantized_acc)
+    return summary
+
+
+@contextmanager
+def _float_evaluation(diffq: DiffQ | None, ema: EMAFakeQuant | None) -> Iterator[None]:
+    if diffq is not None:
+        diffq.quantize_eval, setting = False, diffq.quantize_eval
+    if ema is not None:
+        ema.evaluate_quantized = False
     try:
-        float_acc = test_accuracy(trainer, model, datamodule, metric)
+        yield
     finally:
-        diffq.quantize_eval = setting
-    float_size, true_size = quantizer.float_model_size(), quantizer.true_model_size()
-    return dict(
-        float_size_mb=float_size,
-        quantized_size_mb=true_size,
-        compression=float_size / true_size,
-        avg_bits=float(quantizer.average_bits(exact=True)),
-        float_test_acc=float_acc,
-        quantized_test_acc=quantized_acc,
-        estimated_size_mb=float(quantizer.model_size().detach()),
-    )
+        if diffq is not None:
+            diffq.quantize_eval = setting
+        if ema is not None:
+            ema.evaluate_quantized = True
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat_lightning import DiffQ
+from qat_lightning import DiffQ, EMAFakeQuant
 from qat_lightning.train import instantiate_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +37,23 @@ def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Pat
             assert instantiate(node) is not None
 
 
-def test_diffq_yaml_mirrors_every_callback_argument() -> None:
+@pytest.mark.parametrize(("option", "key", "callback"), [("diffq", "diffq", DiffQ), ("ema_fake_quant", "ema_fake_quant", EMAFakeQuant)])
+def test_callback_yaml_mirrors_every_argument(option: str, key: str, callback: type) -> None:
     import inspect
 
-    cfg = compose_train([])
-    documented = set(cfg.callbacks.diffq) - {"_target_"}
-    arguments = set(inspect.signature(DiffQ.__init__).parameters) - {"self"}
+    cfg = compose_train([f"callbacks={option}"])
+    documented = set(cfg.callbacks[key]) - {"_target_"}
+    arguments = set(inspect.signature(callback.__init__).parameters) - {"self"}
     assert documented == arguments
-    text = (CONF / "callbacks" / "diffq.yaml").read_text()
+    text = (CONF / "callbacks" / f"{option}.yaml").read_text()
     for name in arguments:
         line = next(line for line in text.splitlines() if line.strip().startswith(f"{name}:"))
-        assert "#" in line, f"{name} has no comment in diffq.yaml"
+        assert "#" in line, f"{name} has no comment in {option}.yaml"
+
+
+def test_combined_config_gives_diffq_weights_and_ema_activations() -> None:
+    diffq, ema = instantiate_group(compose_train(["callbacks=diffq_ema"]).callbacks)
+    assert isinstance(diffq, DiffQ) and isinstance(ema, EMAFakeQuant) and ema.options["weights"] is False
 
 
 def test_overrides_reach_the_callback() -> None:

@@ -1,4 +1,5 @@
 """Lightning callbacks: thin adapters over the core quantizers."""
 from .diffq import DiffQ
+from .ema_fake_quant import EMAFakeQuant
 
-__all__ = ["DiffQ"]
+__all__ = ["DiffQ", "EMAFakeQuant"]

@@ -55,6 +55,11 @@ class WeightSwapper:
                 self._handles.append(slot.module.register_forward_hook(self._post_hook, always_call=True))
             self._by_module[slot.module].append((slot.attr, entry))
 
+    def entries(self) -> list[SwappedParam]:
+        """Every entry added, once."""
+        unique = {id(e): e for slots in self._by_module.values() for _, e in slots}
+        return list(unique.values())
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -1,0 +1,189 @@
+"""Prepare a model for EMA fake-quant QAT (Distiller's ``QuantAwareTrainRangeLinearQuantizer``) and undo it."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from ._validate import check_bool, check_choice, check_number, check_patterns
+from .fake_quant import MODES, FakeLinearQuantization, weight_fake_quantize
+from .swap import Slot, SwappedParam, WeightSwapper
+
+DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+)  # fmt: skip
+# channel axis of the weight that is the layer's output: transposed convolutions store (in, out, ...)
+WEIGHT_AXIS: dict[type[nn.Module], int] = {
+    nn.Linear: 0, nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0, nn.Embedding: 0,
+    nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
+}  # fmt: skip
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+OUTPUT_NAME = "output_fake_quant"
+INPUT_NAME = "input_fake_quant"
+
+
+class EMAFakeQuantizer:
+    """Fake-quantizes weights (per output channel, current range) and activations (EMA-tracked ranges).
+
+    ``prepare()`` registers a :class:`FakeLinearQuantization` as child ``output_fake_quant`` of every
+    module of ``activation_types`` (its buffers land in the state dict, so checkpoints keep the
+    ranges) with a forward hook on that module's output, and swaps fake-quantized weights into
+    Linear / Conv / ConvTranspose / Embedding layers during their forward. ``remove()`` undoes it.
+
+    Example::
+
+        fq = EMAFakeQuantizer(model, weight_bits=8, activation_bits=8).prepare()
+        train(model)                       # ranges tracked in training, frozen in eval
+        fq.remove()
+
+    Args:
+        weight_bits, activation_bits: bit widths (2..16).
+        weight_mode, activation_mode: one of ``symmetric``, ``symmetric_restricted``,
+            ``asymmetric_unsigned``, ``asymmetric_signed``.
+        per_channel: weights per output channel (else per tensor).
+        ema_decay: decay of the activation-range EMA.
+        weights, activations: what to fake-quantize (``weights=False`` to combine with DiffQ).
+        quantize_inputs: also fake-quantize the model's first input.
+        activation_types: module types whose outputs are fake-quantized.
+        exclude: fnmatch patterns on module names left alone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        weight_mode: str = "symmetric",
+        activation_mode: str = "asymmetric_unsigned",
+        per_channel: bool = True,
+        ema_decay: float = 0.999,
+        weights: bool = True,
+        activations: bool = True,
+        quantize_inputs: bool = False,
+        activation_types: Sequence[type[nn.Module]] = DEFAULT_ACTIVATION_TYPES,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.model = model
+        self.weight_bits = check_number("weight_bits", weight_bits, low=2, high=16, integer=True)
+        self.activation_bits = check_number("activation_bits", activation_bits, low=2, high=16, integer=True)
+        self.weight_mode = check_choice("weight_mode", weight_mode, MODES)
+        self.activation_mode = check_choice("activation_mode", activation_mode, MODES)
+        self.per_channel = check_bool("per_channel", per_channel)
+        self.ema_decay = check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
+        self.weights = check_bool("weights", weights)
+        self.activations = check_bool("activations", activations)
+        self.quantize_inputs = check_bool("quantize_inputs", quantize_inputs)
+        types = tuple(activation_types)
+        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+            raise ValueError(f"activation_types must be a non-empty list of nn.Module subclasses; got {activation_types!r}")
+        self.activation_types = types
+        self.exclude = check_patterns("exclude", exclude)
+        self.weights_enabled = True
+        self._swapper = WeightSwapper(self._substitute)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._owners: list[nn.Module] = []
+        self._axes: dict[int, int | None] = {}
+
+    # ----------------------------------------------------------------------------- prepare / remove
+    def prepare(self) -> EMAFakeQuantizer:
+        """Install the fake quantizers; returns ``self``."""
+        if self._owners or self._axes:
+            raise RuntimeError("EMAFakeQuantizer.prepare() was already called; call remove() first")
+        seen: dict[int, SwappedParam] = {}
+        for name, module in self.model.named_modules():
+            if any(fnmatch(name, pattern) for pattern in self.exclude):
+                continue
+            if self.activations and isinstance(module, self.activation_types) and module is not self.model:
+                if isinstance(module, CONTAINERS):
+                    raise ValueError(f"activation_types includes container {type(module).__name__} ({name!r}): pick leaf layers")
+                self._attach(module, OUTPUT_NAME)
+                self._handles.append(module.register_forward_hook(_quantize_output))
+            weight = getattr(module, "weight", None)
+            if self.weights and type(module) in WEIGHT_AXIS and isinstance(weight, nn.Parameter):
+                slot = Slot(module, "weight", f"{name}.weight" if name else "weight")
+                if id(weight) in seen:
+                    seen[id(weight)].slots.append(slot)
+                    continue
+                entry = SwappedParam(slot.qualified_name, weight, [slot])
+                seen[id(weight)] = entry
+                self._axes[id(weight)] = WEIGHT_AXIS[type(module)] if self.per_channel else None
+        for entry in seen.values():
+            self._swapper.add(entry)
+        if self.quantize_inputs:
+            if isinstance(self.model, CONTAINERS):
+                raise ValueError("quantize_inputs needs a model that is not an nn.Sequential/ModuleList/ModuleDict")
+            self._attach(self.model, INPUT_NAME)
+            self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
+        return self
+
+    def _attach(self, module: nn.Module, name: str) -> None:
+        fq = FakeLinearQuantization(self.activation_bits, self.activation_mode, self.ema_decay)
+        reference = next(iter(module.parameters(recurse=False)), None)
+        if reference is not None:
+            fq.to(reference.device)
+        module.add_module(name, fq)
+        self._owners.append(module)
+
+    def remove(self) -> None:
+        """Remove every hook and fake quantizer; the model is as before ``prepare()``."""
+        self._swapper.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._owners:
+            for name in (OUTPUT_NAME, INPUT_NAME):
+                if name in module._modules:
+                    del module._modules[name]
+        self._owners.clear()
+        self._axes.clear()
+
+    # ----------------------------------------------------------------------------- control
+    def activation_quantizers(self) -> dict[str, FakeLinearQuantization]:
+        """Every activation fake quantizer, by qualified name."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, FakeLinearQuantization)}
+
+    def set_state(self, *, enabled: bool | None = None, observe: bool | None = None) -> None:
+        """Switch quantization (``enabled``) and range tracking (``observe``) of all activation quantizers."""
+        for fq in self.activation_quantizers().values():
+            if enabled is not None:
+                fq.enabled = enabled
+            if observe is not None:
+                fq.observe = observe
+        if enabled is not None:
+            self.weights_enabled = enabled
+
+    def model_size(self) -> float:
+        """Size in MB with fake-quantized weights stored as integers: ``weight_bits`` per entry plus a
+        fp32 scale (and a zero point unless symmetric) per channel; everything else fp32."""
+        quantized, bits = set(), 0
+        for entry in self._swapper.entries():
+            quantized.add(id(entry.param))
+            axis = self._axes[id(entry.param)]
+            channels = 1 if axis is None else entry.param.shape[axis]
+            per_channel = 32 if self.weight_mode.startswith("symmetric") else 64
+            bits += self.weight_bits * entry.param.numel() + per_channel * channels
+        unique = {id(p): p for p in self.model.parameters()}
+        bits += sum(32 * p.numel() for key, p in unique.items() if key not in quantized)
+        return bits / (8 * 2**20)
+
+    def _substitute(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
+        if not self.weights_enabled:
+            return None
+        return weight_fake_quantize(entry.param, self.weight_bits, self.weight_mode, self._axes[id(entry.param)])
+
+
+def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:
+    fq = module._modules.get(OUTPUT_NAME)
+    return fq(output) if fq is not None and isinstance(output, torch.Tensor) else output
+
+
+def _quantize_first_input(module: nn.Module, args: tuple) -> tuple | None:
+    fq = module._modules.get(INPUT_NAME)
+    if fq is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return None
+    return (fq(args[0]), *args[1:])

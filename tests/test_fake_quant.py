@@ -1,0 +1,197 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.testing import assert_close
+
+from qat_lightning import DiffQ, EMAFakeQuant, EMAFakeQuantizer, FakeLinearQuantization
+from qat_lightning.core.fake_quant import fake_quantize, linear_quant_params, update_ema, weight_fake_quantize
+
+from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+
+# ----------------------------------------------------------------------------- formulas by hand
+@pytest.mark.parametrize(
+    ("mode", "lo", "hi", "scale", "zero_point"),
+    [
+        ("symmetric", -2.0, 1.0, 127.5 / 2, 0.0),
+        ("symmetric_restricted", -2.0, 1.0, 127 / 2, 0.0),
+        ("asymmetric_unsigned", -1.0, 3.0, 255 / 4, -64.0),  # round(63.75 * -1) = -64
+        ("asymmetric_signed", -1.0, 3.0, 255 / 4, 64.0),  # -64 + 128
+        ("asymmetric_unsigned", 0.5, 3.0, 255 / 3, 0.0),  # range widened to include 0
+    ],
+)
+def test_quantization_params_by_hand(mode: str, lo: float, hi: float, scale: float, zero_point: float) -> None:
+    s, zp, _, _ = linear_quant_params(8, mode, torch.tensor(lo), torch.tensor(hi))
+    assert s.item() == pytest.approx(scale, rel=1e-7) and zp.item() == zero_point
+
+
+def test_ema_sequence_by_hand() -> None:
+    fq = FakeLinearQuantization(ema_decay=0.9)
+    expected_biased, values = 0.0, [1.0, 3.0, 2.0]
+    for step, v in enumerate(values, start=1):
+        fq(torch.tensor([0.0, v]))
+        expected_biased = expected_biased * 0.9 + 0.1 * v
+        assert fq.tracked_max_biased.item() == pytest.approx(expected_biased, rel=1e-6)
+        assert fq.tracked_max.item() == pytest.approx(expected_biased / (1 - 0.9**step), rel=1e-6)
+    assert fq.iter_count.item() == 3
+    assert update_ema(torch.tensor(0.0), torch.tensor(1.0), 0.9, 1)[1].item() == pytest.approx(1.0)
+
+
+def test_eval_uses_frozen_range_and_first_batch_passes_through_before_tracking() -> None:
+    fq = FakeLinearQuantization(ema_decay=0.5).eval()
+    x = torch.linspace(-1, 1, 11)
+    assert torch.equal(fq(x), x)  # no range yet: pass-through
+    fq.train()(x)
+    state = {k: v.clone() for k, v in fq.state_dict().items()}
+    fq.eval()(10 * x)
+    for key, value in fq.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("mode", ["symmetric_restricted", "asymmetric_unsigned"])
+def test_fused_kernel_equals_distiller_math_exactly(mode: str) -> None:
+    # ranges chosen so that the scale is 64 exactly: both computations are then exact in float32
+    lo, hi = (-127 / 64, 127 / 64) if mode == "symmetric_restricted" else (-1.0, 255 / 64 - 1)
+    scale, zp, low, high = linear_quant_params(8, mode, torch.tensor(lo), torch.tensor(hi))
+    assert scale.item() == 64.0
+    x = torch.randn(10000) * 2
+    got = fake_quantize(x, scale, zp, low, high, 8, mode)
+    q = torch.round(scale * torch.clamp(x, low, high) - zp)  # Distiller: linear_quantize
+    assert torch.equal(got, (q + zp) / scale)  # Distiller: linear_dequantize
+
+
+def test_straight_through_gradient_inside_and_zero_outside() -> None:
+    fq = FakeLinearQuantization(mode="asymmetric_unsigned", ema_decay=0.0)
+    fq(torch.tensor([0.0, 1.0]))  # range [0, 1]
+    fq.eval()
+    x = torch.tensor([-0.5, 0.0, 0.3, 0.77, 1.0, 1.5], requires_grad=True)
+    fq(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_per_channel_weights_equal_per_tensor_row_by_row() -> None:
+    w = torch.randn(6, 32) * torch.logspace(-2, 1, 6)[:, None]
+    per_channel = weight_fake_quantize(w, 4, "symmetric", axis=0)
+    for row in range(6):
+        assert torch.equal(per_channel[row], weight_fake_quantize(w[row], 4, "symmetric", axis=None))
+    per_tensor = weight_fake_quantize(w, 4, "symmetric", axis=None)
+    assert (per_channel - w).abs()[0].max() < (per_tensor - w).abs()[0].max()  # small rows keep precision
+
+
+def test_transposed_conv_uses_output_channel_axis() -> None:
+    conv = nn.ConvTranspose1d(3, 5, 2)  # weight (in=3, out=5, k)
+    fq = EMAFakeQuantizer(conv, activations=False).prepare()
+    seen = []
+    conv.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach()))
+    conv(torch.randn(1, 3, 4))
+    assert torch.equal(seen[0], weight_fake_quantize(conv.weight.detach(), 8, "symmetric", axis=1))
+    fq.remove()
+
+
+# ----------------------------------------------------------------------------- prepare / remove
+def test_prepare_and_remove_round_trip() -> None:
+    model = tiny_model().net
+    x = torch.randn(4, 16)
+    before_keys, before_out = set(model.state_dict()), model(x)
+    fq = EMAFakeQuantizer(model, weight_bits=4, activation_bits=4).prepare()
+    assert set(fq.activation_quantizers()) == {"0.output_fake_quant", "1.output_fake_quant", "2.output_fake_quant"}
+    assert not torch.equal(model(x), before_out)
+    fq.remove()
+    assert set(model.state_dict()) == before_keys and torch.equal(model(x), before_out)
+
+
+def test_exclude_and_inputs() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    fq = EMAFakeQuantizer(model, exclude=["2"]).prepare()
+    assert set(fq.activation_quantizers()) == {"0.output_fake_quant", "1.output_fake_quant"}
+    with pytest.raises(ValueError, match="quantize_inputs needs a model that is not an nn.Sequential"):
+        EMAFakeQuantizer(nn.Sequential(nn.Linear(2, 2)), quantize_inputs=True).prepare()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weight_bits": 1}, "weight_bits must be an integer >= 2 and <= 16"),
+        ({"activation_bits": 17}, "activation_bits must be an integer >= 2 and <= 16"),
+        ({"weight_mode": "sym"}, "weight_mode must be one of 'symmetric'"),
+        ({"activation_mode": "unsigned"}, "activation_mode must be one of"),
+        ({"ema_decay": 1.0}, "ema_decay must be a number >= 0 and < 1"),
+        ({"per_channel": "yes"}, "per_channel must be True or False"),
+        ({"exclude": "fc"}, "exclude must be a list of fnmatch patterns"),
+        ({"start_step": -1}, "start_step must be an integer >= 0"),
+        ({"start_step": 5, "freeze_step": 2}, "freeze_step must be an integer >= 5"),
+    ],
+)
+def test_callback_constructor_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EMAFakeQuant(**kwargs)
+
+
+# ----------------------------------------------------------------------------- callback
+def _counts(callback: EMAFakeQuant) -> list[float]:
+    return [q.iter_count.item() for q in callback.quantizer.activation_quantizers().values()]
+
+
+def test_ranges_update_in_training_steps_only() -> None:
+    ema = EMAFakeQuant()
+    trainer = tiny_trainer(max_epochs=2, num_sanity_val_steps=2, callbacks=[ema])
+    trainer.fit(tiny_model(), tiny_loader(), tiny_loader(seed=1))  # 4 steps per epoch, validation each epoch
+    assert _counts(ema) == [8.0] * 3
+    trainer.test(trainer.lightning_module, tiny_loader(), verbose=False)
+    assert _counts(ema) == [8.0] * 3
+
+
+def test_start_and_freeze_steps() -> None:
+    class Probe(pl.Callback):
+        def __init__(self) -> None:
+            self.enabled: list[bool] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self.enabled.append(next(iter(ema.quantizer.activation_quantizers().values())).enabled)
+
+    ema, probe = EMAFakeQuant(start_step=2, freeze_step=5), Probe()
+    tiny_trainer(max_epochs=2, callbacks=[ema, probe]).fit(tiny_model(), tiny_loader())
+    assert probe.enabled == [False, False, True, True, True, True, True, True]
+    assert _counts(ema) == [5.0] * 3  # steps 0..4 observed, frozen from step 5
+
+
+def test_logs_range_summary_per_epoch(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = tiny_trainer(max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[EMAFakeQuant()])
+    trainer.fit(tiny_model(), tiny_loader())
+    for key in ("quant/act_range_min", "quant/act_range_max", "quant/act_scale_mean"):
+        assert key in trainer.logged_metrics
+
+
+def test_resume_restores_ema_buffers_exactly(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[EMAFakeQuant(), ckpt]).fit(tiny_model(), tiny_loader())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert any("output_fake_quant.tracked_max_biased" in k for k in saved["state_dict"])
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            for key, value in pl_module.state_dict().items():
+                assert torch.equal(value, saved["state_dict"][key]), key
+            self.ok = True
+
+    check, ema = Check(), EMAFakeQuant()
+    tiny_trainer(tmp_path, max_epochs=2, callbacks=[ema, check]).fit(tiny_model(), tiny_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert check.ok and _counts(ema) == [8.0] * 3
+
+
+def test_with_diffq_validation_sees_quantized_weights_and_fake_quantized_activations() -> None:
+    class Probe(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+            q = diffq.quantizer
+            self.weights_quantized = q.is_quantized
+            self.activations_on = all(f.enabled and not f.training for f in ema.quantizer.activation_quantizers().values())
+
+    diffq, ema, probe = DiffQ(min_size=0, exclude=["*.bias"]), EMAFakeQuant(weights=False), Probe()
+    tiny_trainer(max_epochs=1, callbacks=[diffq, ema, probe]).fit(tiny_model(), tiny_loader(), tiny_loader(seed=1))
+    assert probe.weights_quantized and probe.activations_on
+    with pytest.raises(ValueError, match=r"use EMAFakeQuant\(weights=False\) next to DiffQ"):
+        tiny_trainer(callbacks=[DiffQ(), EMAFakeQuant()]).fit(tiny_model(), tiny_loader())
