@@ -1,7 +1,8 @@
-"""Training-step time with the DiffQ callback vs the same Lightning loop without it.
+"""Training-step time with each callback vs the same Lightning loop without it.
 
-MNIST-1D MLP 40-512-512-10, batch 100, one thread. Float, DiffQ and (when ``diffq-fixed`` is
-installed) the reference diffq driven by an equivalent callback alternate in one process; each
+MNIST-1D MLP 40-512-512-10, batch 100, one thread. Float, DiffQ, EMAFakeQuant (W8A8), both
+together, torch.ao eager QAT (W8A8) and, when ``diffq-fixed`` is installed, the reference diffq
+driven by an equivalent callback alternate in one process; each
 reports the median time between ``on_train_batch_start`` and ``on_train_batch_end`` after
 warm-up. Also prints the noise floor: the time to draw one gaussian number per quantized weight,
 ``floor = (fp32 step + noise) / fp32 step``.
@@ -21,7 +22,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
-from qat_lightning import DiffQ, DiffQuantizer
+from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant
 from qat_lightning.data import MNIST1DDataModule
 from qat_lightning.models import MLP, Classifier
 
@@ -62,12 +63,25 @@ class ReferenceDiffQ(pl.Callback):
             p.grad.add_(g)
 
 
+class TorchAOEagerQAT(pl.Callback):
+    """torch.ao eager-mode QAT with its default 8-bit FakeQuantize config, for comparison."""
+
+    def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+        import torch.ao.quantization as tq
+
+        pl_module.qconfig = tq.get_default_qat_qconfig("x86")
+        tq.prepare_qat(pl_module, inplace=True)
+
+
 def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) -> float:
     pl.seed_everything(0, verbose=False)
     timer = StepTimer(warmup)
     extra = {
         "fp32": [],
         "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
+        "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
+        "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
+        "torch_ao": [TorchAOEagerQAT()],
         "reference": [ReferenceDiffQ(penalty=1.0)],  # its defaults: group_size=1
         "reference_g8": [ReferenceDiffQ(penalty=1.0, group_size=8)],
     }[variant]
@@ -100,16 +114,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference diffq")
+    parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip torch.ao and the reference diffq")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     hidden = tuple(args.hidden)
 
-    variants = ["fp32", "diffq"]
-    if args.reference and importlib.util.find_spec("diffq") is not None:
-        variants += ["reference", "reference_g8"]
+    variants = ["fp32", "diffq", "ema", "diffq_ema"]
+    if args.reference:
+        variants += ["torch_ao"]
+        if importlib.util.find_spec("diffq") is not None:
+            variants += ["reference", "reference_g8"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved, so drifts of the machine hit every variant alike
         for variant in variants:
@@ -124,7 +140,11 @@ def main() -> None:
         **{f"{v}_step_ms": 1e3 * median[v] for v in variants if v != "fp32"},
         **{f"{v}_ratio": median[v] / fp32 for v in variants if v != "fp32"},
     }
-    labels = {"diffq": "qat_lightning DiffQ", "reference": "reference diffq (group 1)", "reference_g8": "reference diffq (group 8)"}
+    labels = {
+        "diffq": "qat_lightning DiffQ", "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
+        "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 1)",
+        "reference_g8": "reference diffq (group 8)",
+    }  # fmt: skip
     print(result["model"])
     print(f"  {'fp32 step':28s} {result['fp32_step_ms']:8.3f} ms")
     for v in variants[1:]:
