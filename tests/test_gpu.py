@@ -81,3 +81,19 @@ def test_penalty_gradient_under_fp16_grad_scaler() -> None:
     expected = torch.autograd.grad(task + 3.0 * quantizer.model_size(), quantizer.parameters())
     for got, want in zip(recorder.grads, expected):
         assert_close(got, want, rtol=2e-2, atol=1e-5)
+
+
+def test_ema_fake_quant_cuda_fused_path_agrees_with_cpu() -> None:
+    from qat_lightning import EMAFakeQuant, FakeLinearQuantization
+
+    cpu = FakeLinearQuantization(8, "asymmetric_unsigned", ema_decay=0.9)
+    gpu = FakeLinearQuantization(8, "asymmetric_unsigned", ema_decay=0.9).cuda()
+    x = torch.randn(64, 128)
+    out_cpu, out_gpu = cpu(x), gpu(x.cuda())
+    assert_close(gpu.tracked.cpu(), cpu.tracked)
+    step = 1 / cpu.scale
+    assert ((out_gpu.cpu() - out_cpu).abs() <= step * 1.001).all()
+    ema = EMAFakeQuant(weight_bits=4, activation_bits=8)
+    trainer = tiny_trainer(accelerator="gpu", max_epochs=2, callbacks=[ema])
+    trainer.fit(tiny_model(), tiny_loader(), tiny_loader(seed=1))
+    assert all(q.iter_count.item() == 8 for q in ema.quantizer.activation_quantizers().values())
