@@ -208,3 +208,22 @@ def test_with_diffq_validation_sees_quantized_weights_and_fake_quantized_activat
     assert probe.weights_quantized and probe.activations_on
     with pytest.raises(ValueError, match=r"use EMAFakeQuant\(weights=False\) next to DiffQ"):
         tiny_trainer(callbacks=[DiffQ(), EMAFakeQuant()]).fit(tiny_model(), tiny_loader())
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "symmetric_restricted", "asymmetric_unsigned", "asymmetric_signed"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_module_parameters_equal_the_formulas(mode: str, bits: int) -> None:
+    fq = FakeLinearQuantization(bits, mode, ema_decay=0.7)
+    for batch in (torch.randn(50) * 3 + 1, torch.rand(50) * 2, torch.randn(50) - 4):
+        fq(batch)
+        scale, zero_point, low, high = linear_quant_params(bits, mode, fq.tracked_min, fq.tracked_max)
+        assert_close(fq.scale, scale, rtol=1e-6, atol=0)
+        assert fq.zero_point.item() == zero_point.item()
+        assert_close(fq.clamp_range, torch.stack([low, high]), rtol=0, atol=0)
+
+
+def test_zero_width_range_gets_scale_one() -> None:
+    fq = FakeLinearQuantization(8, "asymmetric_unsigned", ema_decay=0.0)
+    fq(torch.zeros(10))
+    assert fq.scale.item() == 1.0 and fq.zero_point.item() == 0.0
+    assert torch.equal(fq.eval()(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 0.0]))

@@ -9,6 +9,7 @@ Inputs are first clamped to the tracked range, so the gradient is 1 inside it an
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ class LinearQuantMode(str, Enum):
 
 
 MODES = tuple(m.value for m in LinearQuantMode)
+_TINY = 1e-30  # keeps the division finite where the range is empty; torch.where then picks scale 1
 
 
 def quantization_range(num_bits: int, mode: str) -> tuple[int, int]:
@@ -69,20 +71,18 @@ def update_ema(biased: torch.Tensor, value: torch.Tensor, decay: float, step: in
     return biased, biased / (1 - decay**step)
 
 
-class _FakeQuantizeSTE(torch.autograd.Function):
-    """Distiller's ``(round(scale * clamp(x) - zp) + zp) / scale`` with gradient 1 inside ``[low, high]``."""
+class _RoundSTE(torch.autograd.Function):
+    """Distiller's quantize-dequantize ``(round(scale * x - zp) + zp) / scale``; identity gradient.
+
+    Callers clamp first (autograd's ``clamp`` backward is the range mask in one fused kernel)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, low, high):  # type: ignore[override]  # noqa: ANN001, ANN205
-        clamped = torch.clamp(x, low, high)
-        ctx.save_for_backward(x, low, high)
-        return clamped.mul_(scale).sub_(zero_point).round_().add_(zero_point).div_(scale)
+    def forward(ctx, x, scale, zero_point):  # type: ignore[override]  # noqa: ANN001, ANN205
+        return (x * scale).sub_(zero_point).round_().add_(zero_point).div_(scale)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
-        x, low, high = ctx.saved_tensors
-        inside = (x >= low) & (x <= high)
-        return grad * inside, None, None, None, None
+        return grad.contiguous(), None, None  # Linear's weight gradient arrives transposed: copy once here
 
 
 def fake_quantize(
@@ -101,7 +101,7 @@ def fake_quantize(
         shape[axis] = -1
     scale, zero_point, low, high = (t.reshape(shape) if axis is not None else t for t in (scale, zero_point, low, high))
     if not x.is_cuda:
-        return _FakeQuantizeSTE.apply(x, scale.to(x.dtype), zero_point.to(x.dtype), low.to(x.dtype), high.to(x.dtype))
+        return _RoundSTE.apply(torch.clamp(x, low, high), scale.to(x.dtype), zero_point.to(x.dtype))
     return fused_fake_quantize(x, scale, zero_point, low, high, num_bits, mode, axis)
 
 
@@ -157,7 +157,8 @@ class FakeLinearQuantization(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("clamp_range", torch.zeros(2))  # [low, high] the input is clamped to
-        self._decay = torch.tensor(float(ema_decay))
+        self._step: int | None = 0
+        self._make_constants()
 
     tracked_min = property(lambda self: self.tracked[0])
     tracked_max = property(lambda self: self.tracked[1])
@@ -167,44 +168,73 @@ class FakeLinearQuantization(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observe:
             self.update_range(x)
-        if not self.enabled or not self.iter_count:  # no range yet: pass-through
+        if not self.enabled or not self.has_range:  # no range yet: pass-through
             return x
         low, high = self.clamp_range[0], self.clamp_range[1]
         if not self.dequantize:
             return torch.round(self.scale * torch.clamp(x, low, high) - self.zero_point)
         return fake_quantize(x, self.scale, self.zero_point, low, high, self.num_bits, self.mode)
 
+    @property
+    def has_range(self) -> bool:
+        """Whether a range was tracked (read from the buffer once after a load, then kept on the host)."""
+        if self._step is None:
+            self._step = int(self.iter_count.item())
+        return self._step > 0
+
     @torch.no_grad()
     def update_range(self, x: torch.Tensor) -> None:
-        """Fold the batch min/max into the EMA and recompute scale, zero point and clamp range."""
+        """Fold the batch min/max into the EMA and recompute scale, zero point and clamp range.
+
+        Runs every training step for every quantizer, hence the few fused in-place ops.
+        """
         current = torch.stack(torch.aminmax(x.detach())).float()
         if dist.is_available() and dist.is_initialized():
             current[0].neg_()
             dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
             current[0].neg_()
-        self.iter_count += 1
-        self.tracked_biased.mul_(self.ema_decay).add_(current, alpha=1 - self.ema_decay)
-        correction = 1 - torch.pow(self._decay.to(current.device), self.iter_count)
-        torch.div(self.tracked_biased, correction, out=self.tracked)
-        scale, zero_point, low, high = linear_quant_params(self.num_bits, self.mode, self.tracked[0], self.tracked[1])
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
-        self.clamp_range.copy_(torch.stack([low, high]))
+        self._step = (self._step if self._step is not None else int(self.iter_count.item())) + 1
+        self.iter_count.fill_(self._step)
+        self.tracked_biased.lerp_(current, 1 - self.ema_decay)  # biased * d + (1 - d) * current
+        torch.div(self.tracked_biased, 1 - self.ema_decay**self._step, out=self.tracked)
+        self._update_params()
+
+    def _update_params(self) -> None:
+        if self.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED):
+            max_abs = self.tracked.abs().amax()
+            torch.mul(self._signs, max_abs, out=self.clamp_range)
+            width = max_abs
+        else:
+            torch.clamp(self.tracked, self._low_bounds, self._high_bounds, out=self.clamp_range)  # include 0
+            width = self.clamp_range[1] - self.clamp_range[0]
+            torch.round(self._levels / width.clamp(min=_TINY) * self.clamp_range[0], out=self.zero_point)
+        # a zero-width range gets scale 1 (Distiller); torch.where keeps it free of host syncs
+        torch.where(width > 0, self._levels / width.clamp(min=_TINY), self._one, out=self.scale)
+        if self._zero_offset:
+            self.zero_point.add_(self._zero_offset)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._step = None  # re-read iter_count at the next update
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FakeLinearQuantization:
+        super()._apply(fn, *args, **kwargs)
+        self._make_constants()  # follow the buffers' device
+        return self
+
+    def _make_constants(self) -> None:
+        symmetric = self.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
+        n = (2**self.num_bits - 1) / 2 if self.mode == LinearQuantMode.SYMMETRIC else 2 ** (self.num_bits - 1) - 1
+        device = self.tracked.device
+        self._levels = torch.tensor(n if symmetric else 2**self.num_bits - 1.0, device=device)
+        self._signs = torch.tensor([-1.0, 1.0], device=device)
+        self._low_bounds = torch.tensor([-float("inf"), 0.0], device=device)
+        self._high_bounds = torch.tensor([0.0, float("inf")], device=device)
+        self._one = torch.ones((), device=device)
+        self._zero_offset = 2.0 ** (self.num_bits - 1) if self.mode == LinearQuantMode.ASYMMETRIC_SIGNED else 0.0
 
     def extra_repr(self) -> str:
         return f"num_bits={self.num_bits}, mode={self.mode.value}, ema_decay={self.ema_decay}"
-
-
-class _RoundSTE(torch.autograd.Function):
-    """Distiller's quantize-dequantize of values already inside their range; identity gradient."""
-
-    @staticmethod
-    def forward(ctx, w, scale, zero_point):  # type: ignore[override]  # noqa: ANN001, ANN205
-        return (w * scale).sub_(zero_point).round_().add_(zero_point).div_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
-        return grad.contiguous(), None, None  # Linear's weight gradient arrives transposed: copy once here
 
 
 def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | None) -> torch.Tensor:
