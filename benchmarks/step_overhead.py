@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--variants", nargs="+", default=None, help="subset to run (fp32 is always included)")
     parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip torch.ao and the reference diffq")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,6 +127,8 @@ def main() -> None:
         variants += ["torch_ao"]
         if importlib.util.find_spec("diffq") is not None:
             variants += ["reference", "reference_g8"]
+    if args.variants:
+        variants = ["fp32", *[v for v in args.variants if v != "fp32"]]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved, so drifts of the machine hit every variant alike
         for variant in variants:

@@ -227,3 +227,12 @@ def test_zero_width_range_gets_scale_one() -> None:
     fq(torch.zeros(10))
     assert fq.scale.item() == 1.0 and fq.zero_point.item() == 0.0
     assert torch.equal(fq.eval()(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 0.0]))
+
+
+@pytest.mark.parametrize("weight_mode", ["symmetric", "asymmetric_unsigned"])
+def test_prepared_model_trains_weights_and_biases(weight_mode: str) -> None:
+    model = tiny_model().net
+    EMAFakeQuantizer(model, weight_mode=weight_mode).prepare()
+    model(torch.randn(8, 16)).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -87,6 +87,7 @@ class EMAFakeQuantizer:
         self._swapper = WeightSwapper(self._substitute)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owners: list[nn.Module] = []
+        self._created: list[FakeLinearQuantization] = []
         self._axes: dict[int, int | None] = {}
 
     # ----------------------------------------------------------------------------- prepare / remove
@@ -128,6 +129,7 @@ class EMAFakeQuantizer:
             fq.to(reference.device)
         module.add_module(name, fq)
         self._owners.append(module)
+        self._created.append(fq)
 
     def remove(self) -> None:
         """Remove every hook and fake quantizer; the model is as before ``prepare()``."""
@@ -140,6 +142,7 @@ class EMAFakeQuantizer:
                 if name in module._modules:
                     del module._modules[name]
         self._owners.clear()
+        self._created.clear()
         self._axes.clear()
 
     # ----------------------------------------------------------------------------- control
@@ -149,7 +152,7 @@ class EMAFakeQuantizer:
 
     def set_state(self, *, enabled: bool | None = None, observe: bool | None = None) -> None:
         """Switch quantization (``enabled``) and range tracking (``observe``) of all activation quantizers."""
-        for fq in self.activation_quantizers().values():
+        for fq in self._created:
             if enabled is not None:
                 fq.enabled = enabled
             if observe is not None:

@@ -8,9 +8,11 @@ Inputs are first clamped to the tracked range, so the gradient is 1 inside it an
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -71,18 +73,102 @@ def update_ema(biased: torch.Tensor, value: torch.Tensor, decay: float, step: in
     return biased, biased / (1 - decay**step)
 
 
+def lsq_range(num_bits: int, mode: str) -> tuple[int, int]:
+    """Integer levels of the learned-step mode: a true ``num_bits`` grid for each mode."""
+    if mode == LinearQuantMode.SYMMETRIC_RESTRICTED:
+        return -(2 ** (num_bits - 1) - 1), 2 ** (num_bits - 1) - 1
+    if mode == LinearQuantMode.ASYMMETRIC_UNSIGNED:
+        return 0, 2**num_bits - 1
+    return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+
+
+_F32 = np.float32
+
+
+def host_quant_params(num_bits: int, mode: str, tracked_min: float, tracked_max: float) -> tuple[float, float, float, float]:
+    """:func:`linear_quant_params` for one range in host float32 arithmetic, op for op as the
+    module's tensor code computes it (so both give identical bits): ``(scale, zero_point, low, high)``."""
+    symmetric = mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
+    if symmetric:
+        levels = _F32((2**num_bits - 1) / 2 if mode == LinearQuantMode.SYMMETRIC else 2 ** (num_bits - 1) - 1)
+        width = max(abs(_F32(tracked_min)), abs(_F32(tracked_max)))
+        low, high, zero_point = -width, width, _F32(0)
+    else:
+        levels = _F32(2**num_bits - 1)
+        low, high = min(_F32(tracked_min), _F32(0)), max(_F32(tracked_max), _F32(0))
+        width = high - low
+        zero_point = np.round(levels / max(width, _F32(_TINY)) * low)
+        if mode == LinearQuantMode.ASYMMETRIC_SIGNED:
+            zero_point = zero_point + _F32(2 ** (num_bits - 1))
+    scale = levels / max(width, _F32(_TINY)) if width > 0 else _F32(1)
+    return float(scale), float(zero_point), float(low), float(high)
+
+
+def _next_down(v: float) -> float:
+    return float(np.nextafter(_F32(v), _F32(-np.inf)))
+
+
+def _next_up(v: float) -> float:
+    return float(np.nextafter(_F32(v), _F32(np.inf)))
+
+
+def per_tensor_plan(scale: float, zero_point: float, low: float, high: float) -> tuple[float, ...]:
+    """What :class:`_PerTensorSTE` needs for one range, computed once per range update:
+    ``(scale, zero_point, level_low, level_high, grad_low, grad_high)``."""
+    level_low = _F32(_F32(low) * _F32(scale)) - _F32(zero_point)
+    level_high = _F32(_F32(high) * _F32(scale)) - _F32(zero_point)
+    return scale, zero_point, float(level_low), float(level_high), _next_down(low), _next_up(high)
+
+
+class _PerTensorSTE(torch.autograd.Function):
+    """Clamp to ``[low, high]`` and quantize-dequantize per tensor on the CPU, in vectorised ops.
+
+    ``x * scale - zp`` is monotone, so clamping the levels to the images of ``low`` and ``high`` is
+    bit-identical to Distiller's clamp of ``x``; the backward is one ``hardtanh_backward`` over the
+    closed range (bounds moved out by one float32 ulp), i.e. the straight-through gradient of the clamp.
+    """
+
+    @staticmethod
+    def forward(ctx, x, plan):  # type: ignore[override]  # noqa: ANN001, ANN205
+        scale, zero_point, level_low, level_high, grad_low, grad_high = plan
+        y = torch.mul(x, scale)
+        if zero_point:
+            y.sub_(zero_point)
+        y.clamp_(level_low, level_high).round_()
+        if zero_point:
+            y.add_(zero_point)
+        y.div_(scale)
+        ctx.save_for_backward(x)
+        ctx.bounds = (grad_low, grad_high)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds), None
+
+
 class _RoundSTE(torch.autograd.Function):
     """Distiller's quantize-dequantize ``(round(scale * x - zp) + zp) / scale``; identity gradient.
 
-    Callers clamp first (autograd's ``clamp`` backward is the range mask in one fused kernel)."""
+    Callers clamp first (autograd's ``clamp`` backward is the range mask)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point):  # type: ignore[override]  # noqa: ANN001, ANN205
+    def forward(ctx, x, scale, zero_point, symmetric):  # type: ignore[override]  # noqa: ANN001, ANN205
+        if symmetric:  # zero point 0: two passes fewer
+            return (x * scale).round_().div_(scale)
         return (x * scale).sub_(zero_point).round_().add_(zero_point).div_(scale)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
-        return grad.contiguous(), None, None  # Linear's weight gradient arrives transposed: copy once here
+        return grad.contiguous(), None, None, None  # Linear's weight gradient arrives transposed: copy once here
+
+
+def _broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    return shape
 
 
 def fake_quantize(
@@ -93,16 +179,17 @@ def fake_quantize(
     gradient, per tensor or per channel along ``axis``.
 
     On CUDA this runs torch's fused kernels (``fake_quantize_per_{tensor,channel}_affine``); on the
-    CPU those kernels are scalar loops, about 7x slower than the same math in vectorised ops, so a
-    composite op computes Distiller's formula directly (tests check both agree).
+    CPU those kernels are scalar loops, several times slower than the same math in vectorised ops,
+    so Distiller's formula is computed directly (tests check both agree).
     """
-    shape = [1] * x.dim()
-    if axis is not None:
-        shape[axis] = -1
-    scale, zero_point, low, high = (t.reshape(shape) if axis is not None else t for t in (scale, zero_point, low, high))
-    if not x.is_cuda:
-        return _RoundSTE.apply(torch.clamp(x, low, high), scale.to(x.dtype), zero_point.to(x.dtype))
-    return fused_fake_quantize(x, scale, zero_point, low, high, num_bits, mode, axis)
+    if x.is_cuda:
+        return fused_fake_quantize(x, scale, zero_point, low, high, num_bits, mode, axis)
+    if axis is None:
+        return _PerTensorSTE.apply(x, per_tensor_plan(scale.item(), zero_point.item(), low.item(), high.item()))
+    shape = _broadcast_shape(x, axis)
+    scale, zero_point, low, high = (t.reshape(shape) for t in (scale, zero_point, low, high))
+    symmetric = mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
+    return _RoundSTE.apply(torch.clamp(x, low, high), scale.to(x.dtype), zero_point.to(x.dtype), symmetric)
 
 
 def fused_fake_quantize(
@@ -112,8 +199,7 @@ def fused_fake_quantize(
     """The same as :func:`fake_quantize` through torch's fused kernels (inverse scale, negated zero point)."""
     q_min, q_max = quantization_range(num_bits, mode)
     if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
+        shape = _broadcast_shape(x, axis)
         low, high = low.reshape(shape), high.reshape(shape)
     x = torch.clamp(x, low, high)
     inv_scale = (1 / scale).float().reshape(-1)
@@ -123,6 +209,72 @@ def fused_fake_quantize(
     return torch.fake_quantize_per_channel_affine(x, inv_scale, zp, axis, q_min, q_max)
 
 
+# ------------------------------------------------------------------------------------------- LSQ
+class _LearnedStepSTE(torch.autograd.Function):
+    """LSQ quantize-dequantize ``(clamp(round(x / s + z), q_min, q_max) - z) * s`` on the CPU.
+
+    Gradients: ``x`` straight through inside the grid, 0 outside; the step size ``s`` gets LSQ's
+    ``(q - z) - x / s`` inside and ``q_min - z`` / ``q_max - z`` outside, summed per step entry and
+    multiplied by ``grad_factor``; ``z`` is a constant. Same math as torch's
+    ``_fake_quantize_learnable_per_{tensor,channel}_affine`` (whose CPU kernels are scalar loops).
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, zero, q_min, q_max, grad_factor, axis):  # type: ignore[override]  # noqa: ANN001, ANN205
+        if axis is None:  # per tensor: host scalars, the fastest CPU kernels
+            s, z = step.item(), zero.item()
+            inv = float(_F32(1) / _F32(s))
+        else:
+            shape = _broadcast_shape(x, axis)
+            s, z = step.detach().reshape(shape).to(x.dtype), zero.reshape(shape).to(x.dtype)
+            inv = 1 / s
+        y = torch.mul(x, inv).add_(z).round_().clamp_(q_min, q_max).sub_(z).mul_(s)
+        ctx.save_for_backward(x)
+        ctx.constants = (s, z, inv, q_min, q_max, grad_factor, axis, step.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        s, z, inv, q_min, q_max, grad_factor, axis, step_shape = ctx.constants
+        levels = torch.mul(x, inv).add_(z).round_()
+        grad_x = torch.ops.aten.hardtanh_backward(grad, levels, q_min - 0.5, q_max + 0.5)  # levels are integers
+        levels.clamp_(q_min, q_max).sub_(z)  # q - z
+        if axis is None:
+            grad = grad.contiguous()
+            total = torch.dot(grad.reshape(-1), levels.reshape(-1)) - inv * torch.dot(grad_x.reshape(-1), x.reshape(-1))
+            grad_step = (total * grad_factor).reshape(step_shape)
+        else:
+            dims = [d for d in range(x.dim()) if d != axis]
+            per_element = levels.mul_(grad).sub_(grad_x * x * inv)
+            grad_step = (per_element.sum(dims) * grad_factor).reshape(step_shape)
+        return grad_x, grad_step, None, None, None, None, None
+
+
+def learned_step_quantize(
+    x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, q_min: int, q_max: int,
+    grad_factor: float, axis: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """LSQ fake quantization with a trainable step size ``step`` (per tensor, or per channel along ``axis``).
+
+    ``zero`` is the integer offset in torch's convention (``q = round(x / step + zero)``), held fixed;
+    ``grad_factor`` scales the step's gradient (LSQ: ``1 / sqrt(numel * q_max)``). CUDA runs torch's
+    fused ``_fake_quantize_learnable_*`` kernels, the CPU a vectorised equivalent.
+    """
+    if x.is_cuda:
+        if axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, step.reshape(1), zero.reshape(1).float(), q_min, q_max, grad_factor
+            )
+        return torch._fake_quantize_learnable_per_channel_affine(x, step, zero.float(), axis, q_min, q_max, grad_factor)
+    return _LearnedStepSTE.apply(x, step, zero, q_min, q_max, grad_factor, axis)
+
+
+def lsq_grad_factor(numel: int, q_max: int) -> float:
+    """LSQ's step-size gradient scale ``1 / sqrt(numel * q_max)``."""
+    return 1.0 / math.sqrt(max(numel * q_max, 1))
+
+
 class FakeLinearQuantization(nn.Module):
     """Fake-quantizes its input over a range tracked with a bias-corrected EMA of batch min/max.
 
@@ -130,6 +282,14 @@ class FakeLinearQuantization(nn.Module):
     recomputes scale and zero point; eval: the frozen values are used. Before the first update
     the input passes through unchanged (there is no range yet). Under ``torch.distributed`` the
     batch min/max are reduced over ranks first, so every rank tracks the same range.
+
+    With ``learned_step=True`` (LSQ) the EMA only provides the starting point: the first
+    quantized training call sets the trainable step size ``step`` to ``1 / scale`` of the tracked
+    range (zero point fixed from then on), and from there on the step is learned by gradient
+    descent with LSQ's gradient scale ``1 / sqrt(numel * q_max)``; the range is no longer tracked.
+
+    On the CPU the scalar bookkeeping runs on the host in float32 (no tensor op for two numbers);
+    on CUDA it stays on the device, without host synchronisation. Both give the same bits.
 
     Example::
 
@@ -141,14 +301,21 @@ class FakeLinearQuantization(nn.Module):
         mode: ``"symmetric"``, ``"symmetric_restricted"``, ``"asymmetric_unsigned"`` or ``"asymmetric_signed"``.
         ema_decay: EMA decay in ``[0, 1)``.
         dequantize: return dequantized values (the only mode that trains; False returns levels).
+        learned_step: LSQ: learn the step size, starting from the tracked range.
     """
 
-    def __init__(self, num_bits: int = 8, mode: str = "symmetric", ema_decay: float = 0.999, dequantize: bool = True) -> None:
+    def __init__(
+        self, num_bits: int = 8, mode: str = "symmetric", ema_decay: float = 0.999, dequantize: bool = True,
+        learned_step: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
         self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
         self.ema_decay = check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
         self.dequantize = check_bool("dequantize", dequantize)
+        self.learned_step = check_bool("learned_step", learned_step)
+        if learned_step and not dequantize:
+            raise ValueError("learned_step=True needs dequantize=True (the step size is learned through the dequantized output)")
         self.enabled = True  # False: pass-through (ranges may still be observed)
         self.observe = True  # False: ranges frozen, also in training
         self.register_buffer("tracked_biased", torch.zeros(2))  # EMA of batch [min, max], not bias-corrected
@@ -157,7 +324,11 @@ class FakeLinearQuantization(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("clamp_range", torch.zeros(2))  # [low, high] the input is clamped to
-        self._step: int | None = 0
+        if learned_step:
+            self.step = nn.Parameter(torch.ones(()))
+            self.register_buffer("step_initialized", torch.zeros(()))
+        self.lsq_range = lsq_range(num_bits, self.mode)
+        self._invalidate()
         self._make_constants()
 
     tracked_min = property(lambda self: self.tracked[0])
@@ -166,38 +337,89 @@ class FakeLinearQuantization(nn.Module):
     tracked_max_biased = property(lambda self: self.tracked_biased[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.learned_step and self._learning():
+            return self._learned(x) if self.enabled else x
         if self.training and self.observe:
             self.update_range(x)
         if not self.enabled or not self.has_range:  # no range yet: pass-through
             return x
-        low, high = self.clamp_range[0], self.clamp_range[1]
+        if self.learned_step and self.training:  # first quantized training call: the step starts from the range
+            self.init_step()
+            return self._learned(x)
         if not self.dequantize:
+            low, high = self.clamp_range[0], self.clamp_range[1]
             return torch.round(self.scale * torch.clamp(x, low, high) - self.zero_point)
-        return fake_quantize(x, self.scale, self.zero_point, low, high, self.num_bits, self.mode)
+        if x.is_cuda:
+            low, high = self.clamp_range[0], self.clamp_range[1]
+            return fused_fake_quantize(x, self.scale, self.zero_point, low, high, self.num_bits, self.mode)
+        return _PerTensorSTE.apply(x, self._host_plan())
 
+    # ----------------------------------------------------------------------------- state
     @property
     def has_range(self) -> bool:
         """Whether a range was tracked (read from the buffer once after a load, then kept on the host)."""
-        if self._step is None:
-            self._step = int(self.iter_count.item())
-        return self._step > 0
+        return self._steps() > 0
+
+    def _steps(self) -> int:
+        host = self._host
+        if host.step is None:
+            host.step = int(self.iter_count.item())
+        return host.step
+
+    def _learning(self) -> bool:
+        host = self._host
+        if host.learned_ready is None:
+            host.learned_ready = bool(self.step_initialized.item())
+        return host.learned_ready
+
+    def _invalidate(self) -> None:
+        """Forget the host copies; they are re-read from the buffers when next needed."""
+        self._host = _HostState()
+
+    def _host_plan(self) -> tuple[float, ...]:
+        host = self._host
+        if host.plan is None:
+            host.plan = per_tensor_plan(*(t.item() for t in (self.scale, self.zero_point, *self.clamp_range)))
+        return host.plan
 
     @torch.no_grad()
     def update_range(self, x: torch.Tensor) -> None:
         """Fold the batch min/max into the EMA and recompute scale, zero point and clamp range.
 
-        Runs every training step for every quantizer, hence the few fused in-place ops.
+        Runs every training step for every quantizer, hence the host arithmetic on the CPU and
+        the few fused in-place ops on CUDA.
         """
-        current = torch.stack(torch.aminmax(x.detach())).float()
+        mn, mx = torch.aminmax(x.detach())
+        current = None
         if dist.is_available() and dist.is_initialized():
-            current[0].neg_()
+            current = torch.stack([-mn, mx]).float()
             dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
             current[0].neg_()
-        self._step = (self._step if self._step is not None else int(self.iter_count.item())) + 1
-        self.iter_count.fill_(self._step)
+        step = self._host.step = self._steps() + 1
+        if x.is_cuda:
+            self._update_on_device(current if current is not None else torch.stack([mn, mx]).float(), step)
+        else:
+            lo, hi = current.tolist() if current is not None else (mn.item(), mx.item())
+            self._update_on_host(lo, hi, step)
+
+    def _update_on_device(self, current: torch.Tensor, step: int) -> None:
+        self.iter_count.fill_(step)
         self.tracked_biased.lerp_(current, 1 - self.ema_decay)  # biased * d + (1 - d) * current
-        torch.div(self.tracked_biased, 1 - self.ema_decay**self._step, out=self.tracked)
+        torch.div(self.tracked_biased, 1 - self.ema_decay**step, out=self.tracked)
         self._update_params()
+
+    def _update_on_host(self, lo: float, hi: float, step: int) -> None:
+        host = self._host
+        if host.views is None:  # numpy views of the CPU buffers: writes cost no torch dispatch
+            host.views = tuple(t.numpy() for t in (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range))
+        biased, tracked, iter_count, scale, zero_point, clamp_range = host.views
+        # torch's lerp_ for a small weight w: biased + w * (current - biased), in float32
+        biased += _F32(1 - self.ema_decay) * (np.array([lo, hi], dtype=np.float32) - biased)
+        np.divide(biased, _F32(1 - self.ema_decay**step), out=tracked)
+        params = host_quant_params(self.num_bits, self.mode, float(tracked[0]), float(tracked[1]))
+        host.plan = per_tensor_plan(*params)
+        iter_count[()] = step
+        scale[()], zero_point[()], clamp_range[0], clamp_range[1] = params
 
     def _update_params(self) -> None:
         if self.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED):
@@ -213,12 +435,31 @@ class FakeLinearQuantization(nn.Module):
         if self._zero_offset:
             self.zero_point.add_(self._zero_offset)
 
+    # ----------------------------------------------------------------------------- LSQ
+    @torch.no_grad()
+    def init_step(self) -> None:
+        """Start the learned step size from the tracked range: ``step = 1 / scale``."""
+        if not self.learned_step:
+            raise RuntimeError("init_step() needs FakeLinearQuantization(learned_step=True)")
+        self.step.copy_(1 / self.scale)
+        self.step_initialized.fill_(1)
+        self._host.learned_ready = True
+
+    def _learned(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.step.clamp_(min=_MIN_STEP)  # an optimizer step must not make it zero or negative
+        q_min, q_max = self.lsq_range
+        zero = -self.zero_point  # torch's convention: q = round(x / step + zero)
+        return learned_step_quantize(x, self.step, zero, q_min, q_max, lsq_grad_factor(x.numel(), q_max))
+
+    # ----------------------------------------------------------------------------- plumbing
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._step = None  # re-read iter_count at the next update
+        self._invalidate()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FakeLinearQuantization:
         super()._apply(fn, *args, **kwargs)
+        self._invalidate()
         self._make_constants()  # follow the buffers' device
         return self
 
@@ -234,7 +475,23 @@ class FakeLinearQuantization(nn.Module):
         self._zero_offset = 2.0 ** (self.num_bits - 1) if self.mode == LinearQuantMode.ASYMMETRIC_SIGNED else 0.0
 
     def extra_repr(self) -> str:
-        return f"num_bits={self.num_bits}, mode={self.mode.value}, ema_decay={self.ema_decay}"
+        lsq = ", learned_step=True" if self.learned_step else ""
+        return f"num_bits={self.num_bits}, mode={self.mode.value}, ema_decay={self.ema_decay}{lsq}"
+
+
+_MIN_STEP = 1e-8
+
+
+class _HostState:
+    """Host copies of a :class:`FakeLinearQuantization`'s scalars (None: re-read from the buffers)."""
+
+    __slots__ = ("step", "views", "plan", "learned_ready")
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.views: tuple[np.ndarray, ...] | None = None
+        self.plan: tuple[float, ...] | None = None
+        self.learned_ready: bool | None = None
 
 
 def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | None) -> torch.Tensor:
@@ -242,16 +499,81 @@ def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | 
 
     The range is the weight's own min/max, so nothing is clamped and the gradient is the identity.
     """
+    symmetric = mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
     with torch.no_grad():
         if axis is None:
             mn, mx = torch.aminmax(w)
         else:
             flat = w.detach().transpose(0, axis).reshape(w.shape[axis], -1)
             mn, mx = torch.amin(flat, 1), torch.amax(flat, 1)  # 16x faster than aminmax(dim=1) on CPU
-        scale, zero_point, low, high = linear_quant_params(num_bits, mode, mn.float(), mx.float())
+        if symmetric and not w.is_cuda:
+            # Distiller's symmetric scale in three ops; an all-zero channel gets a huge scale
+            # instead of 1, which quantizes it to zeros all the same
+            n = (2**num_bits - 1) / 2 if mode == LinearQuantMode.SYMMETRIC else 2 ** (num_bits - 1) - 1
+            scale = torch.maximum(mn.float().neg_(), mx.float()).clamp_(min=_TINY).reciprocal_().mul_(n)
+            zero_point = low = high = None
+        else:
+            scale, zero_point, low, high = linear_quant_params(num_bits, mode, mn.float(), mx.float())
     if w.is_cuda:
         return fused_fake_quantize(w, scale, zero_point, low, high, num_bits, mode, axis)
-    shape = [1] * w.dim()
-    if axis is not None:
-        shape[axis] = -1
-    return _RoundSTE.apply(w, scale.reshape(shape).to(w.dtype), zero_point.reshape(shape).to(w.dtype))
+    shape = _broadcast_shape(w, axis)
+    zero_point = None if symmetric else zero_point.reshape(shape).to(w.dtype)
+    return _RoundSTE.apply(w, scale.reshape(shape).to(w.dtype), zero_point, symmetric)
+
+
+class LearnedStepWeight(nn.Module):
+    """LSQ for a weight: a trainable step size per output channel (or per tensor), started from the
+    weight's range when created (``step = 1 / scale`` of Distiller's parameters); zero point fixed.
+
+    Args:
+        weight: the weight it will quantize (for the initial range and the channel count).
+        num_bits, mode: as for :class:`FakeLinearQuantization`.
+        axis: output-channel axis, or None for one step size.
+    """
+
+    def __init__(self, weight: torch.Tensor, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
+        super().__init__()
+        self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
+        self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
+        self.axis = axis
+        with torch.no_grad():
+            w = weight.detach().float()
+            if axis is None:
+                mn, mx = torch.aminmax(w)
+            else:
+                flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
+                mn, mx = torch.amin(flat, 1), torch.amax(flat, 1)
+            scale, zero_point, _, _ = linear_quant_params(num_bits, self.mode, mn, mx)
+        self.step = nn.Parameter(1 / scale)
+        self.register_buffer("zero", -zero_point)  # torch's convention: q = round(w / step + zero)
+        self.lsq_range = lsq_range(num_bits, self.mode)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.step.clamp_(min=_MIN_STEP)
+        q_min, q_max = self.lsq_range
+        grad_factor = lsq_grad_factor(weight.numel(), q_max)
+        return learned_step_quantize(weight, self.step, self.zero, q_min, q_max, grad_factor, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.step.numel()}"
+
+
+def bias_fake_quantize(b: torch.Tensor, num_bits: int = 32) -> torch.Tensor:
+    """Symmetric per-tensor fake quantization of a bias to ``num_bits`` (32: an int32 accumulator),
+    computed in float64 so that the 32-bit grid is represented exactly; identity gradient."""
+    return _BiasSTE.apply(b, num_bits)
+
+
+class _BiasSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, b, num_bits):  # type: ignore[override]  # noqa: ANN001, ANN205
+        b64 = b.detach().double()
+        n = 2 ** (num_bits - 1) - 1
+        max_abs = b64.abs().max() if b64.numel() else b64.new_zeros(())
+        scale = torch.where(max_abs > 0, n / max_abs.clamp(min=_TINY), torch.ones_like(max_abs))
+        return (b64 * scale).round_().div_(scale).to(b.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
+        return grad, None
