@@ -236,3 +236,22 @@ def test_prepared_model_trains_weights_and_biases(weight_mode: str) -> None:
     model(torch.randn(8, 16)).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "symmetric_restricted", "asymmetric_unsigned", "asymmetric_signed"])
+@pytest.mark.parametrize("decay", [0.95, 0.3])
+def test_host_bookkeeping_equals_the_device_ops_bit_for_bit(mode: str, decay: float) -> None:
+    """The CPU path computes the range update on the host; CUDA uses tensor ops. Same bits."""
+    host = FakeLinearQuantization(6, mode, ema_decay=decay)
+    device = FakeLinearQuantization(6, mode, ema_decay=decay)
+    for step, batch in enumerate([torch.randn(300) * 3 + 1, torch.rand(300), torch.randn(300) - 4] * 5, start=1):
+        host.update_range(batch)
+        mn, mx = torch.aminmax(batch)
+        device._host.step = step
+        device._update_on_device(torch.stack([mn, mx]), step)  # what CUDA runs, here on CPU tensors
+        for name, value in device.state_dict().items():
+            assert torch.equal(host.state_dict()[name], value), (step, name)
+    x = torch.randn(1000) * 4
+    fresh = FakeLinearQuantization(6, mode)
+    fresh.load_state_dict(device.state_dict())  # host plan re-read from the buffers
+    assert torch.equal(fresh.eval()(x), host.eval()(x))

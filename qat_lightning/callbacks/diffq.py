@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core._validate import check_bool, check_number
 from ..core.diffq import DiffQConfig, DiffQuantizer
+from ._param_groups import move_to_own_group
 
 
 class DiffQ(pl.Callback):
@@ -97,28 +98,7 @@ class DiffQ(pl.Callback):
     def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""
         quantizer = self._require_quantizer()
-        bits = {id(p) for p in quantizer.parameters()}
-        if not trainer.optimizers or not bits:
-            return
-        holders = [opt for opt in trainer.optimizers if any(id(p) in bits for g in opt.param_groups for p in g["params"])]
-        optimizer = holders[0] if holders else trainer.optimizers[0]
-        self._bits_optimizer = optimizer
-        for opt in holders[1:]:
-            quantizer.clear_optimizer(opt)
-        reference = optimizer.param_groups[0]
-        group = quantizer.setup_optimizer(optimizer, lr=self.bits_lr, weight_decay=self.bits_weight_decay)
-        # Schedulers built in configure_optimizers know only the user's groups: let them scale this
-        # one too, as if it had been there from the start, with its lr at fit start == bits_lr.
-        ratio = self.bits_lr / reference["lr"] if reference["lr"] else 1.0
-        for key, value in reference.items():  # e.g. OneCycleLR's max_lr, min_lr, max_momentum
-            if key not in group:
-                group[key] = value * ratio if key.endswith("_lr") else value
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs.append(scheduler.base_lrs[0] * ratio)
-                if hasattr(scheduler, "_last_lr"):
-                    scheduler._last_lr.append(group["lr"])
+        self._bits_optimizer = move_to_own_group(trainer, quantizer.parameters(), self.bits_lr, self.bits_weight_decay)
 
     # ----------------------------------------------------------------------------- training
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

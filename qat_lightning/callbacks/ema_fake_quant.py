@@ -6,10 +6,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core._validate import check_number, check_patterns
 from ..core.ema_quantizer import EMAFakeQuantizer
+from ._param_groups import move_to_own_group
 from .diffq import DiffQ
 
 
@@ -28,10 +29,15 @@ class EMAFakeQuant(pl.Callback):
       ranges stop moving from that step on.
     * ``on_train_epoch_end`` logs ``quant/act_range_min``, ``quant/act_range_max`` (over layers) and
       ``quant/act_scale_mean``: one small reduction per epoch, nothing per step.
+    * ``learned_step=True`` (LSQ): the step sizes are parameters; ``on_fit_start`` moves them into
+      their own param group (``step_lr``, ``step_weight_decay``) like ``DiffQ`` does with its bits.
 
     Args:
         start_step: first global step with quantization on (0: from the start).
-        freeze_step: global step from which the ranges are frozen (None: never).
+        freeze_step: global step from which the ranges are frozen (None: never). With LSQ the
+            step sizes are frozen from then on (their gradient is dropped).
+        step_lr: learning rate of the LSQ step sizes (None: the optimizer's first group's lr).
+        step_weight_decay: weight decay of the LSQ step sizes.
         Other arguments: see :class:`~qat_lightning.core.EMAFakeQuantizer`.
     """
 
@@ -49,17 +55,27 @@ class EMAFakeQuant(pl.Callback):
         exclude: Sequence[str] = (),
         start_step: int = 0,
         freeze_step: int | None = None,
+        learned_step: bool = False,
+        quantize_bias: bool = False,
+        step_lr: float | None = None,
+        step_weight_decay: float = 0.0,
     ) -> None:
         self.options = dict(
             weight_bits=weight_bits, activation_bits=activation_bits, weight_mode=weight_mode,
             activation_mode=activation_mode, per_channel=per_channel, ema_decay=ema_decay, weights=weights,
             activations=activations, quantize_inputs=quantize_inputs, exclude=check_patterns("exclude", exclude),
+            learned_step=learned_step, quantize_bias=quantize_bias,
         )  # fmt: skip
         EMAFakeQuantizer(torch.nn.Identity(), **self.options)  # validates every option now
         self.start_step = check_number("start_step", start_step, low=0, integer=True)
         if freeze_step is not None:
             check_number("freeze_step", freeze_step, low=start_step, integer=True)
         self.freeze_step = freeze_step
+        if step_lr is not None:
+            check_number("step_lr", step_lr, low=0, low_open=True)
+        self.step_lr = step_lr
+        self.step_weight_decay = check_number("step_weight_decay", step_weight_decay, low=0)
+        self._step_optimizer: torch.optim.Optimizer | None = None
         self.evaluate_quantized = True  # False: validation / test / predict without fake quantization
         self.quantizer: EMAFakeQuantizer | None = None
 
@@ -74,10 +90,19 @@ class EMAFakeQuant(pl.Callback):
         self.quantizer = EMAFakeQuantizer(pl_module, **self.options).prepare()
         rank_zero_info(f"EMAFakeQuant: {len(self.quantizer.activation_quantizers())} activation quantizers")
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps = self._require_quantizer().parameters()
+        self._step_optimizer = move_to_own_group(trainer, steps, self.step_lr, self.step_weight_decay)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         frozen = self.freeze_step is not None and step >= self.freeze_step
         self._require_quantizer().set_state(enabled=step >= self.start_step, observe=not frozen)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self.freeze_step is not None and trainer.global_step >= self.freeze_step:
+            for p in self._require_quantizer().parameters():  # frozen step sizes: no update
+                p.grad = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluation_state(trainer)
@@ -100,10 +125,17 @@ class EMAFakeQuant(pl.Callback):
         with torch.no_grad():
             pl_module.log("quant/act_range_min", torch.stack([q.tracked_min for q in quantizers]).min(), on_epoch=True)
             pl_module.log("quant/act_range_max", torch.stack([q.tracked_max for q in quantizers]).max(), on_epoch=True)
-            pl_module.log("quant/act_scale_mean", torch.stack([q.scale for q in quantizers]).mean(), on_epoch=True)
+            scales = [1 / q.step if q.learned_step and q.step_initialized > 0 else q.scale for q in quantizers]
+            pl_module.log("quant/act_scale_mean", torch.stack(scales).mean(), on_epoch=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"options": dict(self.options), "start_step": self.start_step, "freeze_step": self.freeze_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, current = state_dict.get("options", {}), self.options
+        changed = sorted(k for k in saved if saved[k] != current.get(k))
+        if changed:
+            rank_zero_warn(f"EMAFakeQuant: resuming with options that differ from the checkpoint's: {changed}")
 
     def _require_quantizer(self) -> EMAFakeQuantizer:
         if self.quantizer is None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_choice, check_number, check_patterns
-from .fake_quant import MODES, FakeLinearQuantization, weight_fake_quantize
+from .fake_quant import MODES, FakeLinearQuantization, LearnedStepWeight, bias_fake_quantize, weight_fake_quantize
 from .swap import Slot, SwappedParam, WeightSwapper
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -23,6 +23,7 @@ WEIGHT_AXIS: dict[type[nn.Module], int] = {
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 OUTPUT_NAME = "output_fake_quant"
 INPUT_NAME = "input_fake_quant"
+WEIGHT_NAME = "weight_fake_quant"  # the LearnedStepWeight of a layer's weight (learned_step=True)
 
 
 class EMAFakeQuantizer:
@@ -32,6 +33,11 @@ class EMAFakeQuantizer:
     module of ``activation_types`` (its buffers land in the state dict, so checkpoints keep the
     ranges) with a forward hook on that module's output, and swaps fake-quantized weights into
     Linear / Conv / ConvTranspose / Embedding layers during their forward. ``remove()`` undoes it.
+
+    ``learned_step=True`` switches weights and activations to LSQ: each activation quantizer learns
+    its step size from the EMA range it tracked until quantization starts, and each weight gets a
+    :class:`LearnedStepWeight` child ``weight_fake_quant`` (a step per output channel). The step
+    sizes are parameters of the model; :meth:`parameters` lists them for an optimizer group.
 
     Example::
 
@@ -49,6 +55,10 @@ class EMAFakeQuantizer:
         quantize_inputs: also fake-quantize the model's first input.
         activation_types: module types whose outputs are fake-quantized.
         exclude: fnmatch patterns on module names left alone.
+        learned_step: LSQ step sizes (trainable, started from the tracked ranges) instead of
+            EMA-tracked activation ranges and per-step weight ranges.
+        quantize_bias: fake-quantize the biases of quantized layers to 32 bits (symmetric, per
+            tensor), as an integer accumulator would hold them; False leaves them float.
     """
 
     def __init__(
@@ -65,6 +75,8 @@ class EMAFakeQuantizer:
         quantize_inputs: bool = False,
         activation_types: Sequence[type[nn.Module]] = DEFAULT_ACTIVATION_TYPES,
         exclude: Sequence[str] = (),
+        learned_step: bool = False,
+        quantize_bias: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -83,12 +95,16 @@ class EMAFakeQuantizer:
             raise ValueError(f"activation_types must be a non-empty list of nn.Module subclasses; got {activation_types!r}")
         self.activation_types = types
         self.exclude = check_patterns("exclude", exclude)
+        self.learned_step = check_bool("learned_step", learned_step)
+        self.quantize_bias = check_bool("quantize_bias", quantize_bias)
         self.weights_enabled = True
         self._swapper = WeightSwapper(self._substitute)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owners: list[nn.Module] = []
         self._created: list[FakeLinearQuantization] = []
         self._axes: dict[int, int | None] = {}
+        self._learned: dict[int, LearnedStepWeight] = {}
+        self._biases: set[int] = set()
 
     # ----------------------------------------------------------------------------- prepare / remove
     def prepare(self) -> EMAFakeQuantizer:
@@ -104,15 +120,8 @@ class EMAFakeQuantizer:
                     raise ValueError(f"activation_types includes container {type(module).__name__} ({name!r}): pick leaf layers")
                 self._attach(module, OUTPUT_NAME)
                 self._handles.append(module.register_forward_hook(_quantize_output))
-            weight = getattr(module, "weight", None)
-            if self.weights and type(module) in WEIGHT_AXIS and isinstance(weight, nn.Parameter):
-                slot = Slot(module, "weight", f"{name}.weight" if name else "weight")
-                if id(weight) in seen:
-                    seen[id(weight)].slots.append(slot)
-                    continue
-                entry = SwappedParam(slot.qualified_name, weight, [slot])
-                seen[id(weight)] = entry
-                self._axes[id(weight)] = WEIGHT_AXIS[type(module)] if self.per_channel else None
+            if self.weights and type(module) in WEIGHT_AXIS:
+                self._add_weight(module, name, seen)
         for entry in seen.values():
             self._swapper.add(entry)
         if self.quantize_inputs:
@@ -122,8 +131,31 @@ class EMAFakeQuantizer:
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
         return self
 
+    def _add_weight(self, module: nn.Module, name: str, seen: dict[int, SwappedParam]) -> None:
+        for attr in ("weight", "bias") if self.quantize_bias else ("weight",):
+            param = getattr(module, attr, None)
+            if not isinstance(param, nn.Parameter):
+                continue
+            slot = Slot(module, attr, f"{name}.{attr}" if name else attr)
+            if id(param) in seen:  # tied: one quantizer, every slot swapped
+                seen[id(param)].slots.append(slot)
+                continue
+            seen[id(param)] = SwappedParam(slot.qualified_name, param, [slot])
+            if attr == "bias":
+                self._biases.add(id(param))
+                continue
+            axis = WEIGHT_AXIS[type(module)] if self.per_channel else None
+            self._axes[id(param)] = axis
+            if self.learned_step:
+                channels = None if axis is None else param.shape[axis]
+                learned = LearnedStepWeight(channels, self.weight_bits, self.weight_mode, axis).to(param.device)
+                module.add_module(WEIGHT_NAME, learned)
+                self._learned[id(param)] = learned
+                if module not in self._owners:
+                    self._owners.append(module)
+
     def _attach(self, module: nn.Module, name: str) -> None:
-        fq = FakeLinearQuantization(self.activation_bits, self.activation_mode, self.ema_decay)
+        fq = FakeLinearQuantization(self.activation_bits, self.activation_mode, self.ema_decay, learned_step=self.learned_step)
         reference = next(iter(module.parameters(recurse=False)), None)
         if reference is not None:
             fq.to(reference.device)
@@ -138,17 +170,25 @@ class EMAFakeQuantizer:
             handle.remove()
         self._handles.clear()
         for module in self._owners:
-            for name in (OUTPUT_NAME, INPUT_NAME):
+            for name in (OUTPUT_NAME, INPUT_NAME, WEIGHT_NAME):
                 if name in module._modules:
                     del module._modules[name]
         self._owners.clear()
         self._created.clear()
         self._axes.clear()
+        self._learned.clear()
+        self._biases.clear()
 
     # ----------------------------------------------------------------------------- control
     def activation_quantizers(self) -> dict[str, FakeLinearQuantization]:
         """Every activation fake quantizer, by qualified name."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, FakeLinearQuantization)}
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The learned step sizes (``learned_step=True``), weights' then activations'; else empty."""
+        if not self.learned_step:
+            return []
+        return [m.step for m in self._learned.values()] + [fq.step for fq in self._created]
 
     def set_state(self, *, enabled: bool | None = None, observe: bool | None = None) -> None:
         """Switch quantization (``enabled``) and range tracking (``observe``) of all activation quantizers."""
@@ -166,6 +206,9 @@ class EMAFakeQuantizer:
         quantized, bits = set(), 0
         for entry in self._swapper.entries():
             quantized.add(id(entry.param))
+            if id(entry.param) in self._biases:
+                bits += 32 * entry.param.numel() + 32  # int32 entries and one fp32 scale
+                continue
             axis = self._axes[id(entry.param)]
             channels = 1 if axis is None else entry.param.shape[axis]
             per_channel = 32 if self.weight_mode.startswith("symmetric") else 64
@@ -177,7 +220,13 @@ class EMAFakeQuantizer:
     def _substitute(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
         if not self.weights_enabled:
             return None
-        return weight_fake_quantize(entry.param, self.weight_bits, self.weight_mode, self._axes[id(entry.param)])
+        key = id(entry.param)
+        if key in self._biases:
+            return bias_fake_quantize(entry.param)
+        learned = self._learned.get(key)
+        if learned is not None:
+            return learned(entry.param)
+        return weight_fake_quantize(entry.param, self.weight_bits, self.weight_mode, self._axes[key])
 
 
 def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:

@@ -413,8 +413,16 @@ class FakeLinearQuantization(nn.Module):
         if host.views is None:  # numpy views of the CPU buffers: writes cost no torch dispatch
             host.views = tuple(t.numpy() for t in (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range))
         biased, tracked, iter_count, scale, zero_point, clamp_range = host.views
-        # torch's lerp_ for a small weight w: biased + w * (current - biased), in float32
-        biased += _F32(1 - self.ema_decay) * (np.array([lo, hi], dtype=np.float32) - biased)
+        # torch's lerp_(current, w): fma(w, current - biased, biased) for w < 0.5, else
+        # fma(-(1 - w), current - biased, current), with a float32 difference; the float64 product
+        # of two float32 numbers is exact, so one rounding remains, as in the fused multiply-add
+        current = np.array([lo, hi], dtype=np.float32)
+        diff = (current - biased).astype(np.float64)
+        weight = _F32(1 - self.ema_decay)
+        if weight < 0.5:
+            biased[:] = np.float64(weight) * diff + biased.astype(np.float64)
+        else:
+            biased[:] = current.astype(np.float64) - np.float64(1 - weight) * diff
         np.divide(biased, _F32(1 - self.ema_decay**step), out=tracked)
         params = host_quant_params(self.num_bits, self.mode, float(tracked[0]), float(tracked[1]))
         host.plan = per_tensor_plan(*params)
@@ -522,38 +530,63 @@ def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | 
 
 
 class LearnedStepWeight(nn.Module):
-    """LSQ for a weight: a trainable step size per output channel (or per tensor), started from the
-    weight's range when created (``step = 1 / scale`` of Distiller's parameters); zero point fixed.
+    """LSQ for a weight: a trainable step size per output channel (or one per tensor).
+
+    The first training call starts the step from the weight's current range (``step = 1 / scale``
+    of Distiller's parameters, zero point fixed from then on); before that, and in eval before
+    any training, the weight is fake-quantized over its own range like the EMA mode does.
 
     Args:
-        weight: the weight it will quantize (for the initial range and the channel count).
+        channels: number of output channels, or None for one step size per tensor.
         num_bits, mode: as for :class:`FakeLinearQuantization`.
-        axis: output-channel axis, or None for one step size.
+        axis: output-channel axis of the weight (None with ``channels=None``).
     """
 
-    def __init__(self, weight: torch.Tensor, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
+    def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
         super().__init__()
         self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
         self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
+        if (channels is None) != (axis is None):
+            raise ValueError(f"channels and axis must both be set (per channel) or both be None; got {channels=}, {axis=}")
         self.axis = axis
-        with torch.no_grad():
-            w = weight.detach().float()
-            if axis is None:
-                mn, mx = torch.aminmax(w)
-            else:
-                flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
-                mn, mx = torch.amin(flat, 1), torch.amax(flat, 1)
-            scale, zero_point, _, _ = linear_quant_params(num_bits, self.mode, mn, mx)
-        self.step = nn.Parameter(1 / scale)
-        self.register_buffer("zero", -zero_point)  # torch's convention: q = round(w / step + zero)
+        shape = () if channels is None else (channels,)
+        self.step = nn.Parameter(torch.ones(shape))
+        self.register_buffer("zero", torch.zeros(shape))  # torch's convention: q = round(w / step + zero)
+        self.register_buffer("initialized", torch.zeros(()))
         self.lsq_range = lsq_range(num_bits, self.mode)
+        self._ready: bool | None = None
+
+    @torch.no_grad()
+    def init_step(self, weight: torch.Tensor) -> None:
+        """Start the step size (and fix the zero point) from ``weight``'s current range."""
+        w = weight.detach().float()
+        if self.axis is None:
+            mn, mx = torch.aminmax(w)
+        else:
+            flat = w.transpose(0, self.axis).reshape(w.shape[self.axis], -1)
+            mn, mx = torch.amin(flat, 1), torch.amax(flat, 1)
+        scale, zero_point, _, _ = linear_quant_params(self.num_bits, self.mode, mn, mx)
+        self.step.copy_(1 / scale)
+        self.zero.copy_(-zero_point)
+        self.initialized.fill_(1)
+        self._ready = True
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._ready is None:
+            self._ready = bool(self.initialized.item())
+        if not self._ready:
+            if not self.training:
+                return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
+            self.init_step(weight)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)
         q_min, q_max = self.lsq_range
         grad_factor = lsq_grad_factor(weight.numel(), q_max)
         return learned_step_quantize(weight, self.step, self.zero, q_min, q_max, grad_factor, self.axis)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = None
 
     def extra_repr(self) -> str:
         return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.step.numel()}"

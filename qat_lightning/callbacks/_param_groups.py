@@ -1,0 +1,42 @@
+"""Give a callback's own trainable tensors (DiffQ's bits, LSQ's step sizes) a param group of their own."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+
+
+def move_to_own_group(
+    trainer: pl.Trainer, params: Sequence[torch.nn.Parameter], lr: float | None, weight_decay: float
+) -> torch.optim.Optimizer | None:
+    """Move ``params`` out of every optimizer's groups into a new group of the optimizer that held
+    them (else the first), with ``lr`` (None: that optimizer's first group's lr) and ``weight_decay``.
+
+    LR schedulers built in ``configure_optimizers`` know only the user's groups: they are extended
+    so that the new group follows the same schedule, as if it had been there from the start with
+    its lr at fit start equal to ``lr``. Returns the optimizer, or None if there is nothing to do.
+    """
+    ids = {id(p) for p in params}
+    if not trainer.optimizers or not ids:
+        return None
+    holders = [opt for opt in trainer.optimizers if any(id(p) in ids for g in opt.param_groups for p in g["params"])]
+    optimizer = holders[0] if holders else trainer.optimizers[0]
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            group["params"][:] = [p for p in group["params"] if id(p) not in ids]
+    reference = optimizer.param_groups[0]
+    lr = reference["lr"] if lr is None else lr
+    optimizer.add_param_group({"params": list(params), "lr": lr, "weight_decay": weight_decay})
+    group = optimizer.param_groups[-1]
+    ratio = lr / reference["lr"] if reference["lr"] else 1.0
+    for key, value in reference.items():  # e.g. OneCycleLR's max_lr, min_lr, max_momentum
+        if key not in group:
+            group[key] = value * ratio if key.endswith("_lr") else value
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs.append(scheduler.base_lrs[0] * ratio)
+            if hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr.append(group["lr"])
+    return optimizer
