@@ -97,3 +97,32 @@ def test_ema_fake_quant_cuda_fused_path_agrees_with_cpu() -> None:
     trainer = tiny_trainer(accelerator="gpu", max_epochs=2, callbacks=[ema])
     trainer.fit(tiny_model(), tiny_loader(), tiny_loader(seed=1))
     assert all(q.iter_count.item() == 8 for q in ema.quantizer.activation_quantizers().values())
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_learned_step_cuda_kernels_agree_with_the_cpu_op(axis) -> None:  # noqa: ANN001
+    from qat_lightning.core.fake_quant import learned_step_quantize
+
+    x = torch.randn(32, 64) * 2
+    step = torch.full((32,) if axis == 0 else (), 0.05)
+    zero = torch.zeros_like(step)
+    results = []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).requires_grad_()
+        sd = step.to(device).requires_grad_()
+        y = learned_step_quantize(xd, sd, zero.to(device), -8, 7, 0.1, axis)
+        y.square().sum().backward()
+        results.append((y.detach().cpu(), xd.grad.cpu(), sd.grad.cpu()))
+    (y0, dx0, ds0), (y1, dx1, ds1) = results
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+    assert_close(ds1.reshape(-1), ds0.reshape(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_lsq_callback_trains_on_gpu() -> None:
+    from qat_lightning import EMAFakeQuant
+
+    ema = EMAFakeQuant(learned_step=True, quantize_bias=True)
+    trainer = tiny_trainer(accelerator="gpu", max_epochs=2, callbacks=[ema])
+    trainer.fit(tiny_model(), tiny_loader(), tiny_loader(seed=1))
+    assert all(p.is_cuda for p in ema.quantizer.parameters())
+    assert all(q.step_initialized.item() == 1 for q in ema.quantizer.activation_quantizers().values())
