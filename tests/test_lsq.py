@@ -208,3 +208,10 @@ def test_callback_resume_with_learned_steps_is_exact(tmp_path) -> None:
 def test_callback_lsq_argument_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EMAFakeQuant(**kwargs)
+
+
+def test_default_step_lr_is_a_tenth_of_the_model_lr() -> None:
+    ema = EMAFakeQuant(learned_step=True)
+    trainer = tiny_trainer(max_steps=1, callbacks=[ema])
+    trainer.fit(tiny_model(lr=1e-3), tiny_loader())
+    assert trainer.optimizers[0].param_groups[-1]["lr"] == pytest.approx(1e-4)

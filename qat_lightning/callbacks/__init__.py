@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters over the core quantizers."""
+from .calibration import HistogramCalibration
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
-__all__ = ["DiffQ", "EMAFakeQuant"]
+__all__ = ["DiffQ", "EMAFakeQuant", "HistogramCalibration"]

@@ -36,7 +36,8 @@ class EMAFakeQuant(pl.Callback):
         start_step: first global step with quantization on (0: from the start).
         freeze_step: global step from which the ranges are frozen (None: never). With LSQ the
             step sizes are frozen from then on (their gradient is dropped).
-        step_lr: learning rate of the LSQ step sizes (None: the optimizer's first group's lr).
+        step_lr: learning rate of the LSQ step sizes (None: 0.1 x the optimizer's first group's lr;
+            under Adam the step sizes need a smaller lr than the weights, see the README).
         step_weight_decay: weight decay of the LSQ step sizes.
         Other arguments: see :class:`~qat_lightning.core.EMAFakeQuantizer`.
     """
@@ -92,7 +93,11 @@ class EMAFakeQuant(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         steps = self._require_quantizer().parameters()
-        self._step_optimizer = move_to_own_group(trainer, steps, self.step_lr, self.step_weight_decay)
+        lr = self.step_lr
+        if lr is None and steps and trainer.optimizers:
+            holders = [o for o in trainer.optimizers if any(p is q for g in o.param_groups for p in g["params"] for q in steps)]
+            lr = 0.1 * (holders or trainer.optimizers)[0].param_groups[0]["lr"]
+        self._step_optimizer = move_to_own_group(trainer, steps, lr, self.step_weight_decay)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

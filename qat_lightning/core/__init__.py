@@ -1,10 +1,13 @@
 """Framework-free quantization core (plain torch)."""
+from .calibrate import calibrate, calibrate_weights
 from .diffq import DiffQConfig, DiffQuantizer, KeptParam, QuantizedParam
 from .ema_quantizer import EMAFakeQuantizer
-from .fake_quant import FakeLinearQuantization, LinearQuantMode, linear_quant_params, update_ema
+from .fake_quant import FakeLinearQuantization, LearnedStepWeight, LinearQuantMode, WeightRange, linear_quant_params, update_ema
+from .histogram import HistogramCalibrator
 from .uniform import uniform_dequantize, uniform_quantize
 
 __all__ = [
-    "DiffQConfig", "DiffQuantizer", "EMAFakeQuantizer", "FakeLinearQuantization", "KeptParam", "LinearQuantMode",
-    "QuantizedParam", "linear_quant_params", "uniform_dequantize", "uniform_quantize", "update_ema",
+    "DiffQConfig", "DiffQuantizer", "EMAFakeQuantizer", "FakeLinearQuantization", "HistogramCalibrator", "KeptParam",
+    "LearnedStepWeight", "LinearQuantMode", "QuantizedParam", "WeightRange", "calibrate", "calibrate_weights",
+    "linear_quant_params", "uniform_dequantize", "uniform_quantize", "update_ema",
 ]  # fmt: skip

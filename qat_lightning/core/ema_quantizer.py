@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_choice, check_number, check_patterns
-from .fake_quant import MODES, FakeLinearQuantization, LearnedStepWeight, bias_fake_quantize, weight_fake_quantize
+from .fake_quant import MODES, FakeLinearQuantization, LearnedStepWeight, WeightRange, bias_fake_quantize
 from .swap import Slot, SwappedParam, WeightSwapper
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -23,7 +23,7 @@ WEIGHT_AXIS: dict[type[nn.Module], int] = {
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 OUTPUT_NAME = "output_fake_quant"
 INPUT_NAME = "input_fake_quant"
-WEIGHT_NAME = "weight_fake_quant"  # the LearnedStepWeight of a layer's weight (learned_step=True)
+WEIGHT_NAME = "weight_fake_quant"  # a layer's weight quantizer: WeightRange, or LearnedStepWeight (LSQ)
 
 
 class EMAFakeQuantizer:
@@ -32,11 +32,13 @@ class EMAFakeQuantizer:
     ``prepare()`` registers a :class:`FakeLinearQuantization` as child ``output_fake_quant`` of every
     module of ``activation_types`` (its buffers land in the state dict, so checkpoints keep the
     ranges) with a forward hook on that module's output, and swaps fake-quantized weights into
-    Linear / Conv / ConvTranspose / Embedding layers during their forward. ``remove()`` undoes it.
+    Linear / Conv / ConvTranspose / Embedding layers during their forward; each such weight gets a
+    child ``weight_fake_quant`` (a :class:`WeightRange`: the weight's current range, optionally
+    clipped by a calibrated ``amax``). ``remove()`` undoes it all.
 
     ``learned_step=True`` switches weights and activations to LSQ: each activation quantizer learns
     its step size from the EMA range it tracked until quantization starts, and each weight gets a
-    :class:`LearnedStepWeight` child ``weight_fake_quant`` (a step per output channel). The step
+    :class:`LearnedStepWeight` as ``weight_fake_quant`` instead (a step per output channel). The step
     sizes are parameters of the model; :meth:`parameters` lists them for an optimizer group.
 
     Example::
@@ -103,7 +105,7 @@ class EMAFakeQuantizer:
         self._owners: list[nn.Module] = []
         self._created: list[FakeLinearQuantization] = []
         self._axes: dict[int, int | None] = {}
-        self._learned: dict[int, LearnedStepWeight] = {}
+        self._weight_quantizers: dict[int, WeightRange | LearnedStepWeight] = {}
         self._biases: set[int] = set()
 
     # ----------------------------------------------------------------------------- prepare / remove
@@ -146,13 +148,13 @@ class EMAFakeQuantizer:
                 continue
             axis = WEIGHT_AXIS[type(module)] if self.per_channel else None
             self._axes[id(param)] = axis
-            if self.learned_step:
-                channels = None if axis is None else param.shape[axis]
-                learned = LearnedStepWeight(channels, self.weight_bits, self.weight_mode, axis).to(param.device)
-                module.add_module(WEIGHT_NAME, learned)
-                self._learned[id(param)] = learned
-                if module not in self._owners:
-                    self._owners.append(module)
+            channels = None if axis is None else param.shape[axis]
+            kind = LearnedStepWeight if self.learned_step else WeightRange
+            quantizer = kind(channels, self.weight_bits, self.weight_mode, axis).to(param.device)
+            module.add_module(WEIGHT_NAME, quantizer)
+            self._weight_quantizers[id(param)] = quantizer
+            if module not in self._owners:
+                self._owners.append(module)
 
     def _attach(self, module: nn.Module, name: str) -> None:
         fq = FakeLinearQuantization(self.activation_bits, self.activation_mode, self.ema_decay, learned_step=self.learned_step)
@@ -176,10 +178,15 @@ class EMAFakeQuantizer:
         self._owners.clear()
         self._created.clear()
         self._axes.clear()
-        self._learned.clear()
+        self._weight_quantizers.clear()
         self._biases.clear()
 
     # ----------------------------------------------------------------------------- control
+    def weight_quantizers(self) -> dict[str, WeightRange | LearnedStepWeight]:
+        """Every weight quantizer, by the qualified name of the weight."""
+        names = {id(e.param): e.name for e in self._swapper.entries()}
+        return {names[key]: q for key, q in self._weight_quantizers.items()}
+
     def activation_quantizers(self) -> dict[str, FakeLinearQuantization]:
         """Every activation fake quantizer, by qualified name."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, FakeLinearQuantization)}
@@ -188,7 +195,8 @@ class EMAFakeQuantizer:
         """The learned step sizes (``learned_step=True``), weights' then activations'; else empty."""
         if not self.learned_step:
             return []
-        return [m.step for m in self._learned.values()] + [fq.step for fq in self._created]
+        weights = [m.step for m in self._weight_quantizers.values() if isinstance(m, LearnedStepWeight)]
+        return weights + [fq.step for fq in self._created]
 
     def set_state(self, *, enabled: bool | None = None, observe: bool | None = None) -> None:
         """Switch quantization (``enabled``) and range tracking (``observe``) of all activation quantizers."""
@@ -223,10 +231,7 @@ class EMAFakeQuantizer:
         key = id(entry.param)
         if key in self._biases:
             return bias_fake_quantize(entry.param)
-        learned = self._learned.get(key)
-        if learned is not None:
-            return learned(entry.param)
-        return weight_fake_quantize(entry.param, self.weight_bits, self.weight_mode, self._axes[key])
+        return self._weight_quantizers[key](entry.param)
 
 
 def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:

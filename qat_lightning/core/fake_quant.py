@@ -383,6 +383,23 @@ class FakeLinearQuantization(nn.Module):
         return host.plan
 
     @torch.no_grad()
+    def set_range(self, min_val: float, max_val: float, observations: int = 1) -> None:
+        """Set the tracked range to ``[min_val, max_val]`` (e.g. from calibration), counted as
+        ``observations`` batches: the EMA then continues from it with that weight (the biased
+        value is ``range * (1 - d^observations)``, so the bias-corrected range is exactly the one
+        given). With ``learned_step`` the step size starts from this range right away."""
+        if not min_val <= max_val:
+            raise ValueError(f"set_range needs min_val <= max_val; got {min_val}, {max_val}")
+        check_number("observations", observations, low=1, integer=True)
+        self.tracked.copy_(torch.tensor([float(min_val), float(max_val)]))
+        self.tracked_biased.copy_(self.tracked * (1 - self.ema_decay**observations))
+        self.iter_count.fill_(observations)
+        self._update_params()
+        self._invalidate()
+        if self.learned_step:
+            self.init_step()
+
+    @torch.no_grad()
     def update_range(self, x: torch.Tensor) -> None:
         """Fold the batch min/max into the EMA and recompute scale, zero point and clamp range.
 
@@ -502,6 +519,15 @@ class _HostState:
         self.learned_ready: bool | None = None
 
 
+def channel_min_max(w: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of a (detached) weight, per channel along ``axis`` or over the whole tensor."""
+    w = w.detach()
+    if axis is None:
+        return torch.aminmax(w)
+    flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
+    return torch.amin(flat, 1), torch.amax(flat, 1)  # 16x faster than aminmax(dim=1) on CPU
+
+
 def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | None) -> torch.Tensor:
     """Fake-quantize a weight over its current range, per channel along ``axis`` or per tensor.
 
@@ -509,11 +535,7 @@ def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | 
     """
     symmetric = mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
     with torch.no_grad():
-        if axis is None:
-            mn, mx = torch.aminmax(w)
-        else:
-            flat = w.detach().transpose(0, axis).reshape(w.shape[axis], -1)
-            mn, mx = torch.amin(flat, 1), torch.amax(flat, 1)  # 16x faster than aminmax(dim=1) on CPU
+        mn, mx = channel_min_max(w, axis)
         if symmetric and not w.is_cuda:
             # Distiller's symmetric scale in three ops; an all-zero channel gets a huge scale
             # instead of 1, which quantizes it to zeros all the same
@@ -554,17 +576,13 @@ class LearnedStepWeight(nn.Module):
         self.register_buffer("zero", torch.zeros(shape))  # torch's convention: q = round(w / step + zero)
         self.register_buffer("initialized", torch.zeros(()))
         self.lsq_range = lsq_range(num_bits, self.mode)
+        self.enabled = True  # False: the float weight passes through (e.g. during calibration)
         self._ready: bool | None = None
 
     @torch.no_grad()
     def init_step(self, weight: torch.Tensor) -> None:
         """Start the step size (and fix the zero point) from ``weight``'s current range."""
-        w = weight.detach().float()
-        if self.axis is None:
-            mn, mx = torch.aminmax(w)
-        else:
-            flat = w.transpose(0, self.axis).reshape(w.shape[self.axis], -1)
-            mn, mx = torch.amin(flat, 1), torch.amax(flat, 1)
+        mn, mx = channel_min_max(weight.float(), self.axis)
         scale, zero_point, _, _ = linear_quant_params(self.num_bits, self.mode, mn, mx)
         self.step.copy_(1 / scale)
         self.zero.copy_(-zero_point)
@@ -572,6 +590,8 @@ class LearnedStepWeight(nn.Module):
         self._ready = True
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
         if self._ready is None:
             self._ready = bool(self.initialized.item())
         if not self._ready:
@@ -590,6 +610,68 @@ class LearnedStepWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.step.numel()}"
+
+
+class WeightRange(nn.Module):
+    """A calibrated clipping value ``amax`` for a weight (per output channel or per tensor).
+
+    Until calibrated it behaves like the plain EMA mode (the weight's current range); afterwards
+    the range is the current one clipped to ``[-amax, amax]`` (weights beyond get gradient 0).
+    Set by :func:`~qat_lightning.core.calibrate.calibrate_weights`.
+    """
+
+    def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
+        super().__init__()
+        self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
+        self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
+        if (channels is None) != (axis is None):
+            raise ValueError(f"channels and axis must both be set (per channel) or both be None; got {channels=}, {axis=}")
+        self.axis = axis
+        self.register_buffer("amax", torch.full(() if channels is None else (channels,), float("inf")))
+        self.register_buffer("calibrated", torch.zeros(()))
+        self.enabled = True  # False: the float weight passes through (e.g. during calibration)
+        self._ready: bool | None = None
+
+    @torch.no_grad()
+    def set_amax(self, amax: torch.Tensor | float) -> None:
+        self.amax.copy_(torch.as_tensor(amax, dtype=torch.float32).expand_as(self.amax))
+        self.calibrated.fill_(1)
+        self._ready = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        if self._ready is None:
+            self._ready = bool(self.calibrated.item())
+        if not self._ready:
+            return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
+        with torch.no_grad():
+            mn, mx = channel_min_max(weight, self.axis)
+            mn, mx = torch.maximum(mn.float(), -self.amax), torch.minimum(mx.float(), self.amax)
+            scale, zero_point, low, high = linear_quant_params(self.num_bits, self.mode, mn, mx)
+        return fake_quantize(weight, scale, zero_point, low, high, self.num_bits, self.mode, self.axis)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = None
+
+    def extra_repr(self) -> str:
+        return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.amax.numel()}"
+
+
+@torch.no_grad()
+def set_learned_step_from_amax(module: LearnedStepWeight, amax: torch.Tensor) -> None:
+    """Start a :class:`LearnedStepWeight` from a calibrated clipping value (symmetric: ``amax / q_max``)."""
+    q_min, q_max = module.lsq_range
+    amax = torch.as_tensor(amax, dtype=torch.float32, device=module.step.device).expand_as(module.step)
+    if module.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED):
+        module.step.copy_(amax.clamp(min=_MIN_STEP) / q_max)
+        module.zero.zero_()
+    else:  # the range [-amax, amax] on the unsigned / signed-offset grid
+        module.step.copy_((2 * amax).clamp(min=_MIN_STEP) / (q_max - q_min))
+        module.zero.copy_(torch.round(q_min + amax / module.step))
+    module.initialized.fill_(1)
+    module._ready = True
 
 
 def bias_fake_quantize(b: torch.Tensor, num_bits: int = 32) -> torch.Tensor:
