@@ -551,7 +551,39 @@ def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | 
     return _RoundSTE.apply(w, scale.reshape(shape).to(w.dtype), zero_point, symmetric)
 
 
-class LearnedStepWeight(nn.Module):
+class _WeightQuantizer(nn.Module):
+    """What both weight quantizers share: options, the ``enabled`` switch, and a buffer flag
+    (``_flag``) that says whether the quantizer holds learned or calibrated state, read once."""
+
+    _flag = ""
+
+    def __init__(self, channels: int | None, num_bits: int, mode: str, axis: int | None) -> None:
+        super().__init__()
+        self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
+        self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
+        if (channels is None) != (axis is None):
+            raise ValueError(f"channels and axis must both be set (per channel) or both be None; got {channels=}, {axis=}")
+        self.axis = axis
+        self.param_shape = () if channels is None else (channels,)
+        self.register_buffer(self._flag, torch.zeros(()))
+        self.enabled = True  # False: the float weight passes through (e.g. during calibration)
+        self._ready: bool | None = None
+
+    def _has_state(self) -> bool:
+        if self._ready is None:
+            self._ready = bool(getattr(self, self._flag).item())
+        return self._ready
+
+    def _mark_ready(self) -> None:
+        getattr(self, self._flag).fill_(1)
+        self._ready = True
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = None
+
+
+class LearnedStepWeight(_WeightQuantizer):
     """LSQ for a weight: a trainable step size per output channel (or one per tensor).
 
     The first training call starts the step from the weight's current range (``step = 1 / scale``
@@ -564,20 +596,13 @@ class LearnedStepWeight(nn.Module):
         axis: output-channel axis of the weight (None with ``channels=None``).
     """
 
+    _flag = "initialized"
+
     def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
-        super().__init__()
-        self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
-        self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
-        if (channels is None) != (axis is None):
-            raise ValueError(f"channels and axis must both be set (per channel) or both be None; got {channels=}, {axis=}")
-        self.axis = axis
-        shape = () if channels is None else (channels,)
-        self.step = nn.Parameter(torch.ones(shape))
-        self.register_buffer("zero", torch.zeros(shape))  # torch's convention: q = round(w / step + zero)
-        self.register_buffer("initialized", torch.zeros(()))
+        super().__init__(channels, num_bits, mode, axis)
+        self.step = nn.Parameter(torch.ones(self.param_shape))
+        self.register_buffer("zero", torch.zeros(self.param_shape))  # torch's convention: q = round(w / step + zero)
         self.lsq_range = lsq_range(num_bits, self.mode)
-        self.enabled = True  # False: the float weight passes through (e.g. during calibration)
-        self._ready: bool | None = None
 
     @torch.no_grad()
     def init_step(self, weight: torch.Tensor) -> None:
@@ -586,15 +611,12 @@ class LearnedStepWeight(nn.Module):
         scale, zero_point, _, _ = linear_quant_params(self.num_bits, self.mode, mn, mx)
         self.step.copy_(1 / scale)
         self.zero.copy_(-zero_point)
-        self.initialized.fill_(1)
-        self._ready = True
+        self._mark_ready()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        if self._ready is None:
-            self._ready = bool(self.initialized.item())
-        if not self._ready:
+        if not self._has_state():
             if not self.training:
                 return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
             self.init_step(weight)
@@ -604,15 +626,11 @@ class LearnedStepWeight(nn.Module):
         grad_factor = lsq_grad_factor(weight.numel(), q_max)
         return learned_step_quantize(weight, self.step, self.zero, q_min, q_max, grad_factor, self.axis)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._ready = None
-
     def extra_repr(self) -> str:
         return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.step.numel()}"
 
 
-class WeightRange(nn.Module):
+class WeightRange(_WeightQuantizer):
     """A calibrated clipping value ``amax`` for a weight (per output channel or per tensor).
 
     Until calibrated it behaves like the plain EMA mode (the weight's current range); afterwards
@@ -620,40 +638,28 @@ class WeightRange(nn.Module):
     Set by :func:`~qat_lightning.core.calibrate.calibrate_weights`.
     """
 
+    _flag = "calibrated"
+
     def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
-        super().__init__()
-        self.num_bits = check_number("num_bits", num_bits, low=2, high=16, integer=True)
-        self.mode = LinearQuantMode(check_choice("mode", mode, MODES))
-        if (channels is None) != (axis is None):
-            raise ValueError(f"channels and axis must both be set (per channel) or both be None; got {channels=}, {axis=}")
-        self.axis = axis
-        self.register_buffer("amax", torch.full(() if channels is None else (channels,), float("inf")))
-        self.register_buffer("calibrated", torch.zeros(()))
-        self.enabled = True  # False: the float weight passes through (e.g. during calibration)
-        self._ready: bool | None = None
+        super().__init__(channels, num_bits, mode, axis)
+        self.register_buffer("amax", torch.full(self.param_shape, float("inf")))
 
     @torch.no_grad()
     def set_amax(self, amax: torch.Tensor | float) -> None:
+        """Clip the weight's range to ``[-amax, amax]`` from now on (one value or one per channel)."""
         self.amax.copy_(torch.as_tensor(amax, dtype=torch.float32).expand_as(self.amax))
-        self.calibrated.fill_(1)
-        self._ready = True
+        self._mark_ready()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        if self._ready is None:
-            self._ready = bool(self.calibrated.item())
-        if not self._ready:
+        if not self._has_state():
             return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
         with torch.no_grad():
             mn, mx = channel_min_max(weight, self.axis)
             mn, mx = torch.maximum(mn.float(), -self.amax), torch.minimum(mx.float(), self.amax)
             scale, zero_point, low, high = linear_quant_params(self.num_bits, self.mode, mn, mx)
         return fake_quantize(weight, scale, zero_point, low, high, self.num_bits, self.mode, self.axis)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._ready = None
 
     def extra_repr(self) -> str:
         return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.amax.numel()}"
@@ -670,8 +676,7 @@ def set_learned_step_from_amax(module: LearnedStepWeight, amax: torch.Tensor) ->
     else:  # the range [-amax, amax] on the unsigned / signed-offset grid
         module.step.copy_((2 * amax).clamp(min=_MIN_STEP) / (q_max - q_min))
         module.zero.copy_(torch.round(q_min + amax / module.step))
-    module.initialized.fill_(1)
-    module._ready = True
+    module._mark_ready()
 
 
 def bias_fake_quantize(b: torch.Tensor, num_bits: int = 32) -> torch.Tensor:
