@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat_lightning import DiffQ, EMAFakeQuant, HistogramCalibration
+from qat_lightning import DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
 from qat_lightning.train import instantiate_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,10 @@ def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("option", "key", "callback"),
-    [("diffq", "diffq", DiffQ), ("ema_fake_quant", "ema_fake_quant", EMAFakeQuant), ("histogram_calibration", "histogram_calibration", HistogramCalibration)],
+    [
+        ("diffq", "diffq", DiffQ), ("ema_fake_quant", "ema_fake_quant", EMAFakeQuant),
+        ("histogram_calibration", "histogram_calibration", HistogramCalibration), ("rescaling", "rescaling", Rescaling),
+    ],
 )
 def test_callback_yaml_mirrors_every_argument(option: str, key: str, callback: type) -> None:
     import inspect

@@ -65,7 +65,8 @@ def test_model_mode_and_weights_restored_and_weights_calibrated() -> None:
     for key, value in before.items():
         assert torch.equal(model.state_dict()[key], value), key  # float weights untouched
     ranges = quantizer.weight_quantizers()
-    assert torch.equal(ranges["0.weight"].amax, model[0].weight.detach().abs().amax(1))
+    assert torch.equal(ranges["0.weight"].amax(model[0].weight), model[0].weight.detach().abs().amax(1))
+    assert torch.equal(ranges["0.weight"].clip_ratio, torch.ones(32))  # "max": no clipping
     assert ranges["0.weight"].calibrated.item() == 1
 
 
@@ -76,12 +77,16 @@ def test_weight_clip_limits_the_range_and_the_gradient() -> None:
     EMAFakeQuantizer(layer, activations=False).prepare()
     results = calibrate_weights(layer, method="max")
     assert torch.equal(results["weight"], torch.tensor([5.0, 0.3]))
-    layer.weight_fake_quant.set_amax(torch.tensor([0.25, 0.3]))  # clip the outlier of row 0
+    layer.weight_fake_quant.set_amax(torch.tensor([0.25, 0.3]), layer.weight)  # clip the outlier of row 0
+    assert layer.weight_fake_quant.clip_ratio.tolist() == pytest.approx([0.05, 1.0])
     seen = []
     layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight))
     layer(torch.ones(1, 3)).sum().backward()
     assert seen[-1][0].abs().max().item() == pytest.approx(128 / 510, rel=1e-6)  # Distiller: n = 127.5, 127.5 rounds to 128
     assert layer.weight.grad[0].tolist() == [1.0, 1.0, 0.0]  # clipped entry: gradient 0
+    with torch.no_grad():
+        layer.weight.mul_(2)  # the weights grow: the clip follows
+    assert torch.allclose(layer.weight_fake_quant.amax(layer.weight), torch.tensor([0.5, 0.6]))
 
 
 def test_lsq_steps_start_from_the_calibration() -> None:

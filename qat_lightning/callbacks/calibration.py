@@ -74,6 +74,11 @@ class HistogramCalibration(pl.Callback):
             raise ValueError("HistogramCalibration sets the ranges of EMAFakeQuant: add EMAFakeQuant(...) to the Trainer's callbacks too")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .rescaling import Rescaling
+
+        for callback in trainer.callbacks:  # calibrate the rescaled model, whatever the callback order
+            if isinstance(callback, Rescaling) and not self.calibrated:
+                callback.rescale(trainer, pl_module)
         self._calibrate(trainer, pl_module, trainer.train_dataloader)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

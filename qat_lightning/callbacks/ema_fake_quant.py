@@ -88,6 +88,11 @@ class EMAFakeQuant(pl.Callback):
                 "EMAFakeQuant(weights=True) and DiffQ would both quantize the weights: "
                 "use EMAFakeQuant(weights=False) next to DiffQ (DiffQ weights + EMA activations)"
             )
+        from .rescaling import Rescaling
+
+        for callback in trainer.callbacks:  # its input_scale modules are activation quantization points
+            if isinstance(callback, Rescaling):
+                callback.setup(trainer, pl_module, stage)
         self.quantizer = EMAFakeQuantizer(pl_module, **self.options).prepare()
         rank_zero_info(f"EMAFakeQuant: {len(self.quantizer.activation_quantizers())} activation quantizers")
 

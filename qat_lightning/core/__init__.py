@@ -4,10 +4,11 @@ from .diffq import DiffQConfig, DiffQuantizer, KeptParam, QuantizedParam
 from .ema_quantizer import EMAFakeQuantizer
 from .fake_quant import FakeLinearQuantization, LearnedStepWeight, LinearQuantMode, WeightRange, linear_quant_params, update_ema
 from .histogram import HistogramCalibrator
+from .rescaling import InputScale, RescalingCalibrator
 from .uniform import uniform_dequantize, uniform_quantize
 
 __all__ = [
-    "DiffQConfig", "DiffQuantizer", "EMAFakeQuantizer", "FakeLinearQuantization", "HistogramCalibrator", "KeptParam",
-    "LearnedStepWeight", "LinearQuantMode", "QuantizedParam", "WeightRange", "calibrate", "calibrate_weights",
+    "DiffQConfig", "DiffQuantizer", "EMAFakeQuantizer", "FakeLinearQuantization", "HistogramCalibrator", "InputScale", "KeptParam",
+    "LearnedStepWeight", "LinearQuantMode", "QuantizedParam", "RescalingCalibrator", "WeightRange", "calibrate", "calibrate_weights",
     "linear_quant_params", "uniform_dequantize", "uniform_quantize", "update_ema",
 ]  # fmt: skip

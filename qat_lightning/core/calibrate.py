@@ -155,6 +155,9 @@ def calibrate_weights(
 ) -> dict[str, torch.Tensor]:
     """Set the clipping value ``amax`` of every quantized weight from its histogram(s).
 
+    EMA-mode weights (:class:`WeightRange`) keep it as a ratio to their current maximum, so the
+    clipping follows weights that keep training; LSQ weights start their step sizes from it.
+
     Per output channel when ``perchannel`` (and the weight quantizer is per channel), else per
     tensor; ``method`` is ``"max"``, ``"mse"`` or ``"percentile"``. Weights quantized with LSQ get
     their step sizes from ``amax``. Returns ``amax`` by weight name.
@@ -175,7 +178,7 @@ def calibrate_weights(
         start_bin = min(128, num_bins - 1)
         amax = calibrator.compute_amax(method, start_bin=start_bin, percentile=percentile).to(weight.device)
         if isinstance(quantizer, WeightRange):
-            quantizer.set_amax(amax)
+            quantizer.set_amax(amax, weight)
         else:
             set_learned_step_from_amax(quantizer, amax)
         results[f"{name}.weight" if name else "weight"] = amax

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_choice, check_number, check_patterns
+from .rescaling import InputScale
 from .fake_quant import MODES, FakeLinearQuantization, LearnedStepWeight, WeightRange, bias_fake_quantize
 from .swap import Slot, SwappedParam, WeightSwapper
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, InputScale,
 )  # fmt: skip
 # channel axis of the weight that is the layer's output: transposed convolutions store (in, out, ...)
 WEIGHT_AXIS: dict[type[nn.Module], int] = {

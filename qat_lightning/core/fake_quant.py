@@ -631,24 +631,38 @@ class LearnedStepWeight(_WeightQuantizer):
 
 
 class WeightRange(_WeightQuantizer):
-    """A calibrated clipping value ``amax`` for a weight (per output channel or per tensor).
+    """A calibrated clipping of a weight's range (per output channel or per tensor).
 
-    Until calibrated it behaves like the plain EMA mode (the weight's current range); afterwards
-    the range is the current one clipped to ``[-amax, amax]`` (weights beyond get gradient 0).
-    Set by :func:`~qat_lightning.core.calibrate.calibrate_weights`.
+    Until calibrated it behaves like the plain EMA mode (the weight's current range). Calibration
+    (:func:`~qat_lightning.core.calibrate.calibrate_weights`) stores ``clip_ratio = amax / max|w|``
+    per channel; from then on the range is the current one clipped to ``[-a, a]`` with
+    ``a = clip_ratio * max|w|`` of the current weight (entries beyond get gradient 0). Relative,
+    so that the clipping follows weights that keep training (from scratch they grow several-fold;
+    an absolute ``amax`` would freeze them at their initial size); for a pretrained model that is
+    fine-tuned the two agree. :meth:`amax` gives the current clipping value.
     """
 
     _flag = "calibrated"
 
     def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
         super().__init__(channels, num_bits, mode, axis)
-        self.register_buffer("amax", torch.full(self.param_shape, float("inf")))
+        self.register_buffer("clip_ratio", torch.ones(self.param_shape))
 
     @torch.no_grad()
-    def set_amax(self, amax: torch.Tensor | float) -> None:
-        """Clip the weight's range to ``[-amax, amax]`` from now on (one value or one per channel)."""
-        self.amax.copy_(torch.as_tensor(amax, dtype=torch.float32).expand_as(self.amax))
+    def set_amax(self, amax: torch.Tensor | float, weight: torch.Tensor) -> None:
+        """Clip ``weight`` at ``amax`` (one value or one per channel) now, and proportionally later."""
+        mn, mx = channel_min_max(weight, self.axis)
+        largest = torch.maximum(mn.abs(), mx.abs()).float()
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=largest.device).expand_as(largest)
+        ratio = torch.where(largest > 0, (amax / largest.clamp(min=_TINY)).clamp(max=1), torch.ones_like(largest))
+        self.clip_ratio.copy_(ratio)
         self._mark_ready()
+
+    @torch.no_grad()
+    def amax(self, weight: torch.Tensor) -> torch.Tensor:
+        """The clipping value for ``weight`` as it is now."""
+        mn, mx = channel_min_max(weight, self.axis)
+        return torch.maximum(mn.abs(), mx.abs()).float() * self.clip_ratio
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -657,12 +671,14 @@ class WeightRange(_WeightQuantizer):
             return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
         with torch.no_grad():
             mn, mx = channel_min_max(weight, self.axis)
-            mn, mx = torch.maximum(mn.float(), -self.amax), torch.minimum(mx.float(), self.amax)
+            mn, mx = mn.float(), mx.float()
+            amax = torch.maximum(mn.abs(), mx.abs()) * self.clip_ratio
+            mn, mx = torch.maximum(mn, -amax), torch.minimum(mx, amax)
             scale, zero_point, low, high = linear_quant_params(self.num_bits, self.mode, mn, mx)
         return fake_quantize(weight, scale, zero_point, low, high, self.num_bits, self.mode, self.axis)
 
     def extra_repr(self) -> str:
-        return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.amax.numel()}"
+        return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.clip_ratio.numel()}"
 
 
 @torch.no_grad()
