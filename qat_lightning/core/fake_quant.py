@@ -9,6 +9,7 @@ Inputs are first clamped to the tracked range, so the gradient is 1 inside it an
 from __future__ import annotations
 
 import math
+import struct
 from enum import Enum
 from typing import Any
 
@@ -82,42 +83,61 @@ def lsq_range(num_bits: int, mode: str) -> tuple[int, int]:
     return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
 
 
-_F32 = np.float32
+_FLOAT32 = struct.Struct("<f")
+_UINT32 = struct.Struct("<I")
+_TINY32 = _FLOAT32.unpack(_FLOAT32.pack(_TINY))[0]
+
+
+def f32(v: float) -> float:
+    """Round a Python float to the nearest float32 (a correctly rounded float32 op is the double op
+    rounded this way: double has more than twice float32's precision)."""
+    return _FLOAT32.unpack(_FLOAT32.pack(v))[0]
 
 
 def host_quant_params(num_bits: int, mode: str, tracked_min: float, tracked_max: float) -> tuple[float, float, float, float]:
     """:func:`linear_quant_params` for one range in host float32 arithmetic, op for op as the
-    module's tensor code computes it (so both give identical bits): ``(scale, zero_point, low, high)``."""
-    symmetric = mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
-    if symmetric:
-        levels = _F32((2**num_bits - 1) / 2 if mode == LinearQuantMode.SYMMETRIC else 2 ** (num_bits - 1) - 1)
-        width = max(abs(_F32(tracked_min)), abs(_F32(tracked_max)))
-        low, high, zero_point = -width, width, _F32(0)
+    module's tensor code computes it (so both give identical bits): ``(scale, zero_point, low, high)``.
+
+    Plain Python floats rounded to float32 after every op: a few hundred nanoseconds, where the
+    same ops on 0-dim tensors cost microseconds each."""
+    if mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED):
+        levels = (2**num_bits - 1) / 2 if mode == LinearQuantMode.SYMMETRIC else 2 ** (num_bits - 1) - 1.0
+        width = max(abs(tracked_min), abs(tracked_max))
+        low, high, zero_point = -width, width, 0.0
     else:
-        levels = _F32(2**num_bits - 1)
-        low, high = min(_F32(tracked_min), _F32(0)), max(_F32(tracked_max), _F32(0))
-        width = high - low
-        zero_point = np.round(levels / max(width, _F32(_TINY)) * low)
+        levels = 2.0**num_bits - 1
+        low, high = min(tracked_min, 0.0), max(tracked_max, 0.0)
+        width = f32(high - low)
+        zero_point = float(round(f32(f32(levels / max(width, _TINY32)) * low)))  # round half to even, as torch
         if mode == LinearQuantMode.ASYMMETRIC_SIGNED:
-            zero_point = zero_point + _F32(2 ** (num_bits - 1))
-    scale = levels / max(width, _F32(_TINY)) if width > 0 else _F32(1)
-    return float(scale), float(zero_point), float(low), float(high)
+            zero_point += 2 ** (num_bits - 1)
+    scale = f32(levels / max(width, _TINY32)) if width > 0 else 1.0
+    return scale, zero_point, low, high
+
+
+def _next_float32(v: float, up: bool) -> float:
+    """The float32 neighbour of float32 ``v`` towards +inf (``up``) or -inf."""
+    if v == 0:
+        return 2.0**-149 if up else -(2.0**-149)
+    bits = _UINT32.unpack(_FLOAT32.pack(v))[0]
+    bits += 1 if (v > 0) == up else -1
+    return _FLOAT32.unpack(_UINT32.pack(bits))[0]
 
 
 def _next_down(v: float) -> float:
-    return float(np.nextafter(_F32(v), _F32(-np.inf)))
+    return _next_float32(f32(v), up=False)
 
 
 def _next_up(v: float) -> float:
-    return float(np.nextafter(_F32(v), _F32(np.inf)))
+    return _next_float32(f32(v), up=True)
 
 
 def per_tensor_plan(scale: float, zero_point: float, low: float, high: float) -> tuple[float, ...]:
     """What :class:`_PerTensorSTE` needs for one range, computed once per range update:
     ``(scale, zero_point, level_low, level_high, grad_low, grad_high)``."""
-    level_low = _F32(_F32(low) * _F32(scale)) - _F32(zero_point)
-    level_high = _F32(_F32(high) * _F32(scale)) - _F32(zero_point)
-    return scale, zero_point, float(level_low), float(level_high), _next_down(low), _next_up(high)
+    level_low = f32(f32(low * scale) - zero_point)
+    level_high = f32(f32(high * scale) - zero_point)
+    return scale, zero_point, level_low, level_high, _next_down(low), _next_up(high)
 
 
 class _PerTensorSTE(torch.autograd.Function):
@@ -223,7 +243,7 @@ class _LearnedStepSTE(torch.autograd.Function):
     def forward(ctx, x, step, zero, q_min, q_max, grad_factor, axis):  # type: ignore[override]  # noqa: ANN001, ANN205
         if axis is None:  # per tensor: host scalars, the fastest CPU kernels
             s, z = step.item(), zero.item()
-            inv = float(_F32(1) / _F32(s))
+            inv = f32(1.0 / s)
         else:
             shape = _broadcast_shape(x, axis)
             s, z = step.detach().reshape(shape).to(x.dtype), zero.reshape(shape).to(x.dtype)
@@ -374,7 +394,7 @@ class FakeLinearQuantization(nn.Module):
 
     def _invalidate(self) -> None:
         """Forget the host copies; they are re-read from the buffers when next needed."""
-        self._host = _HostState()
+        self._host = _HostState(self.ema_decay)
 
     def _host_plan(self) -> tuple[float, ...]:
         host = self._host
@@ -429,20 +449,21 @@ class FakeLinearQuantization(nn.Module):
         host = self._host
         if host.views is None:  # numpy views of the CPU buffers: writes cost no torch dispatch
             host.views = tuple(t.numpy() for t in (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range))
-        biased, tracked, iter_count, scale, zero_point, clamp_range = host.views
+            host.biased = [float(v) for v in self.tracked_biased.tolist()]
+        biased_view, tracked_view, iter_count, scale, zero_point, clamp_range = host.views
         # torch's lerp_(current, w): fma(w, current - biased, biased) for w < 0.5, else
-        # fma(-(1 - w), current - biased, current), with a float32 difference; the float64 product
+        # fma(-(1 - w), current - biased, current), the difference in float32; the double product
         # of two float32 numbers is exact, so one rounding remains, as in the fused multiply-add
-        current = np.array([lo, hi], dtype=np.float32)
-        diff = (current - biased).astype(np.float64)
-        weight = _F32(1 - self.ema_decay)
-        if weight < 0.5:
-            biased[:] = np.float64(weight) * diff + biased.astype(np.float64)
-        else:
-            biased[:] = current.astype(np.float64) - np.float64(1 - weight) * diff
-        np.divide(biased, _F32(1 - self.ema_decay**step), out=tracked)
-        params = host_quant_params(self.num_bits, self.mode, float(tracked[0]), float(tracked[1]))
+        weight, biased = host.weight, host.biased
+        for i, current in enumerate((f32(lo), f32(hi))):
+            diff = f32(current - biased[i])
+            biased[i] = f32(weight * diff + biased[i]) if weight < 0.5 else f32(current - (1.0 - weight) * diff)
+        correction = f32(1 - self.ema_decay**step)
+        tracked_min, tracked_max = f32(biased[0] / correction), f32(biased[1] / correction)
+        params = host_quant_params(self.num_bits, self.mode, tracked_min, tracked_max)
         host.plan = per_tensor_plan(*params)
+        biased_view[0], biased_view[1] = biased
+        tracked_view[0], tracked_view[1] = tracked_min, tracked_max
         iter_count[()] = step
         scale[()], zero_point[()], clamp_range[0], clamp_range[1] = params
 
@@ -510,11 +531,13 @@ _MIN_STEP = 1e-8
 class _HostState:
     """Host copies of a :class:`FakeLinearQuantization`'s scalars (None: re-read from the buffers)."""
 
-    __slots__ = ("step", "views", "plan", "learned_ready")
+    __slots__ = ("step", "views", "biased", "weight", "plan", "learned_ready")
 
-    def __init__(self) -> None:
+    def __init__(self, ema_decay: float = 0.0) -> None:
         self.step: int | None = None
         self.views: tuple[np.ndarray, ...] | None = None
+        self.biased: list[float] = []
+        self.weight = f32(1 - ema_decay)  # the EMA's lerp weight, in float32 as torch uses it
         self.plan: tuple[float, ...] | None = None
         self.learned_ready: bool | None = None
 
