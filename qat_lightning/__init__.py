@@ -1,12 +1,13 @@
 """qat_lightning: quantization-aware training as PyTorch Lightning callbacks."""
-from .callbacks import DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
+from .callbacks import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
 from .core import (
-    DiffQConfig, DiffQuantizer, EMAFakeQuantizer, FakeLinearQuantization, HistogramCalibrator, RescalingCalibrator, calibrate,
-    calibrate_weights,
+    DiffQConfig, DiffQuantizer, EMAFakeQuantizer, FakeLinearQuantization, HistogramCalibrator, RescalingCalibrator,
+    apply_adascale, calibrate, calibrate_weights, round_to_nearest,
 )  # fmt: skip
 
 __all__ = [
-    "DiffQ", "DiffQConfig", "DiffQuantizer", "EMAFakeQuant", "EMAFakeQuantizer", "FakeLinearQuantization",
-    "HistogramCalibration", "HistogramCalibrator", "Rescaling", "RescalingCalibrator", "calibrate", "calibrate_weights",
+    "AdaScale", "DiffQ", "DiffQConfig", "DiffQuantizer", "EMAFakeQuant", "EMAFakeQuantizer", "FakeLinearQuantization",
+    "HistogramCalibration", "HistogramCalibrator", "Rescaling", "RescalingCalibrator", "apply_adascale", "calibrate",
+    "calibrate_weights", "round_to_nearest",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -19,7 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .callbacks import DiffQ, EMAFakeQuant
+from .callbacks import AdaScale, DiffQ, EMAFakeQuant
+from .core import round_to_nearest
 
 log = logging.getLogger(__name__)
 MEGABYTE = 2**20
@@ -78,6 +79,29 @@ def _float_evaluation(diffq: DiffQ | None, ema: EMAFakeQuant | None) -> Iterator
             ema.evaluate_quantized = True
 
 
+def post_training_quantization(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule, metric: str) -> dict[str, Any]:
+    """``+ptq=...``: quantize the trained model after the fact; reports the round-to-nearest baseline
+    (same bits, per-channel symmetric) next to the PTQ method's accuracy."""
+    ptq_callbacks = instantiate_group(cfg.ptq)
+    method = next(c for c in ptq_callbacks if isinstance(c, AdaScale))
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    baseline = instantiate(cfg.model)
+    baseline.load_state_dict(model.state_dict())
+    round_to_nearest(baseline, method.bits)
+    rtn_acc = test_accuracy(instantiate(cfg.trainer, callbacks=[], **quiet), baseline, datamodule, metric)
+    ptq_trainer = instantiate(cfg.trainer, callbacks=ptq_callbacks, **quiet)
+    ptq_trainer.validate(model, datamodule=datamodule, verbose=False)  # runs the PTQ method on training batches
+    ptq_acc = test_accuracy(ptq_trainer, model, datamodule, metric)
+    return {"method": type(method).__name__, "bits": method.bits, "rtn_test_acc": rtn_acc, "ptq_test_acc": ptq_acc}
+
+
+def format_ptq(ptq: dict[str, Any]) -> str:
+    return (
+        f"post-training W{ptq['bits']}: round-to-nearest {100 * ptq['rtn_test_acc']:.2f} %, "
+        f"{ptq['method']} {100 * ptq['ptq_test_acc']:.2f} %"
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     rows = [
         ("float size", f"{summary['float_size_mb']:.4f} MB"),
@@ -105,9 +129,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     trainer.fit(model, datamodule=datamodule)
     if not cfg.get("test", True):
         return {}
-    summary = summarize(trainer, model, datamodule, callbacks, cfg.get("test_metric", "test/acc"))
+    metric = cfg.get("test_metric", "test/acc")
+    summary = summarize(trainer, model, datamodule, callbacks, metric)
     summary["epochs"] = trainer.current_epoch
     print(format_summary(summary), flush=True)
+    if cfg.get("ptq"):
+        summary["ptq"] = post_training_quantization(cfg, model, datamodule, metric)
+        print(format_ptq(summary["ptq"]), flush=True)
     if output_dir is not None:
         path = Path(output_dir) / cfg.get("summary_file", "summary.json")
         path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -103,3 +103,11 @@ def test_app_float_baseline_and_multirun(tmp_path: Path) -> None:
     _run_app(baseline, "callbacks=none")
     summary = json.loads((baseline / "summary.json").read_text())
     assert summary["compression"] == 1.0 and summary["float_test_acc"] == summary["quantized_test_acc"]
+
+
+def test_app_post_training_adascale(tmp_path: Path) -> None:
+    result = _run_app(tmp_path, "callbacks=none", "+ptq=adascale", "ptq.adascale.num_batches=2", "ptq.adascale.num_iterations=5",
+                      "ptq.adascale.progress=false", "model=transformer")  # fmt: skip
+    ptq = json.loads((tmp_path / "summary.json").read_text())["ptq"]
+    assert ptq["method"] == "AdaScale" and ptq["bits"] == 4 and 0 <= ptq["rtn_test_acc"] <= 1 and 0 <= ptq["ptq_test_acc"] <= 1
+    assert "post-training W4: round-to-nearest" in result.stdout

@@ -40,3 +40,25 @@ def test_step_benchmark_smoke(tmp_path: Path) -> None:
 
     data = json.loads(out.read_text())
     assert data["diffq_ratio"] > 0 and data["noise_floor_ratio"] >= 1
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_calibration_search_benchmark_smoke() -> None:
+    result = _run("benchmarks/calibration_search.py", "--bins", "256", "--repeats", "1")
+    assert result.stdout.count("(same)") == 3  # ours picks the reference's bin for all three methods
+
+
+def test_adascale_evaluation_smoke(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "adascale.json"
+    _run("benchmarks/adascale_eval.py", "--models", "mlp", "--epochs", "1", "--batches", "2", "--iterations", "3",
+         "--bits", "4", "--samples", "4000", "--json", str(out))  # fmt: skip
+    row = json.loads(out.read_text())["mlp"]
+    assert "float" in row and {"round_to_nearest", "adascale", "blocks"} <= set(row["w4"])

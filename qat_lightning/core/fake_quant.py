@@ -259,6 +259,8 @@ class _LearnedStepSTE(torch.autograd.Function):
         s, z, inv, q_min, q_max, grad_factor, axis, step_shape = ctx.constants
         levels = torch.mul(x, inv).add_(z).round_()
         grad_x = torch.ops.aten.hardtanh_backward(grad, levels, q_min - 0.5, q_max + 0.5)  # levels are integers
+        if not ctx.needs_input_grad[1]:  # a frozen step size
+            return grad_x, None, None, None, None, None, None
         levels.clamp_(q_min, q_max).sub_(z)  # q - z
         if axis is None:
             grad = grad.contiguous()

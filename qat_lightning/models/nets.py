@@ -37,3 +37,43 @@ class CNN1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block with explicit Linear layers (attention projections and MLP)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim must be divisible by heads; got dim={dim}, heads={heads}")
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """A small vision-transformer-style classifier for 1-D signals: patches -> tokens -> blocks -> mean -> head."""
+
+    def __init__(self, length: int = 40, patch: int = 4, dim: int = 64, depth: int = 2, heads: int = 4, hidden: int = 128, num_classes: int = 10) -> None:
+        super().__init__()
+        if length % patch:
+            raise ValueError(f"length must be a multiple of patch; got length={length}, patch={patch}")
+        self.patch = patch
+        self.embed = nn.Linear(patch, dim)
+        self.position = nn.Parameter(torch.zeros(1, length // patch, dim))
+        nn.init.normal_(self.position, std=0.02)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.position
+        return self.head(self.norm(self.blocks(tokens)).mean(1))

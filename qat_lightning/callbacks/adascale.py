@@ -1,0 +1,140 @@
+"""Lightning callback ``AdaScale``: AdaScale post-training weight quantization at fit start or before eval."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..core._validate import check_bool, check_number
+from ..core.adascale import SUPPORTED_TYPES, AdaScaleResult, apply_adascale
+from ..core.ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
+from .diffq import DiffQ
+from .ema_fake_quant import EMAFakeQuant
+
+
+class AdaScale(pl.Callback):
+    """Post-training quantization of the weights with AdaScale (FlexRound + learnable clipping).
+
+    ::
+
+        Trainer(callbacks=[AdaScale(bits=4, num_batches=32, num_iterations=500)]).validate(model, data)  # PTQ
+        Trainer(max_epochs=2, callbacks=[AdaScale(bits=4)]).fit(model, data)   # PTQ, then a short fine-tune
+
+    * ``setup``: installs the weight quantizers (one frozen step size per output channel of every
+      Linear / Conv1d / Conv2d) so that checkpoints load into the same structure.
+    * ``on_train_start`` (fit) or the start of ``validate`` / ``test`` without a fit: runs
+      :func:`~qat_lightning.core.apply_adascale` on ``num_batches`` training batches (validation /
+      test batches if the datamodule has no training data), once; the flag is checkpointed. The
+      weights are changed in place and the scales frozen; a following fine-tune trains the weights
+      on that fixed grid. Logs ``adascale/<block>/loss_before`` and ``.../loss_after``.
+    * Activations stay float unless ``EMAFakeQuant(weights=False)`` is added.
+
+    Args:
+        bits: weight bit width (2..8).
+        num_batches: calibration batches.
+        num_epochs: passes over them per block (AIMET's entry point); ``num_iterations`` overrides.
+        num_iterations: optimizer steps per block (AIMET's default 1500).
+        lr, scale_lr: Adam learning rates of gamma/beta and of s2/s3/s4.
+        fp_input_mix: 0 feeds each block the quantized model's activations, 1 the float model's.
+        block_types: module types treated as blocks (default: TransformerEncoderLayer, children of
+            Sequential/ModuleList, and single layers elsewhere).
+        forward_fn: ``(module, batch) -> output``; default ``module(batch[0])`` for tuples/lists.
+        progress: progress bar over blocks.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        num_batches: int = 32,
+        num_epochs: int = 1,
+        num_iterations: int | None = None,
+        lr: float = 1e-3,
+        scale_lr: float = 5e-4,
+        fp_input_mix: float = 0.0,
+        block_types: Sequence[type[torch.nn.Module]] | None = None,
+        forward_fn: Callable[[Any, Any], Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.bits = check_number("bits", bits, low=2, high=8, integer=True)
+        self.num_batches = check_number("num_batches", num_batches, low=1, integer=True)
+        self.num_epochs = check_number("num_epochs", num_epochs, low=1, integer=True)
+        if num_iterations is not None:
+            check_number("num_iterations", num_iterations, low=1, integer=True)
+        self.num_iterations = num_iterations
+        self.lr = check_number("lr", lr, low=0, low_open=True)
+        self.scale_lr = check_number("scale_lr", scale_lr, low=0, low_open=True)
+        self.fp_input_mix = check_number("fp_input_mix", fp_input_mix, low=0, high=1)
+        if block_types is not None and not all(isinstance(t, type) and issubclass(t, torch.nn.Module) for t in block_types):
+            raise ValueError(f"block_types must be a list of nn.Module subclasses or None; got {block_types!r}")
+        self.block_types = block_types
+        if forward_fn is not None and not callable(forward_fn):
+            raise ValueError(f"forward_fn must be a callable (module, batch) -> output or None; got {forward_fn!r}")
+        self.forward_fn = forward_fn
+        self.progress = check_bool("progress", progress)
+        self.done = False
+        self.result: AdaScaleResult | None = None
+        self.quantizer: EMAFakeQuantizer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, DiffQ) or (isinstance(callback, EMAFakeQuant) and callback.options["weights"]):
+                raise ValueError(f"AdaScale quantizes the weights; {type(callback).__name__} would too: use EMAFakeQuant(weights=False) for activations")
+        if self.quantizer is None:  # the structure a checkpoint of this run has; filled by apply_adascale
+            exclude = [n for n, m in pl_module.named_modules() if type(m) in WEIGHT_AXIS and type(m) not in SUPPORTED_TYPES]
+            self.quantizer = EMAFakeQuantizer(
+                pl_module, weight_bits=self.bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude
+            ).prepare()
+            for p in self.quantizer.parameters():
+                p.requires_grad_(False)  # frozen encodings
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, trainer.train_dataloader)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._run(trainer, pl_module, self._eval_data(trainer, "val_dataloaders"))
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, self._eval_data(trainer, "test_dataloaders"))
+
+    def _eval_data(self, trainer: pl.Trainer, attribute: str) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:
+            try:
+                return datamodule.train_dataloader()
+            except Exception:  # noqa: BLE001 - a datamodule without training data: use the stage's batches
+                pass
+        loaders = getattr(trainer, attribute)
+        return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> None:
+        if self.done:
+            return
+        if loader is None:
+            raise ValueError("AdaScale: no dataloader to calibrate on")
+        assert self.quantizer is not None
+        self.quantizer.remove()  # apply_adascale installs its own, with the same structure
+        self.result = apply_adascale(
+            pl_module, loader, self.forward_fn, self.num_epochs, num_iterations=self.num_iterations,
+            num_batches=self.num_batches, bits=self.bits, block_types=self.block_types, lr=self.lr,
+            scale_lr=self.scale_lr, fp_input_mix=self.fp_input_mix, device=pl_module.device, progress=self.progress,
+        )  # fmt: skip
+        self.quantizer = self.result.quantizer
+        self.done = True
+        metrics = {}
+        for block in self.result.blocks:
+            metrics[f"adascale/{block.name}/loss_before"] = block.loss_before
+            metrics[f"adascale/{block.name}/loss_after"] = block.loss_after
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        lines = [f"  {b.name or '<root>'}: {b.loss_before:.4g} -> {b.loss_after:.4g}" for b in self.result.blocks]
+        rank_zero_info("AdaScale block losses (round-to-nearest -> AdaScale):\n" + "\n".join(lines))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "bits": self.bits}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))

@@ -1,0 +1,394 @@
+"""AdaScale post-training weight quantization (AIMET): FlexRound + learnable weight clipping, trained
+block by block against the float model's outputs.
+
+Per supported layer (Linear, Conv1d, Conv2d), zero-initialised: ``gamma``, ``beta`` (per output
+channel), ``s2`` (weight-shaped), ``s3`` (per output channel) and, for convolutions, ``s4`` (per
+input channel). The quantized weight is the symmetric quantize-dequantize of
+``W' = W / (exp(s2)·exp(s3)[·exp(s4)])`` with ``scale = (exp(gamma)·max - exp(beta)·min) / (2^b - 1)``,
+``min``/``max`` frozen from the initial per-channel encodings (``∓max|W|``): at zero init this is
+plain round-to-nearest symmetric quantization. Each block (a module with one tensor in and one out)
+is trained to match the float block's output, ``((fp - q)^2).sum(1).mean()``, with Adam (1e-3 for
+gamma/beta, 5e-4 for the scales) under a cosine schedule, its input coming from the already
+quantized blocks before it. Afterwards ``W'`` is written into the weight (in place, as AIMET does)
+and the scale frozen into a :class:`LearnedStepWeight` (not trainable), so the result is the
+plain model plus fixed weight quantizers; activation ranges are calibrated afterwards if wanted.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validate import check_bool, check_number
+from .calibrate import _to_device, default_forward
+from .ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
+from .fake_quant import LearnedStepWeight, learned_step_quantize
+from .swap import Slot, SwappedParam, WeightSwapper
+
+log = logging.getLogger(__name__)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+DEFAULT_BLOCK_TYPES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer,)
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+class AdaScaleParams(nn.Module):
+    """The trainable AdaScale parameters of one layer and its quantized weight (``forward(W)``)."""
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        out_channels = weight.shape[0]
+        channel_shape = (out_channels,) + (1,) * (weight.dim() - 1)
+        self.gamma = nn.Parameter(torch.zeros(out_channels, device=weight.device))
+        self.beta = nn.Parameter(torch.zeros(out_channels, device=weight.device))
+        self.s2 = nn.Parameter(torch.zeros_like(weight))
+        self.s3 = nn.Parameter(torch.zeros(channel_shape, device=weight.device))
+        self.s4 = nn.Parameter(torch.zeros((1, weight.shape[1]) + (1,) * (weight.dim() - 2), device=weight.device)) if weight.dim() > 2 else None
+        with torch.no_grad():
+            largest = weight.detach().flatten(1).abs().amax(1).float()
+        self.register_buffer("max", largest)  # symmetric initial encodings: [-max|W|, max|W|]
+        self.register_buffer("min", -largest)
+        self.bits = bits
+        self.q_min, self.q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def scale(self) -> torch.Tensor:
+        return ((torch.exp(self.gamma) * self.max - torch.exp(self.beta) * self.min) / (2**self.bits - 1)).clamp(min=1e-12)
+
+    def divisor(self) -> torch.Tensor:
+        divisor = torch.exp(self.s2) * torch.exp(self.s3)
+        return divisor * torch.exp(self.s4) if self.s4 is not None else divisor
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scaled = weight / self.divisor()
+        return learned_step_quantize(scaled, self.scale(), torch.zeros_like(self.max), self.q_min, self.q_max, 1.0, axis=0)
+
+    def groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(gamma, beta) and the scales (s2, s3[, s4]): the two optimizer groups."""
+        scales = [self.s2, self.s3] + ([self.s4] if self.s4 is not None else [])
+        return [self.gamma, self.beta], scales
+
+
+@dataclass
+class BlockReport:
+    name: str
+    layers: list[str]
+    loss_before: float  # round-to-nearest (zero init)
+    loss_after: float
+
+
+@dataclass
+class AdaScaleResult:
+    """What :func:`apply_adascale` produced: the installed weight quantizer (frozen steps), the
+    frozen scales by weight name, a loss report per block, and the layers left float."""
+
+    quantizer: EMAFakeQuantizer
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    blocks: list[BlockReport] = field(default_factory=list)
+    left_float: list[str] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None = None) -> list[tuple[str, nn.Module]]:
+    """Blocks in model order, outermost matches only: the modules of ``block_types`` if given; by
+    default ``nn.TransformerEncoderLayer`` and non-leaf children of ``nn.Sequential`` /
+    ``nn.ModuleList`` that contain supported layers. Every supported layer outside those is a block
+    of its own."""
+    heuristic = block_types is None
+    types = tuple(block_types) if block_types is not None else DEFAULT_BLOCK_TYPES
+    blocks: list[tuple[str, nn.Module]] = []
+    taken: list[str] = []
+
+    def inside(name: str) -> bool:
+        return any(name == t or name.startswith(f"{t}.") or t == "" for t in taken)
+
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    for name, module in model.named_modules():
+        if inside(name):
+            continue
+        has_layers = any(type(m) in SUPPORTED_TYPES for m in module.modules())
+        is_leaf = not any(True for _ in module.children())
+        in_container = isinstance(parents.get(id(module)), CONTAINERS)
+        if (types and isinstance(module, types)) or (heuristic and has_layers and not is_leaf and in_container and module is not model):
+            blocks.append((name, module))
+            taken.append(name)
+        elif type(module) in SUPPORTED_TYPES:
+            blocks.append((name, module))
+            taken.append(name)
+    return blocks
+
+
+def apply_adascale(
+    model: nn.Module,
+    data_loader: Iterable[Any],
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    num_epochs: int = 1,
+    *,
+    num_iterations: int | None = None,
+    num_batches: int | None = None,
+    bits: int = 4,
+    block_types: Sequence[type[nn.Module]] | None = None,
+    lr: float = 1e-3,
+    scale_lr: float = 5e-4,
+    fp_input_mix: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> AdaScaleResult:
+    """AdaScale the weights of ``model`` in place and install frozen ``bits``-bit weight quantizers.
+
+    Args:
+        model: the (trained, float) model; its weights are changed in place.
+        data_loader: calibration batches (``num_batches`` of them, all if None), fed by ``forward_fn``
+            (default: ``model(batch[0])`` for tuples/lists, ``model(**batch)`` for dicts).
+        num_epochs: passes over the calibration batches per block (ignored if ``num_iterations``).
+        num_iterations: optimizer steps per block (AIMET's default is 1500).
+        bits: weight bit width (2..8).
+        block_types: module types treated as blocks (see :func:`find_blocks`).
+        lr, scale_lr: Adam learning rates of gamma/beta and of s2/s3/s4.
+        fp_input_mix: 0 feeds each block the quantized model's activations, 1 the float model's,
+            in between a convex mix.
+        progress: a progress bar over blocks and iterations.
+    Returns:
+        :class:`AdaScaleResult`. Layers other than Linear/Conv1d/Conv2d stay float and are listed
+        (warning); the model's train/eval mode is restored.
+    """
+    # Lightning's validate/test run hooks under inference mode: this needs autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        return _apply_adascale(
+            model, data_loader, forward_fn, num_epochs, num_iterations=num_iterations, num_batches=num_batches, bits=bits,
+            block_types=block_types, lr=lr, scale_lr=scale_lr, fp_input_mix=fp_input_mix, device=device, progress=progress,
+        )  # fmt: skip
+
+
+def _apply_adascale(
+    model: nn.Module, data_loader: Iterable[Any], forward_fn: Callable[[nn.Module, Any], Any] | None, num_epochs: int, *,
+    num_iterations: int | None, num_batches: int | None, bits: int, block_types: Sequence[type[nn.Module]] | None,
+    lr: float, scale_lr: float, fp_input_mix: float, device: torch.device | str | None, progress: bool,
+) -> AdaScaleResult:  # fmt: skip
+    check_number("num_epochs", num_epochs, low=1, integer=True)
+    if num_iterations is not None:
+        check_number("num_iterations", num_iterations, low=1, integer=True)
+    if num_batches is not None:
+        check_number("num_batches", num_batches, low=1, integer=True)
+    check_number("bits", bits, low=2, high=8, integer=True)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("scale_lr", scale_lr, low=0, low_open=True)
+    check_number("fp_input_mix", fp_input_mix, low=0, high=1)
+    check_bool("progress", progress)
+    forward_fn = forward_fn or default_forward
+
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = find_blocks(model, block_types)
+    layers_in_blocks = {id(layer) for _, block in blocks for layer in block.modules() if type(layer) in SUPPORTED_TYPES}
+    weighted = [n for n, m in model.named_modules() if type(m) in WEIGHT_AXIS or isinstance(m, nn.MultiheadAttention)]
+    left_float = [n for n in weighted if id(dict(model.named_modules())[n]) not in layers_in_blocks]
+    if not layers_in_blocks:
+        raise ValueError("apply_adascale(): the model has no Linear / Conv1d / Conv2d layer to quantize")
+    if left_float:
+        log.warning("AdaScale leaves these layers float (unsupported types): %s", left_float)
+
+    batches = []
+    for index, batch in enumerate(data_loader):
+        if num_batches is not None and index >= num_batches:
+            break
+        batches.append(_normal_tensors(_to_device(batch, device)))
+    if not batches:
+        raise ValueError("apply_adascale(): the data loader gave no batches")
+
+    modes = {m: m.training for m in model.modules()}
+    blocks = _in_execution_order(model, blocks, batches[0], forward_fn)
+    float_model = copy.deepcopy(model)
+    exclude = [n for n in left_float if type(dict(model.named_modules())[n]) in WEIGHT_AXIS]
+    quantizer = EMAFakeQuantizer(model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude)
+    quantizer.prepare()
+    weight_quantizers = {id(q_module): q for q_module, q in _layer_quantizers(model).items()}
+    result = AdaScaleResult(quantizer=quantizer, left_float=left_float)
+    model.eval()
+    float_model.eval()
+    per_block = num_iterations or num_epochs * len(batches)
+    bar = _progress(len(blocks) * per_block, progress)
+    try:
+        for block_name, block in blocks:
+            layers = [m for m in block.modules() if type(m) in SUPPORTED_TYPES]
+            float_block = dict(float_model.named_modules())[block_name]
+            inputs, targets = _block_data(model, block, float_model, float_block, batches, forward_fn, fp_input_mix)
+            if inputs is None:
+                log.warning("AdaScale: block %r does not take one tensor and return one; its layers keep round-to-nearest", block_name)
+                for layer in layers:
+                    _freeze(weight_quantizers[id(layer)], AdaScaleParams(layer.weight.detach(), bits), layer)
+                bar.update(per_block)
+                continue
+            bar.set_description(f"AdaScale {block_name or '<root>'}")
+            report = _train_block(block, layers, inputs, targets, bits, num_epochs, num_iterations, lr, scale_lr, bar)
+            for layer, params in report.pop("params"):
+                _freeze(weight_quantizers[id(layer)], params, layer)
+                result.scales[f"{names[id(layer)]}.weight"] = weight_quantizers[id(layer)].step.detach().clone()
+            result.blocks.append(BlockReport(block_name, [names[id(m)] for m in layers], report["before"], report["after"]))
+    finally:
+        bar.close()
+        for module, training in modes.items():
+            module.training = training
+    return result
+
+
+def _normal_tensors(batch: Any) -> Any:
+    """Clone tensors made under inference mode (a Lightning eval loop) so autograd may use them."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_normal_tensors(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _normal_tensors(v) for k, v in batch.items()}
+    return batch
+
+
+def _in_execution_order(
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], batch: Any, forward_fn: Callable[[nn.Module, Any], Any]
+) -> list[tuple[str, nn.Module]]:
+    """Blocks sorted by when they run (one float forward); blocks that never run are dropped (warning)."""
+    order: dict[str, int] = {}
+    def seen(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            order.setdefault(name, len(order))
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(seen(name)) for name, block in blocks]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            forward_fn(model, batch)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    unused = [name for name, _ in blocks if name not in order]
+    if unused:
+        log.warning("AdaScale: blocks %s did not run in a forward pass; their layers keep round-to-nearest", unused)
+    return sorted((b for b in blocks if b[0] in order), key=lambda b: order[b[0]]) + [b for b in blocks if b[0] not in order]
+
+
+def _layer_quantizers(model: nn.Module) -> dict[nn.Module, LearnedStepWeight]:
+    return {m: m._modules["weight_fake_quant"] for m in model.modules() if isinstance(m._modules.get("weight_fake_quant"), LearnedStepWeight)}
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="AdaScale", unit="it", disable=not enabled, leave=False)
+
+
+def _block_data(
+    model: nn.Module, block: nn.Module, float_model: nn.Module, float_block: nn.Module,
+    batches: list[Any], forward_fn: Callable[[nn.Module, Any], Any], mix: float,
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:  # fmt: skip
+    """The block's input in the (partly quantized) model and the float block's input and output."""
+    def capture(module: nn.Module, store: list, outputs: bool) -> Any:
+        def hook(mod: nn.Module, args: tuple, *rest: Any) -> None:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            ok = len(args) == 1 and len(tensors) == 1 and (not outputs or isinstance(rest[-1], torch.Tensor))
+            store.append((args[0].detach() if ok else None, rest[-1].detach() if ok and outputs else None))
+            raise _StopForward
+
+        return module.register_forward_hook(hook) if outputs else module.register_forward_pre_hook(hook)
+
+    quantized_in: list = []
+    float_io: list = []
+    with torch.no_grad():
+        for batch in batches:
+            for module, store, outputs, net in ((block, quantized_in, False, model), (float_block, float_io, True, float_model)):
+                handle = capture(module, store, outputs)
+                try:
+                    forward_fn(net, batch)
+                except _StopForward:
+                    pass
+                finally:
+                    handle.remove()
+    if any(x is None for x, _ in quantized_in) or any(x is None for x, _ in float_io) or len(quantized_in) != len(batches):
+        return None, None
+    inputs = [q if mix == 0 else (1 - mix) * q + mix * f for (q, _), (f, _) in zip(quantized_in, float_io)]
+    return inputs, [y for _, y in float_io]
+
+
+def _train_block(
+    block: nn.Module, layers: list[nn.Module], inputs: list[torch.Tensor], targets: list[torch.Tensor], bits: int,
+    num_epochs: int, num_iterations: int | None, lr: float, scale_lr: float, bar: Any,
+) -> dict[str, Any]:  # fmt: skip
+    params = {id(layer): AdaScaleParams(layer.weight.detach(), bits) for layer in layers}
+    for layer in layers:
+        layer._modules["weight_fake_quant"].enabled = False  # the float weight reaches the AdaScale swap
+    swapper = WeightSwapper(lambda entry, module: params[id(module)](entry.param))
+    for layer in layers:
+        swapper.add(SwappedParam("weight", layer.weight, [Slot(layer, "weight", "weight")]))
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def loss_over_all() -> float:
+        with torch.no_grad():
+            return sum(_block_loss(block(x), y).item() for x, y in zip(inputs, targets)) / len(inputs)
+
+    try:
+        before = loss_over_all()
+        first, second = [], []
+        for p in params.values():
+            a, b = p.groups()
+            first += a
+            second += b
+        optimizer = torch.optim.Adam([{"params": first, "lr": lr}, {"params": second, "lr": scale_lr}])
+        iterations = num_iterations or num_epochs * len(inputs)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
+        for step in range(iterations):
+            x, y = inputs[step % len(inputs)], targets[step % len(inputs)]
+            optimizer.zero_grad(set_to_none=True)
+            loss = _block_loss(block(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            if step % max(1, iterations // 4) == 0:
+                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+        after = loss_over_all()
+    finally:
+        swapper.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        for layer in layers:
+            layer._modules["weight_fake_quant"].enabled = True
+    return {"before": before, "after": after, "params": [(layer, params[id(layer)]) for layer in layers]}
+
+
+def _block_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    difference = (target - output) ** 2
+    return (difference.sum(1) if difference.dim() > 1 else difference).mean()
+
+
+@torch.no_grad()
+def _freeze(quantizer: LearnedStepWeight, params: AdaScaleParams, layer: nn.Module) -> None:
+    """Fold ``W / divisor`` into the weight and freeze the scale as the layer's (untrainable) step."""
+    layer.weight.copy_(layer.weight / params.divisor())
+    quantizer.step.copy_(params.scale().reshape(quantizer.step.shape))
+    quantizer.zero.zero_()
+    quantizer._mark_ready()
+    quantizer.step.requires_grad_(False)
+
+
+def round_to_nearest(model: nn.Module, bits: int = 4) -> EMAFakeQuantizer:
+    """The baseline AdaScale starts from: per-channel symmetric round-to-nearest ``bits``-bit weights
+    (``scale = 2·max|W| / (2^b - 1)``) for every Linear / Conv1d / Conv2d, installed as frozen steps."""
+    check_number("bits", bits, low=2, high=8, integer=True)
+    exclude = [n for n, m in model.named_modules() if type(m) in WEIGHT_AXIS and type(m) not in SUPPORTED_TYPES]
+    quantizer = EMAFakeQuantizer(model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude)
+    quantizer.prepare()
+    for layer, q in _layer_quantizers(model).items():
+        _freeze(q, AdaScaleParams(layer.weight.detach(), bits), layer)
+    return quantizer
+
+
