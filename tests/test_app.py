@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat_lightning import DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
+from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
 from qat_lightning.train import instantiate_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +26,10 @@ def compose_train(overrides: list[str]):  # noqa: ANN201
 @pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
 def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Path) -> None:
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-        cfg = compose_train([f"{group}={option}"])
+        optional = group == "ptq"  # not in the defaults list: appended with +ptq=...
+        cfg = compose_train([f"{'+' if optional else ''}{group}={option}"])
         node = cfg.get(group)
-        if group == "callbacks":
+        if group in ("callbacks", "ptq"):
             objects = instantiate_group(node)
             assert all(hasattr(o, "setup") for o in objects)
         elif node and "_target_" in node:
@@ -42,16 +43,18 @@ def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Pat
     [
         ("diffq", "diffq", DiffQ), ("ema_fake_quant", "ema_fake_quant", EMAFakeQuant),
         ("histogram_calibration", "histogram_calibration", HistogramCalibration), ("rescaling", "rescaling", Rescaling),
+        ("+ptq=adascale", "adascale", AdaScale),
     ],
 )
 def test_callback_yaml_mirrors_every_argument(option: str, key: str, callback: type) -> None:
     import inspect
 
-    cfg = compose_train([f"callbacks={option}"])
-    documented = set(cfg.callbacks[key]) - {"_target_"}
+    group, name = ("ptq", option.split("=")[1]) if option.startswith("+") else ("callbacks", option)
+    cfg = compose_train([option if option.startswith("+") else f"callbacks={option}"])
+    documented = set(cfg[group][key]) - {"_target_"}
     arguments = set(inspect.signature(callback.__init__).parameters) - {"self"}
     assert documented == arguments
-    text = (CONF / "callbacks" / f"{option}.yaml").read_text()
+    text = (CONF / group / f"{name}.yaml").read_text()
     for name in arguments:
         line = next(line for line in text.splitlines() if line.strip().startswith(f"{name}:"))
         assert "#" in line, f"{name} has no comment in {option}.yaml"
