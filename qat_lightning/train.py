@@ -133,6 +133,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     summary = summarize(trainer, model, datamodule, callbacks, metric)
     summary["epochs"] = trainer.current_epoch
     print(format_summary(summary), flush=True)
+    diffq = next((c for c in callbacks if isinstance(c, DiffQ) and c.quantizer is not None), None)
+    if diffq is not None and output_dir is not None:
+        packed = diffq.export(trainer, Path(output_dir) / "model.packed.safetensors")
+        summary["packed_file_mb"] = packed.stat().st_size / MEGABYTE
+        print(f"bit-packed model: {packed} ({summary['packed_file_mb']:.4f} MB on disk, "
+              f"true size {summary['quantized_size_mb']:.4f} MB)", flush=True)  # fmt: skip
     if cfg.get("ptq"):
         summary["ptq"] = post_training_quantization(cfg, model, datamodule, metric)
         print(format_ptq(summary["ptq"]), flush=True)

@@ -32,6 +32,9 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, SaveState(out)],
     )  # fmt: skip
     trainer.fit(tiny_model(), tiny_loader(n=64, batch_size=8))
+    if torch.distributed.is_initialized():  # tear gloo down before exit: its threads abort the process otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from os import PathLike
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -10,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core._validate import check_bool, check_number
 from ..core.diffq import DiffQConfig, DiffQuantizer
+from ..core.packing import save_quantized
 from ._param_groups import move_to_own_group
 
 
@@ -34,6 +37,9 @@ class DiffQ(pl.Callback):
     * validation, test and predict run on the true quantized weights, swapped in once when the
       stage starts and restored bit-identically when it ends (``quantize_eval=False`` keeps float).
     * ``quantize_on_fit_end=True`` leaves the model holding its quantized weights after ``fit``.
+    * ``export_path``: at the end of ``fit`` the bit-packed model is written there (safetensors, see
+      :func:`~qat_lightning.core.packing.save_quantized`); a relative path is taken inside the
+      trainer's ``log_dir`` (or ``default_root_dir``).
 
     Args:
         penalty: weight of the model size (in MB) in the training objective.
@@ -41,6 +47,7 @@ class DiffQ(pl.Callback):
         bits_weight_decay: weight decay of the bits param group.
         quantize_eval: run validation / test / predict on the true quantized weights.
         quantize_on_fit_end: keep the true quantized weights in the model after ``fit``.
+        export_path: where to write the bit-packed model at the end of ``fit`` (None: nowhere).
         min_size, float16, group_size, min_bits, max_bits, param, noise, init_bits, extra_bits,
         suffix, exclude, detect_bound: passed to :class:`DiffQuantizer`.
     """
@@ -64,12 +71,17 @@ class DiffQ(pl.Callback):
         bits_weight_decay: float = 0.0,
         quantize_eval: bool = True,
         quantize_on_fit_end: bool = False,
+        export_path: str | None = None,
     ) -> None:
         self.penalty = check_number("penalty", penalty, low=0)
         self.bits_lr = check_number("bits_lr", bits_lr, low=0, low_open=True)
         self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
         self.quantize_eval = check_bool("quantize_eval", quantize_eval)
         self.quantize_on_fit_end = check_bool("quantize_on_fit_end", quantize_on_fit_end)
+        if export_path is not None and not isinstance(export_path, (str, PathLike)):
+            raise ValueError(f"export_path must be a file path or None; got {export_path!r}")
+        self.export_path = export_path
+        self.exported: Path | None = None
         self.config = DiffQConfig(
             min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
             param=param, noise=noise, init_bits=init_bits, extra_bits=extra_bits, suffix=suffix,
@@ -169,8 +181,21 @@ class DiffQ(pl.Callback):
         quantizer.enabled = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is not None:
+            self.export(trainer)
         if self.quantize_on_fit_end:
             self._require_quantizer().quantize()
+
+    def export(self, trainer: pl.Trainer, path: str | PathLike | None = None) -> Path | None:
+        """Write the bit-packed quantized model (rank 0 only); returns the path written."""
+        target = Path(path if path is not None else self.export_path or "model.packed.safetensors")
+        if not target.is_absolute():
+            target = Path(trainer.log_dir or trainer.default_root_dir) / target
+        if trainer.is_global_zero:
+            size = save_quantized(self._require_quantizer(), target)
+            rank_zero_info(f"DiffQ: bit-packed model written to {target} ({size / 2**20:.4f} MB)")
+        self.exported = target
+        return target
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
