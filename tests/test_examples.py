@@ -62,3 +62,14 @@ def test_adascale_evaluation_smoke(tmp_path: Path) -> None:
          "--bits", "4", "--samples", "4000", "--json", str(out))  # fmt: skip
     row = json.loads(out.read_text())["mlp"]
     assert "float" in row and {"round_to_nearest", "adascale", "blocks"} <= set(row["w4"])
+
+
+def test_onnx_check_smoke(tmp_path: Path) -> None:
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        pytest.skip("onnx / onnxruntime not installed (extra qat-lightning[onnx])")
+    result = _run("benchmarks/onnx_check.py", "--epochs", "1", "--out", str(tmp_path / "m.onnx"))
+    assert "ONNX Runtime" in result.stdout and (tmp_path / "m.onnx").exists()

@@ -1,0 +1,137 @@
+"""ONNX export of fake-quantized models as QuantizeLinear / DequantizeLinear (QDQ) pairs.
+
+During the export every fake quantizer of an :class:`EMAFakeQuantizer`-prepared model is switched,
+for this one trace, to torch's ``fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` with
+its frozen parameters as constants; torch's ONNX exporter turns those into QDQ pairs that ONNX
+Runtime (and TensorRT, OpenVINO, ...) read as int8 / uint8 quantization. Needs ``onnx`` (optional
+extra ``qat-lightning[onnx]``).
+
+QDQ holds 8-bit grids only: 8-bit activations and weights in the modes ``asymmetric_unsigned``,
+``asymmetric_signed`` or ``symmetric_restricted`` (Distiller's plain ``symmetric`` mode has 257
+levels, ``n = 127.5``), or LSQ step sizes. Anything else is refused with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fake_quant import _MIN_STEP, FakeLinearQuantization, LearnedStepWeight, LinearQuantMode, WeightRange, channel_min_max, linear_quant_params
+
+ONNX_RANGES = {LinearQuantMode.ASYMMETRIC_UNSIGNED: (0, 255), LinearQuantMode.ASYMMETRIC_SIGNED: (-128, 127),
+               LinearQuantMode.SYMMETRIC_RESTRICTED: (-128, 127)}  # fmt: skip  (restricted never reaches -128)
+
+
+def _check(name: str, num_bits: int, mode: LinearQuantMode) -> tuple[int, int]:
+    if num_bits != 8:
+        raise ValueError(f"ONNX QDQ export needs 8-bit quantizers; {name} has num_bits={num_bits}")
+    if mode not in ONNX_RANGES:
+        raise ValueError(
+            f"ONNX QDQ export: {name} uses mode {mode.value!r}, whose 257 levels (Distiller's n = 127.5) do not fit "
+            f"int8; train with 'symmetric_restricted', 'asymmetric_signed' or 'asymmetric_unsigned'"
+        )
+    return ONNX_RANGES[mode]
+
+
+def _int8(levels: tuple[int, int]) -> tuple[int, int]:
+    """QDQ's int8 range for a restricted one: ``[-127, 127]`` is written as ``[-128, 127]`` (values
+    below -127.5 steps would now reach -128; within the trained range nothing changes)."""
+    return (-128, 127) if levels == (-127, 127) else levels
+
+
+def _activation_forward(name: str, fq: FakeLinearQuantization) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not fq.enabled:
+        return lambda x: x
+    if fq.learned_step and fq.step_initialized.item() == 1:
+        if fq.num_bits != 8:
+            raise ValueError(f"ONNX QDQ export needs 8-bit quantizers; {name} has num_bits={fq.num_bits}")
+        q_min, q_max = _int8(fq.lsq_range)
+        scale, zero = max(float(fq.step.detach()), _MIN_STEP), int(round(-float(fq.zero_point)))  # as the forward clamps it
+    else:
+        if not fq.has_range:
+            raise ValueError(f"ONNX QDQ export: {name} has no range yet; train or calibrate before exporting")
+        q_min, q_max = _check(name, fq.num_bits, fq.mode)
+        scale, zero = 1 / float(fq.scale), int(round(-float(fq.zero_point)))
+    return lambda x: torch.fake_quantize_per_tensor_affine(x, scale, zero, q_min, q_max)
+
+
+def _weight_forward(name: str, quantizer: nn.Module, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not quantizer.enabled:
+        return lambda w: w
+    axis = quantizer.axis
+    with torch.no_grad():
+        if isinstance(quantizer, LearnedStepWeight) and quantizer._has_state():
+            if quantizer.num_bits != 8:
+                raise ValueError(f"ONNX QDQ export needs 8-bit quantizers; {name} has num_bits={quantizer.num_bits}")
+            (q_min, q_max), zero = _int8(quantizer.lsq_range), quantizer.zero.detach()
+            step = quantizer.step.detach().float().clamp(min=_MIN_STEP)  # as the forward clamps it
+        else:
+            q_min, q_max = _check(name, quantizer.num_bits, quantizer.mode)
+            mn, mx = channel_min_max(weight, axis)
+            mn, mx = mn.float(), mx.float()
+            if isinstance(quantizer, WeightRange) and quantizer._has_state():
+                amax = torch.maximum(mn.abs(), mx.abs()) * quantizer.clip_ratio
+                mn, mx = torch.maximum(mn, -amax), torch.minimum(mx, amax)
+            scale, zero_point, _, _ = linear_quant_params(quantizer.num_bits, quantizer.mode, mn, mx)
+            step, zero = 1 / scale, -zero_point
+        step, zero = step.clone(), zero.round().to(torch.int32)
+    if axis is None:
+        return lambda w: torch.fake_quantize_per_tensor_affine(w, float(step), int(zero), q_min, q_max)
+    return lambda w: torch.fake_quantize_per_channel_affine(w, step.reshape(-1), zero.reshape(-1), axis, q_min, q_max)
+
+
+@contextlib.contextmanager
+def qdq_mode(model: nn.Module) -> Iterator[None]:
+    """Inside: every fake quantizer of ``model`` runs torch's fused fake-quant ops with constant,
+    ONNX-legal parameters (what the exporter turns into QDQ pairs). Restored on exit."""
+    replaced: list[nn.Module] = []
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, FakeLinearQuantization):
+                module.forward = _activation_forward(name, module)
+                replaced.append(module)
+            quantizer = module._modules.get("weight_fake_quant")
+            if isinstance(quantizer, (WeightRange, LearnedStepWeight)):
+                quantizer.forward = _weight_forward(f"{name}.weight", quantizer, module._parameters["weight"])
+                replaced.append(quantizer)
+        yield
+    finally:
+        for module in replaced:
+            del module.forward  # back to the class's forward
+
+
+def export_onnx(
+    model: nn.Module,
+    args: tuple[Any, ...] | torch.Tensor,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("output",),
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export ``model`` (in eval mode, fake quantizers as QDQ pairs) to ``path``; returns the path.
+
+    ``args`` are example inputs for the trace. With ``dynamic_batch`` the first dimension of every
+    input and output is left free."""
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError as error:
+        raise ImportError("export_onnx needs the onnx package: pip install 'qat-lightning[onnx]'") from error
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    training = model.training
+    model.eval()
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    try:
+        with qdq_mode(model), torch.no_grad():
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
+                              output_names=list(output_names), dynamic_axes=axes)  # fmt: skip
+    finally:
+        model.train(training)
+    return path
