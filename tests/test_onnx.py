@@ -73,3 +73,53 @@ def test_unexportable_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no range yet"):
         export_onnx(fresh, torch.randn(1, 4), tmp_path / "c.onnx")
     assert fresh.training  # mode restored after a failed export
+
+
+def _diffq_model(max_bits: float = 8) -> tuple[nn.Module, "DiffQuantizer", torch.Tensor]:
+    from qat_lightning import DiffQuantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    quantizer = DiffQuantizer(model, min_size=0, group_size=8, max_bits=max_bits, init_bits=min(5, max_bits - 1), exclude=["*.bias"])
+    with torch.no_grad():
+        for qp in quantizer.quantized_params():
+            qp.logit.uniform_(-3, 3)  # mixed widths
+    return model.eval(), quantizer, torch.randn(64, 16)
+
+
+def test_diffq_weights_export_as_uint8_levels_with_dequantize_linear(tmp_path: Path) -> None:
+    model, quantizer, x = _diffq_model()
+    with torch.no_grad():
+        reference = model(x)  # eval: DiffQ's true quantized weights
+    path = export_onnx(model, x[:2], tmp_path / "diffq.onnx", diffq=quantizer)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("DequantizeLinear") == 2
+    levels = [i for i in graph.initializer if i.name.endswith("::levels")]
+    assert len(levels) == 2 and all(i.data_type == onnx.TensorProto.UINT8 for i in levels)
+    assert "0.weight" not in {i.name for i in graph.initializer}  # no float copy left
+    assert (_run(path, x) - reference).abs().max() < 1e-5
+    assert quantizer.enabled  # restored
+
+
+def test_diffq_weights_with_ema_activations(tmp_path: Path) -> None:
+    model, quantizer, x = _diffq_model()
+    EMAFakeQuantizer(model, weights=False).prepare()
+    model.train()
+    model(x)  # track the activation ranges once
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+    path = export_onnx(model, x[:2], tmp_path / "both.onnx", diffq=quantizer)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 3 + 2
+    ours = _run(path, x)
+    assert (ours - reference).abs().mean() < 0.01 * reference.abs().mean()
+
+
+def test_diffq_wider_than_8_bits_is_refused(tmp_path: Path) -> None:
+    model, quantizer, x = _diffq_model(max_bits=12)
+    with torch.no_grad():
+        for qp in quantizer.quantized_params():
+            qp.logit.fill_(5.0)  # about 12 bits
+    with pytest.raises(ValueError, match="needs at most 8 bits per group"):
+        export_onnx(model, x[:2], tmp_path / "wide.onnx", diffq=quantizer)

@@ -180,3 +180,17 @@ def test_callback_export_and_cli_from_a_checkpoint(tmp_path: Path) -> None:
         assert torch.equal(value, expected[key]), key
     bad = subprocess.run([sys.executable, "-m", "qat_lightning.export", str(out), str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_checkpoints_with_every_callback_load_with_weights_only(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qat_lightning import DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
+
+    from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+    callbacks = [DiffQ(min_size=0, group_size=4), EMAFakeQuant(weights=False, learned_step=True), Rescaling(num_batches=1),
+                 HistogramCalibration(num_batches=1, num_bins=64, start_bin=8), ModelCheckpoint(dirpath=tmp_path, save_last=True)]  # fmt: skip
+    tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=callbacks).fit(tiny_model(), tiny_loader())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert {"DiffQ", "EMAFakeQuant", "Rescaling", "HistogramCalibration"} <= set(checkpoint["callbacks"])

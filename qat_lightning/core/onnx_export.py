@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .diffq import DiffQuantizer
+from .uniform import uniform_quantize
 from .fake_quant import _MIN_STEP, FakeLinearQuantization, LearnedStepWeight, LinearQuantMode, WeightRange, channel_min_max, linear_quant_params
 
 ONNX_RANGES = {LinearQuantMode.ASYMMETRIC_UNSIGNED: (0, 255), LinearQuantMode.ASYMMETRIC_SIGNED: (-128, 127),
@@ -109,6 +111,7 @@ def export_onnx(
     args: tuple[Any, ...] | torch.Tensor,
     path: str | Path,
     *,
+    diffq: DiffQuantizer | None = None,
     opset: int = 17,
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("output",),
@@ -117,7 +120,12 @@ def export_onnx(
     """Export ``model`` (in eval mode, fake quantizers as QDQ pairs) to ``path``; returns the path.
 
     ``args`` are example inputs for the trace. With ``dynamic_batch`` the first dimension of every
-    input and output is left free."""
+    input and output is left free. With ``diffq`` (its weights at 8 bits or fewer), every weight
+    it quantizes is stored as uint8 levels with one scale per group, dequantized in the graph by
+    ``DequantizeLinear`` (per group) + ``Reshape`` + ``Add(min)``: DiffQ's
+    ``min + level · (max - min) / (2^b - 1)`` exactly, at one byte per weight."""
+    if diffq is not None:
+        _check_diffq(diffq)
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError as error:
@@ -128,10 +136,61 @@ def export_onnx(
     training = model.training
     model.eval()
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    enabled = diffq.enabled if diffq is not None else None
     try:
+        if diffq is not None:
+            diffq.enabled = False  # float weights in the trace, named as parameters; replaced below
         with qdq_mode(model), torch.no_grad():
             torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
                               output_names=list(output_names), dynamic_axes=axes)  # fmt: skip
     finally:
         model.train(training)
+        if diffq is not None:
+            diffq.enabled = enabled
+    if diffq is not None:
+        _store_diffq_weights(path, diffq)
     return path
+
+
+def _check_diffq(diffq: DiffQuantizer) -> None:
+    for qp in diffq.quantized_params():
+        widest = int(diffq._true_bits(qp).max())
+        if widest > 8:
+            raise ValueError(f"ONNX export of DiffQ weights needs at most 8 bits per group; {qp.name!r} has groups of {widest} bits (train with max_bits=8)")
+
+
+def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
+    """Replace each DiffQ weight initializer by uint8 levels + DequantizeLinear(axis 0 over groups)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes = []
+    for qp in diffq.quantized_params():
+        if qp.name not in initializers:
+            raise ValueError(f"ONNX export: weight {qp.name!r} is not an initializer of the exported graph (folded into another op?)")
+        p = qp.param.detach().cpu()
+        bits = diffq._true_bits(qp).cpu()
+        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None].to(p.dtype))
+        span = (mx.double() - mn.double()).float()
+        scale = (1 / (2 ** bits.float() - 1)) * span  # the step of each group, as uniform_dequantize forms it
+        prefix = f"{qp.name}::"
+        graph.initializer.remove(initializers[qp.name])
+        graph.initializer.extend([
+            numpy_helper.from_array(levels.to(torch.uint8).numpy(), prefix + "levels"),
+            numpy_helper.from_array(scale.numpy(), prefix + "scale"),
+            numpy_helper.from_array(torch.zeros(qp.num_groups, dtype=torch.uint8).numpy(), prefix + "zero"),
+            numpy_helper.from_array(torch.tensor(list(p.shape), dtype=torch.int64).numpy(), prefix + "shape"),
+            numpy_helper.from_array(mn.float().reshape(()).numpy(), prefix + "min"),
+        ])  # fmt: skip
+        nodes += [
+            helper.make_node("DequantizeLinear", [prefix + "levels", prefix + "scale", prefix + "zero"], [prefix + "dq"], axis=0),
+            helper.make_node("Reshape", [prefix + "dq", prefix + "shape"], [prefix + "flat"]),
+            helper.make_node("Add", [prefix + "flat", prefix + "min"], [qp.name]),
+        ]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(path))
