@@ -73,3 +73,12 @@ def test_onnx_check_smoke(tmp_path: Path) -> None:
         pytest.skip("onnx / onnxruntime not installed (extra qat-lightning[onnx])")
     result = _run("benchmarks/onnx_check.py", "--epochs", "1", "--out", str(tmp_path / "m.onnx"))
     assert "ONNX Runtime" in result.stdout and (tmp_path / "m.onnx").exists()
+
+
+def test_benchmark_suite_smoke(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "suite.json"
+    _run("benchmarks/run.py", "--smoke", "--models", "mlp", "--rounds", "1", "--steps", "3", "--warmup", "1", "--no-memory", "--json", str(out))
+    entry = json.loads(out.read_text())["mlp"]
+    assert {"diffq", "ema", "diffq_ema", "torch_ao"} <= set(entry["step_ratio"]) and entry["swap"]["val_batch_ms"] > 0
