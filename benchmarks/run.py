@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_overhead import ReferenceDiffQ, StepTimer, TorchAOEagerQAT  # noqa: E402
+from step_overhead import ReferenceDiffQ, StepTimer, TorchAOEagerQAT, module_noise_time  # noqa: E402
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant  # noqa: E402
 from qat_lightning.data import MNIST1DDataModule  # noqa: E402
@@ -68,15 +68,7 @@ def step_time(variant: str, model: str, steps: int, warmup: int, smoke: bool) ->
 
 
 def noise_time(model: str, smoke: bool, repeats: int = 50) -> float:
-    quantizer = DiffQuantizer(MODELS[model](smoke))
-    params = [qp.param for qp in quantizer.quantized_params()]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for p in params:
-            torch.empty_like(p).normal_()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return module_noise_time(MODELS[model](smoke), repeats)
 
 
 def swap_cost(model: str, smoke: bool, repeats: int = 20) -> dict[str, float]:

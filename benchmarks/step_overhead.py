@@ -95,7 +95,12 @@ def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) ->
 
 
 def noise_time(hidden: tuple[int, ...], repeats: int = 200) -> float:
-    quantizer = DiffQuantizer(MLP(hidden=hidden))
+    return module_noise_time(MLP(hidden=hidden), repeats)
+
+
+def module_noise_time(module: torch.nn.Module, repeats: int = 200) -> float:
+    """Median time to draw one gaussian number per weight DiffQ quantizes in ``module``."""
+    quantizer = DiffQuantizer(module)
     params = [qp.param for qp in quantizer.quantized_params()]
     times = []
     for _ in range(repeats):
