@@ -33,9 +33,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_overhead import ReferenceDiffQ, StepTimer, TorchAOEagerQAT, module_noise_time  # noqa: E402
+from step_overhead import StepTimer, callbacks_for, module_noise_time  # noqa: E402
 
-from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant  # noqa: E402
+from qat_lightning import DiffQuantizer  # noqa: E402
 from qat_lightning.data import MNIST1DDataModule  # noqa: E402
 from qat_lightning.models import MLP, Classifier, TinyTransformer  # noqa: E402
 
@@ -44,17 +44,6 @@ MODELS = {
     "transformer": lambda smoke: TinyTransformer(dim=32, depth=1, heads=2, hidden=64) if smoke
     else TinyTransformer(dim=384, depth=6, heads=6, hidden=1536),
 }  # fmt: skip
-
-
-def callbacks_for(variant: str) -> list[pl.Callback]:
-    return {
-        "fp32": [],
-        "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
-        "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
-        "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
-        "torch_ao": [TorchAOEagerQAT()],
-        "reference": [ReferenceDiffQ(penalty=1.0, group_size=8)],
-    }[variant]
 
 
 def step_time(variant: str, model: str, steps: int, warmup: int, smoke: bool) -> float:
@@ -146,9 +135,9 @@ def main() -> None:
         return
     variants = ["fp32", "diffq", "ema", "diffq_ema", "torch_ao"]
     if importlib.util.find_spec("diffq") is not None:
-        variants.append("reference")
+        variants.append("reference_g8")
     labels = {"diffq": "DiffQ", "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
-              "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 8)"}  # fmt: skip
+              "torch_ao": "torch.ao eager QAT W8A8", "reference_g8": "reference diffq (group 8)"}  # fmt: skip
     report: dict[str, dict] = {}
     for model in args.models:
         times: dict[str, list[float]] = {v: [] for v in variants}

@@ -73,10 +73,9 @@ class TorchAOEagerQAT(pl.Callback):
         tq.prepare_qat(pl_module, inplace=True)
 
 
-def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) -> float:
-    pl.seed_everything(0, verbose=False)
-    timer = StepTimer(warmup)
-    extra = {
+def callbacks_for(variant: str) -> list[pl.Callback]:
+    """The callbacks of one benchmarked variant (fresh instances)."""
+    return {
         "fp32": [],
         "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
         "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
@@ -85,7 +84,12 @@ def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) ->
         "reference": [ReferenceDiffQ(penalty=1.0)],  # its defaults: group_size=1
         "reference_g8": [ReferenceDiffQ(penalty=1.0, group_size=8)],
     }[variant]
-    callbacks = [timer, *extra]
+
+
+def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) -> float:
+    pl.seed_everything(0, verbose=False)
+    timer = StepTimer(warmup)
+    callbacks = [timer, *callbacks_for(variant)]
     trainer = pl.Trainer(
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, accelerator="cpu",

@@ -8,7 +8,7 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from qat_lightning import EMAFakeQuantizer, calibrate  # noqa: E402
+from qat_lightning import DiffQuantizer, EMAFakeQuantizer, calibrate  # noqa: E402
 from qat_lightning.core.onnx_export import export_onnx, qdq_mode  # noqa: E402
 
 
@@ -75,9 +75,7 @@ def test_unexportable_settings_are_refused(tmp_path: Path) -> None:
     assert fresh.training  # mode restored after a failed export
 
 
-def _diffq_model(max_bits: float = 8) -> tuple[nn.Module, "DiffQuantizer", torch.Tensor]:
-    from qat_lightning import DiffQuantizer
-
+def _diffq_model(max_bits: float = 8) -> tuple[nn.Module, DiffQuantizer, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     quantizer = DiffQuantizer(model, min_size=0, group_size=8, max_bits=max_bits, init_bits=min(5, max_bits - 1), exclude=["*.bias"])

@@ -1,10 +1,11 @@
-"""Give a callback's own trainable tensors (DiffQ's bits, LSQ's step sizes) a param group of their own."""
+"""Shared by the callbacks: their own param group (DiffQ's bits, LSQ's step sizes), resume checks."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def move_to_own_group(
@@ -40,3 +41,10 @@ def move_to_own_group(
             if hasattr(scheduler, "_last_lr"):
                 scheduler._last_lr.append(group["lr"])
     return optimizer
+
+
+def warn_on_changed_options(callback: str, saved: dict, current: dict) -> None:
+    """Warn when a run resumes with options that differ from those its checkpoint was written with."""
+    changed = sorted(k for k in saved if saved[k] != current.get(k))
+    if changed:
+        rank_zero_warn(f"{callback}: resuming with options that differ from the checkpoint's: {changed}")

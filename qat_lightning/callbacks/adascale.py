@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_bool, check_number
-from ..core.adascale import SUPPORTED_TYPES, AdaScaleResult, apply_adascale
-from ..core.ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
+from ..core._validate import check_bool, check_forward_fn, check_number
+from ..core.adascale import AdaScaleResult, apply_adascale, frozen_weight_quantizer
+from ..core.ema_quantizer import EMAFakeQuantizer
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
@@ -70,9 +70,7 @@ class AdaScale(pl.Callback):
         if block_types is not None and not all(isinstance(t, type) and issubclass(t, torch.nn.Module) for t in block_types):
             raise ValueError(f"block_types must be a list of nn.Module subclasses or None; got {block_types!r}")
         self.block_types = block_types
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(f"forward_fn must be a callable (module, batch) -> output or None; got {forward_fn!r}")
-        self.forward_fn = forward_fn
+        self.forward_fn = check_forward_fn(forward_fn)
         self.progress = check_bool("progress", progress)
         self.done = False
         self.result: AdaScaleResult | None = None
@@ -83,10 +81,7 @@ class AdaScale(pl.Callback):
             if isinstance(callback, DiffQ) or (isinstance(callback, EMAFakeQuant) and callback.options["weights"]):
                 raise ValueError(f"AdaScale quantizes the weights; {type(callback).__name__} would too: use EMAFakeQuant(weights=False) for activations")
         if self.quantizer is None:  # the structure a checkpoint of this run has; filled by apply_adascale
-            exclude = [n for n, m in pl_module.named_modules() if type(m) in WEIGHT_AXIS and type(m) not in SUPPORTED_TYPES]
-            self.quantizer = EMAFakeQuantizer(
-                pl_module, weight_bits=self.bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude
-            ).prepare()
+            self.quantizer = frozen_weight_quantizer(pl_module, self.bits)
             for p in self.quantizer.parameters():
                 p.requires_grad_(False)  # frozen encodings
 

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_bool, check_choice, check_number
+from ..core._validate import check_bool, check_choice, check_forward_fn, check_number
 from ..core.calibrate import WEIGHT_METHODS, calibrate
 from ..core.histogram import METHODS
 from .ema_fake_quant import EMAFakeQuant
@@ -63,9 +63,7 @@ class HistogramCalibration(pl.Callback):
         self.start_bin = check_number("start_bin", start_bin, low=0, integer=True)
         self.weights = check_bool("weights", weights)
         self.weight_method = check_choice("weight_method", weight_method, WEIGHT_METHODS)
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(f"forward_fn must be a callable (module, batch) -> output or None; got {forward_fn!r}")
-        self.forward_fn = forward_fn
+        self.forward_fn = check_forward_fn(forward_fn)
         self.calibrated = False
         self.ranges: dict[str, tuple[float, float]] = {}
 

@@ -8,12 +8,12 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..core._validate import check_bool, check_number
 from ..core.diffq import DiffQConfig, DiffQuantizer
 from ..core.packing import save_quantized
-from ._param_groups import move_to_own_group
+from ._param_groups import move_to_own_group, warn_on_changed_options
 
 
 class DiffQ(pl.Callback):
@@ -209,11 +209,7 @@ class DiffQ(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config", {})
-        current = self.state_dict()["config"]
-        changed = sorted(k for k in saved if saved[k] != current.get(k))
-        if changed:
-            rank_zero_warn(f"DiffQ: resuming with options that differ from the checkpoint's: {changed}")
+        warn_on_changed_options("DiffQ", state_dict.get("config", {}), self.state_dict()["config"])
 
     def _require_quantizer(self) -> DiffQuantizer:
         if self.quantizer is None:

@@ -6,11 +6,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..core._validate import check_number, check_patterns
 from ..core.ema_quantizer import EMAFakeQuantizer
-from ._param_groups import move_to_own_group
+from ._param_groups import move_to_own_group, warn_on_changed_options
 from .diffq import DiffQ
 
 
@@ -142,10 +142,7 @@ class EMAFakeQuant(pl.Callback):
         return {"options": dict(self.options), "start_step": self.start_step, "freeze_step": self.freeze_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, current = state_dict.get("options", {}), self.options
-        changed = sorted(k for k in saved if saved[k] != current.get(k))
-        if changed:
-            rank_zero_warn(f"EMAFakeQuant: resuming with options that differ from the checkpoint's: {changed}")
+        warn_on_changed_options("EMAFakeQuant", state_dict.get("options", {}), self.options)
 
     def _require_quantizer(self) -> EMAFakeQuantizer:
         if self.quantizer is None:

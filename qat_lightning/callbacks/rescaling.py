@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_number, check_patterns
+from ..core._validate import check_forward_fn, check_number, check_patterns
 from ..core.calibrate import default_forward
 from ..core.rescaling import RescalingCalibrator
 from .diffq import DiffQ
@@ -49,9 +49,7 @@ class Rescaling(pl.Callback):
         self.alpha = check_number("alpha", alpha, low=0, high=1)
         self.num_batches = check_number("num_batches", num_batches, low=1, integer=True)
         self.exclude = check_patterns("exclude", exclude)
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(f"forward_fn must be a callable (module, batch) -> output or None; got {forward_fn!r}")
-        self.forward_fn = forward_fn or default_forward
+        self.forward_fn = check_forward_fn(forward_fn) or default_forward
         self.calibrator: RescalingCalibrator | None = None
         self.rescaled = False
 

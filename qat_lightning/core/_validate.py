@@ -45,6 +45,13 @@ def check_number(
     return value
 
 
+def check_forward_fn(value: Any) -> Any:
+    """``forward_fn`` of the calibration-style callbacks: a callable ``(module, batch) -> output`` or None."""
+    if value is not None and not callable(value):
+        raise ValueError(f"forward_fn must be a callable (module, batch) -> output or None; got {value!r}")
+    return value
+
+
 def check_patterns(name: str, value: Any) -> list[str]:
     """A list of fnmatch patterns; a bare string is refused because it would iterate per character."""
     if isinstance(value, str) or not isinstance(value, Iterable):

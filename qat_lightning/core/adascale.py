@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_number
-from .calibrate import _to_device, default_forward
+from .calibrate import _to_device, default_forward, map_tensors
 from .ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
 from .fake_quant import LearnedStepWeight, learned_step_quantize
 from .swap import Slot, SwappedParam, WeightSwapper
@@ -52,6 +52,7 @@ class AdaScaleParams(nn.Module):
             largest = weight.detach().flatten(1).abs().amax(1).float()
         self.register_buffer("max", largest)  # symmetric initial encodings: [-max|W|, max|W|]
         self.register_buffer("min", -largest)
+        self.register_buffer("zero", torch.zeros_like(largest))  # symmetric: no offset
         self.bits = bits
         self.q_min, self.q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
@@ -64,7 +65,7 @@ class AdaScaleParams(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scaled = weight / self.divisor()
-        return learned_step_quantize(scaled, self.scale(), torch.zeros_like(self.max), self.q_min, self.q_max, 1.0, axis=0)
+        return learned_step_quantize(scaled, self.scale(), self.zero, self.q_min, self.q_max, 1.0, axis=0)
 
     def groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(gamma, beta) and the scales (s2, s3[, s4]): the two optimizer groups."""
@@ -186,8 +187,10 @@ def _apply_adascale(
     names = {id(m): n for n, m in model.named_modules()}
     blocks = find_blocks(model, block_types)
     layers_in_blocks = {id(layer) for _, block in blocks for layer in block.modules() if type(layer) in SUPPORTED_TYPES}
-    weighted = [n for n, m in model.named_modules() if type(m) in WEIGHT_AXIS or isinstance(m, nn.MultiheadAttention)]
-    left_float = [n for n in weighted if id(dict(model.named_modules())[n]) not in layers_in_blocks]
+    left_float = [
+        n for n, m in model.named_modules()
+        if (type(m) in WEIGHT_AXIS or isinstance(m, nn.MultiheadAttention)) and id(m) not in layers_in_blocks
+    ]  # fmt: skip
     if not layers_in_blocks:
         raise ValueError("apply_adascale(): the model has no Linear / Conv1d / Conv2d layer to quantize")
     if left_float:
@@ -204,9 +207,7 @@ def _apply_adascale(
     modes = {m: m.training for m in model.modules()}
     blocks = _in_execution_order(model, blocks, batches[0], forward_fn)
     float_model = copy.deepcopy(model)
-    exclude = [n for n in left_float if type(dict(model.named_modules())[n]) in WEIGHT_AXIS]
-    quantizer = EMAFakeQuantizer(model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude)
-    quantizer.prepare()
+    quantizer = frozen_weight_quantizer(model, bits)
     weight_quantizers = {id(q_module): q for q_module, q in _layer_quantizers(model).items()}
     result = AdaScaleResult(quantizer=quantizer, left_float=left_float)
     model.eval()
@@ -239,13 +240,7 @@ def _apply_adascale(
 
 def _normal_tensors(batch: Any) -> Any:
     """Clone tensors made under inference mode (a Lightning eval loop) so autograd may use them."""
-    if isinstance(batch, torch.Tensor):
-        return batch.clone() if batch.is_inference() else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_normal_tensors(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _normal_tensors(v) for k, v in batch.items()}
-    return batch
+    return map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
 
 
 def _in_execution_order(
@@ -380,13 +375,20 @@ def _freeze(quantizer: LearnedStepWeight, params: AdaScaleParams, layer: nn.Modu
     quantizer.step.requires_grad_(False)
 
 
+def frozen_weight_quantizer(model: nn.Module, bits: int) -> EMAFakeQuantizer:
+    """The weight quantizers AdaScale fills: a ``LearnedStepWeight`` (symmetric, per output channel)
+    on every Linear / Conv1d / Conv2d, nothing on other layer types, no activation quantizers."""
+    exclude = [n for n, m in model.named_modules() if type(m) in WEIGHT_AXIS and type(m) not in SUPPORTED_TYPES]
+    return EMAFakeQuantizer(
+        model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude
+    ).prepare()
+
+
 def round_to_nearest(model: nn.Module, bits: int = 4) -> EMAFakeQuantizer:
     """The baseline AdaScale starts from: per-channel symmetric round-to-nearest ``bits``-bit weights
     (``scale = 2·max|W| / (2^b - 1)``) for every Linear / Conv1d / Conv2d, installed as frozen steps."""
     check_number("bits", bits, low=2, high=8, integer=True)
-    exclude = [n for n, m in model.named_modules() if type(m) in WEIGHT_AXIS and type(m) not in SUPPORTED_TYPES]
-    quantizer = EMAFakeQuantizer(model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude)
-    quantizer.prepare()
+    quantizer = frozen_weight_quantizer(model, bits)
     for layer, q in _layer_quantizers(model).items():
         _freeze(q, AdaScaleParams(layer.weight.detach(), bits), layer)
     return quantizer

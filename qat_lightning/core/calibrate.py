@@ -126,16 +126,19 @@ def calibrate(
     return ranges
 
 
-def _to_device(batch: Any, device: torch.device | str | None) -> Any:
-    if device is None:
-        return batch
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a batch made of tensors, tuples, lists and dicts."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(map_tensors(b, fn) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     return batch
+
+
+def _to_device(batch: Any, device: torch.device | str | None) -> Any:
+    return batch if device is None else map_tensors(batch, lambda t: t.to(device))
 
 
 def _reduce_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:

@@ -689,18 +689,20 @@ class WeightRange(_WeightQuantizer):
         mn, mx = channel_min_max(weight, self.axis)
         return torch.maximum(mn.abs(), mx.abs()).float() * self.clip_ratio
 
+    @torch.no_grad()
+    def quant_params(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distiller's ``(scale, zero_point, low, high)`` of ``weight``'s current range, clipped."""
+        mn, mx = channel_min_max(weight, self.axis)
+        mn, mx = mn.float(), mx.float()
+        amax = torch.maximum(mn.abs(), mx.abs()) * self.clip_ratio
+        return linear_quant_params(self.num_bits, self.mode, torch.maximum(mn, -amax), torch.minimum(mx, amax))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
         if not self._has_state():
             return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
-        with torch.no_grad():
-            mn, mx = channel_min_max(weight, self.axis)
-            mn, mx = mn.float(), mx.float()
-            amax = torch.maximum(mn.abs(), mx.abs()) * self.clip_ratio
-            mn, mx = torch.maximum(mn, -amax), torch.minimum(mx, amax)
-            scale, zero_point, low, high = linear_quant_params(self.num_bits, self.mode, mn, mx)
-        return fake_quantize(weight, scale, zero_point, low, high, self.num_bits, self.mode, self.axis)
+        return fake_quantize(weight, *self.quant_params(weight), self.num_bits, self.mode, self.axis)
 
     def extra_repr(self) -> str:
         return f"num_bits={self.num_bits}, mode={self.mode.value}, axis={self.axis}, channels={self.clip_ratio.numel()}"

@@ -73,12 +73,11 @@ def _weight_forward(name: str, quantizer: nn.Module, weight: torch.Tensor) -> Ca
             step = quantizer.step.detach().float().clamp(min=_MIN_STEP)  # as the forward clamps it
         else:
             q_min, q_max = _check(name, quantizer.num_bits, quantizer.mode)
-            mn, mx = channel_min_max(weight, axis)
-            mn, mx = mn.float(), mx.float()
-            if isinstance(quantizer, WeightRange) and quantizer._has_state():
-                amax = torch.maximum(mn.abs(), mx.abs()) * quantizer.clip_ratio
-                mn, mx = torch.maximum(mn, -amax), torch.minimum(mx, amax)
-            scale, zero_point, _, _ = linear_quant_params(quantizer.num_bits, quantizer.mode, mn, mx)
+            if isinstance(quantizer, WeightRange):  # clip ratio 1 until calibrated: the current range
+                scale, zero_point, _, _ = quantizer.quant_params(weight)
+            else:  # an LSQ weight not trained yet quantizes over its current range
+                mn, mx = channel_min_max(weight, axis)
+                scale, zero_point, _, _ = linear_quant_params(quantizer.num_bits, quantizer.mode, mn.float(), mx.float())
             step, zero = 1 / scale, -zero_point
         step, zero = step.clone(), zero.round().to(torch.int32)
     if axis is None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diffq import DiffQuantizer, KeptParam, QuantizedParam
+from .diffq import DiffQuantizer, KeptParam
 from .uniform import uniform_dequantize, uniform_quantize
 
 FORMAT = "qat_lightning.packed"
@@ -293,5 +293,3 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
             half.add(key)
     return floats, quantized, half
 
-
-_ = QuantizedParam  # re-exported type for readers of quantized_tensors
