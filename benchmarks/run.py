@@ -8,8 +8,9 @@ medians after warm-up):
   QAT and, when ``diffq-fixed`` is installed, the reference diffq;
 * the noise floor: ``(fp32 step + one normal_ per quantized weight) / fp32 step``;
 * the validation swap: DiffQ's ``quantize()`` + ``restore()`` relative to one validation batch forward;
-* peak memory: each variant trains in a child process; the growth of its peak RSS over its RSS
-  before ``fit`` is compared with the float run's.
+* peak memory: each variant trains in a child process (after a throw-away float fit that pays the
+  one-off allocations of Lightning and torch); the growth of its peak RSS over the RSS before the
+  model is built is compared with the float run's. Linux only (``/proc/self/clear_refs``).
 
 Prints a table and writes JSON (``--json``). ``--smoke`` runs tiny sizes (CI: no timing claims).
 
@@ -86,25 +87,38 @@ def swap_cost(model: str, smoke: bool, repeats: int = 20) -> dict[str, float]:
 
 
 def memory_child(variant: str, model: str, steps: int, smoke: bool) -> None:
-    """Child process: train briefly and print the peak RSS growth over the RSS before fit (bytes)."""
+    """Child process: train briefly and print the growth of its peak RSS (bytes) over its RSS just
+    before the model was built, after a throw-away float fit has paid Lightning's and torch's
+    one-off allocations (so the growth is the model's parameters, gradients, optimizer state,
+    activations and whatever the callbacks add)."""
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    pl.seed_everything(0, verbose=False)
-    module, data = Classifier(MODELS[model](smoke)), MNIST1DDataModule(batch_size=100, num_samples=2000)
-    data.prepare_data()
-    data.setup("fit")
+    data = MNIST1DDataModule(batch_size=100, num_samples=2000)
+
+    def fit(module: pl.LightningModule, callbacks: list[pl.Callback]) -> None:
+        trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+                             accelerator="cpu")  # fmt: skip
+        trainer.fit(module, data)
+
+    fit(Classifier(MLP(hidden=(8,))), [])  # warm-up: lazy initialisation of everything but the model
     before = _rss_now()
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks_for(variant),
-                         accelerator="cpu")  # fmt: skip
-    trainer.fit(module, data)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": peak - before}))
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    pl.seed_everything(0, verbose=False)
+    fit(Classifier(MODELS[model](smoke)), callbacks_for(variant))
+    print(json.dumps({"growth": _peak_rss() - before}))
 
 
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def peak_memory(variant: str, model: str, steps: int, smoke: bool) -> float:

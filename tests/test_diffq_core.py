@@ -374,20 +374,27 @@ def test_size_gradient_equals_autograd(param: str, group_size: int) -> None:
         assert_close(got, want, rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("param", ["bits", "noise"])
-@pytest.mark.parametrize("noise", ["gaussian", "uniform"])
-def test_fused_noise_gradients_equal_plain_autograd(param: str, noise: str) -> None:
-    """The fused op's closed-form bits gradient equals autograd through the reference formula."""
-    layer = nn.Linear(64, 32, bias=False)
-    q = DiffQuantizer(layer, min_size=0, param=param, noise=noise, group_size=16)
+def _one_noisy_backward(dtype: torch.dtype, **options: str) -> tuple:
+    """A 64 -> 32 layer with random bits; one forward (noise drawn after seed 7) and a backward of
+    a random upstream gradient through the noisy weight. Returns (layer, q, logit, upstream, seen)."""
+    layer = nn.Linear(64, 32, bias=False).to(dtype)
+    q = DiffQuantizer(layer, min_size=0, group_size=16, **options)
     logit = q.parameters()[0]
     logit.data.normal_(0, 1.5)
-    upstream, x = torch.randn(32, 64), torch.randn(1, 64)
+    upstream, x = torch.randn(32, 64, dtype=dtype), torch.randn(1, 64, dtype=dtype)
     seen = []
     layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight))
     torch.manual_seed(7)
     layer(x)
     seen[0].backward(upstream)
+    return layer, q, logit, upstream, seen
+
+
+@pytest.mark.parametrize("param", ["bits", "noise"])
+@pytest.mark.parametrize("noise", ["gaussian", "uniform"])
+def test_fused_noise_gradients_equal_plain_autograd(param: str, noise: str) -> None:
+    """The fused op's closed-form bits gradient equals autograd through the reference formula."""
+    layer, q, logit, upstream, seen = _one_noisy_backward(torch.float32, param=param, noise=noise)
     # by hand, same random source: noise = (max - min) / (2**bits - 1) * source, source = randn / 2
     torch.manual_seed(7)
     source = torch.randn(32, 64) / 2 if noise == "gaussian" else torch.rand(32, 64) - 0.5
@@ -398,4 +405,77 @@ def test_fused_noise_gradients_equal_plain_autograd(param: str, noise: str) -> N
     noisy.backward(upstream)
     assert_close(seen[0].detach(), noisy.detach(), rtol=1e-5, atol=1e-7)
     assert_close(layer.weight.grad, w.grad, rtol=0, atol=0)
-    assert_close(logit.grad, ref_logit.grad, rtol=1e-4, atol=1e-9)
+    # the backward recovers the noise as (noisy - w): off by the rounding of w + noise, at most half
+    # an ulp of each noisy entry, i.e. |d log std / d logit| * sum |upstream * ulp(noisy)| / 2 per group
+    log_slope = torch.autograd.grad(-torch.log(2 ** q.get_bits(ref_logit) - 1).sum(), ref_logit)[0]
+    rounding = (upstream * torch.finfo(torch.float32).eps * seen[0].detach()).abs().view(32 * 64 // 16, 16).sum(1)
+    bound = log_slope.abs() * rounding + 1e-5 * ref_logit.grad.abs() + 1e-12
+    assert ((logit.grad - ref_logit.grad).abs() <= bound).all()
+    assert ((logit.grad - ref_logit.grad).abs() > 1e-5 * ref_logit.grad.abs()).any()  # the bound is not vacuous
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_noise_gradient_exact_in_float64_and_from_the_saved_noise_in_bfloat16(dtype: torch.dtype) -> None:
+    """float64 recovers the noise to 1e-12; half-precision weights keep the drawn noise itself."""
+    layer, q, logit, upstream, seen = _one_noisy_backward(dtype)
+    torch.manual_seed(7)
+    source = torch.randn(32, 64, dtype=dtype) / 2
+    w = layer.weight.detach()
+    ref_logit = logit.detach().clone().requires_grad_()
+    unit = 1 / (2 ** q.get_bits(ref_logit) - 1)
+    std = ((w.max() - w.min()).double() * unit)[:, None].repeat_interleave(16, 1).view(32, 64)
+    terms = upstream.double() * source.double() * std
+    terms.sum().backward()
+    if dtype == torch.float64:  # only the float32 bits arithmetic rounds
+        assert_close(logit.grad, ref_logit.grad, rtol=2e-5, atol=1e-12)
+    else:  # bfloat16 products and sums: within 2**-6 of the sum of the magnitudes of each group's terms
+        log_slope = torch.autograd.grad(-torch.log(2 ** q.get_bits(ref_logit) - 1).sum(), ref_logit)[0]
+        magnitude = terms.abs().view(-1, 16).sum(1) * log_slope.abs()
+        assert ((logit.grad - ref_logit.grad).abs() <= 2**-6 * magnitude + 1e-12).all()
+
+
+def test_each_pending_graph_keeps_its_own_noise() -> None:
+    """Two forwards before one backward: the second draws into a new buffer, not the first's."""
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    x = torch.randn(8, 40)
+    model(x).sum().backward()  # the buffers are now free for reuse
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
+    first = model(x)
+    second = model(x)
+    assert not torch.equal(seen[0], seen[1])
+    (first.sum() + second.sum()).backward()  # would raise if the first graph's noise had been overwritten
+    assert q.parameters()[0].grad is not None
+
+
+def test_retained_graph_after_reuse_raises_instead_of_using_new_noise() -> None:
+    model = mlp()
+    DiffQuantizer(model, min_size=0)
+    x = torch.randn(8, 40)
+    out = model(x).sum()
+    out.backward(retain_graph=True)
+    model(x).sum().backward()  # refills the buffers the retained graph saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+@pytest.mark.parametrize("group_size", [0, 8])
+def test_size_penalty_in_backward_equals_autograd_of_the_full_objective(group_size: int) -> None:
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0, group_size=group_size)
+    for logit in q.parameters():
+        logit.data.normal_(0, 1)
+    x = torch.randn(8, 40)
+    rng = torch.get_rng_state()
+    q.size_penalty = 2.5
+    model(x).square().mean().backward()
+    got = [logit.grad.clone() for logit in q.parameters()]
+    q.size_penalty = 0.0
+    model.zero_grad()
+    torch.set_rng_state(rng)
+    expected = torch.autograd.grad(model(x).square().mean() + 2.5 * q.model_size(), q.parameters())
+    for g, e in zip(got, expected):
+        assert_close(g, e, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="size_penalty must be a number >= 0"):
+        q.size_penalty = -1

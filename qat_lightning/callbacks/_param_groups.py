@@ -7,12 +7,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..core._optim import fused_options
+
 
 def move_to_own_group(
     trainer: pl.Trainer, params: Sequence[torch.nn.Parameter], lr: float | None, weight_decay: float
 ) -> torch.optim.Optimizer | None:
     """Move ``params`` out of every optimizer's groups into a new group of the optimizer that held
-    them (else the first), with ``lr`` (None: that optimizer's first group's lr) and ``weight_decay``.
+    them (else the first), with ``lr`` (None: that optimizer's first group's lr) and ``weight_decay``;
+    with Adam / AdamW the group uses the fused kernel (:func:`~qat_lightning.core._optim.fused_options`).
 
     LR schedulers built in ``configure_optimizers`` know only the user's groups: they are extended
     so that the new group follows the same schedule, as if it had been there from the start with
@@ -28,7 +31,8 @@ def move_to_own_group(
             group["params"][:] = [p for p in group["params"] if id(p) not in ids]
     reference = optimizer.param_groups[0]
     lr = reference["lr"] if lr is None else lr
-    optimizer.add_param_group({"params": list(params), "lr": lr, "weight_decay": weight_decay})
+    group_options = fused_options(optimizer, params)  # a few small tensors: one kernel each
+    optimizer.add_param_group({"params": list(params), "lr": lr, "weight_decay": weight_decay, **group_options})
     group = optimizer.param_groups[-1]
     ratio = lr / reference["lr"] if reference["lr"] else 1.0
     for key, value in reference.items():  # e.g. OneCycleLR's max_lr, min_lr, max_momentum

@@ -30,8 +30,10 @@ class DiffQ(pl.Callback):
       ``configure_optimizers`` and before a checkpoint's weights are loaded).
     * ``on_fit_start``: moves the bits into their own param group of the optimizer that holds
       them (``bits_lr``, ``bits_weight_decay``); LR schedulers scale that group like the others.
-    * ``on_before_optimizer_step`` (after AMP unscaling, before clipping): adds the gradient of
-      ``penalty * model_size()`` to the bits and logs ``quant/model_size_mb``, ``quant/avg_bits``,
+    * training: the gradient of ``penalty * model_size()`` reaches the bits inside the backward
+      (:attr:`DiffQuantizer.size_penalty`, divided by ``accumulate_grad_batches``);
+      ``on_before_optimizer_step`` (after AMP unscaling, before clipping) adds it to bits of layers
+      the step did not use and logs ``quant/model_size_mb``, ``quant/avg_bits``,
       ``quant/penalty`` every step; ``on_train_epoch_end`` logs ``quant/true_model_size_mb`` and
       ``quant/compression``.
     * validation, test and predict run on the true quantized weights, swapped in once when the
@@ -106,6 +108,9 @@ class DiffQ(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.setup_bits_param_group(trainer)
+        # the penalty's gradient is added inside each backward through a noisy weight (no extra
+        # pass over the bits); Lightning divides the loss of each accumulated batch the same way
+        self._require_quantizer().size_penalty = self.penalty / trainer.accumulate_grad_batches
 
     def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""
@@ -122,8 +127,8 @@ class DiffQ(pl.Callback):
         if optimizer is not self._bits_optimizer:
             return
         quantizer = self._require_quantizer()
-        if self.penalty > 0:
-            self.add_penalty_gradient(quantizer)
+        if self.penalty > 0:  # bits of layers this step did not use got no penalty in a backward
+            self.add_penalty_gradient(quantizer, only_missing=True)
         if _metrics_reach_loggers(trainer):  # self.log costs ~0.5 ms: skip steps Lightning would drop
             with torch.no_grad():
                 size = quantizer.model_size()
@@ -131,10 +136,11 @@ class DiffQ(pl.Callback):
             pl_module.log("quant/avg_bits", quantizer.average_bits(), prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/penalty", self.penalty * size, on_step=True, on_epoch=False)
 
-    def add_penalty_gradient(self, quantizer: DiffQuantizer) -> None:
-        """Add ``penalty * d model_size / d bits`` to the bits' ``.grad`` (the task gradient is already there)."""
+    def add_penalty_gradient(self, quantizer: DiffQuantizer, only_missing: bool = False) -> None:
+        """Add ``penalty * d model_size / d bits`` to the bits' ``.grad`` (the task gradient is
+        already there); ``only_missing``: only to bits without a gradient."""
         for logit, grad in zip(quantizer.parameters(), quantizer.size_gradient()):
-            if not logit.requires_grad:
+            if not logit.requires_grad or (only_missing and logit.grad is not None):
                 continue
             if logit.grad is None:
                 logit.grad = grad.mul_(self.penalty)
@@ -181,6 +187,7 @@ class DiffQ(pl.Callback):
         quantizer.enabled = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_quantizer().size_penalty = 0.0
         if self.export_path is not None:
             self.export(trainer)
         if self.quantize_on_fit_end:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._optim import fused_options
 from ._validate import check_bool, check_choice, check_number, check_patterns
 from .noise import inject_noise
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
@@ -33,6 +34,8 @@ class QuantizedParam(SwappedParam):
     group_size: int = 0
     _noisy: tuple[torch.Tensor, int, int] | None = None
     _eval: tuple[torch.Tensor, int, int] | None = None
+    _buffer: torch.Tensor | None = None  # the last noisy weight, refilled in place once free
+    _buffer_free: bool = False
 
     @property
     def num_groups(self) -> int:
@@ -40,6 +43,23 @@ class QuantizedParam(SwappedParam):
 
     def drop_noise(self) -> None:
         self._noisy = None
+
+    def backward_done(self) -> None:
+        """The backward through the last noisy weight has run: its noise buffer can be refilled."""
+        self._noisy = None
+        self._buffer_free = True
+
+    def noise_buffer(self) -> torch.Tensor:
+        """A tensor to draw this step's noise into (it becomes the noisy weight): last step's once
+        its backward has run (a fresh 1 MB tensor costs half as much in page faults as drawing its
+        random numbers), else a new one, so a graph still waiting for its backward keeps its own."""
+        buffer, param = self._buffer, self.param
+        if buffer is None or not self._buffer_free or (buffer.shape, buffer.dtype, buffer.device) != (
+            param.shape, param.dtype, param.device
+        ):
+            self._buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
+        self._buffer_free = False
+        return self._buffer.detach()  # an alias without last step's graph (same storage and version counter)
 
 
 @dataclass
@@ -169,6 +189,9 @@ class DiffQuantizer:
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
         self._layout_cache: _Layout | None = None
+        self._workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._constants: tuple[tuple, dict] | None = None
+        self._size_penalty = 0.0
         self._find_params()
 
         self._swapper = WeightSwapper(self._substitute)
@@ -185,13 +208,25 @@ class DiffQuantizer:
         for qp in self._qparams:
             for tensor in (qp.param, qp.logit):
                 if tensor.requires_grad:  # after backward the noisy tensor's graph is spent: draw anew
-                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: qp.drop_noise()))
+                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: qp.backward_done()))
         if not self._qparams:
             warnings.warn(
                 f"DiffQuantizer found nothing to quantize: every parameter is excluded or at most "
                 f"min_size={self.min_size} MB ({self._min_numel} entries)",
                 stacklevel=2,
             )
+
+    @property
+    def size_penalty(self) -> float:
+        """Weight of the model size (MB) added to the objective inside the backward: when > 0, each
+        backward through a noisy weight adds ``size_penalty * d model_size() / d logit`` to its
+        logits' gradient, so ``model_size()`` need not be part of the loss (0: nothing added).
+        With gradient accumulation over ``k`` backwards per step, set ``penalty / k``."""
+        return self._size_penalty
+
+    @size_penalty.setter
+    def size_penalty(self, value: float) -> None:
+        self._size_penalty = float(check_number("size_penalty", value, low=0))
 
     # ----------------------------------------------------------------------------- discovery
     @property
@@ -296,16 +331,68 @@ class DiffQuantizer:
             return qp._noisy[0]
         p = qp.param
         _, _, span = tensor_range(p)
+        noise = qp.noise_buffer()
         if self.noise == "gaussian":
-            source, half = torch.randn_like(p), 0.5
+            noise, half = noise.normal_(), 0.5
         else:
-            source, half = torch.rand_like(p).sub_(0.5), 1.0
+            noise, half = noise.uniform_(-0.5, 0.5), 1.0
+        unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
-            unit, unit_slope = self._noise_unit_and_slope(qp.logit)
-            scale = span * half
-        noisy = inject_noise(p, qp.logit, unit.mul_(scale), unit_slope.mul_(scale), source)
+            std = (unit * (span * half)).to(p.dtype)
+        noisy = inject_noise(p, qp.logit, std, log_slope, noise, self._workspace_for(p), penalty_grad)
         qp._noisy = (noisy, *versions)
         return noisy
+
+    def _step_constants(self) -> dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per logit: noise unit ``1 / (2**bits - 1)``, its logarithmic derivative and the size
+        penalty's gradient (None without penalty), for every logit at once (a handful of ops per
+        step instead of a handful per tensor), recomputed when a logit or the penalty changes."""
+        key = (tuple(qp.logit._version for qp in self._qparams), self.size_penalty)
+        if self._constants is not None and self._constants[0] == key:
+            return self._constants[1]
+        logits = [qp.logit.detach() for qp in self._qparams]
+        with torch.no_grad():
+            if len({logit.device for logit in logits}) == 1:
+                lengths = [qp.num_groups for qp in self._qparams]
+                columns = [t.split(lengths) if t is not None else [None] * len(lengths) for t in self._constants_of(torch.cat(logits))]
+                parts = zip(*columns)
+            else:  # logits on several devices: one computation each
+                parts = (self._constants_of(logit, qp) for logit, qp in zip(logits, self._qparams))
+            constants = {qp.logit: part for qp, part in zip(self._qparams, parts)}
+        self._constants = (key, constants)
+        return constants
+
+    def _constants_of(
+        self, logit: torch.Tensor, qp: QuantizedParam | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``unit``, ``d log(unit) / d logit`` and the penalty's gradient, in place where possible:
+        the logits are an eighth of the weights, and each temporary of theirs costs page faults."""
+        t = torch.sigmoid(logit)
+        slope = torch.addcmul(t, t, t, value=-1)  # d t / d logit = t (1 - t)
+        if self.param == "noise":  # log unit = t log(min_noise) + (1 - t) log(max_noise)
+            log_ratio = math.log(self._min_noise) - math.log(self._max_noise)
+            unit = t.mul_(log_ratio).add_(math.log(self._max_noise)).exp_()
+            log_slope = slope * log_ratio
+            bits_slope = slope.mul_(-log_ratio / math.log(2)).div_(unit + 1)  # bits = log2(1 + 1 / unit)
+        else:  # unit = 1 / (2**bits - 1), d log unit / d bits = -ln 2 (1 + unit)
+            span = self.max_bits - self.min_bits
+            unit = t.mul_(span).add_(self.min_bits).exp2_().sub_(1).reciprocal_()
+            log_slope = torch.add(unit, 1).mul_(slope).mul_(-math.log(2) * span)
+            bits_slope = slope.mul_(span)
+        if not self.size_penalty:
+            return unit, log_slope, None
+        group_sizes = self._layout().group_sizes if qp is None else qp.group_size
+        return unit, log_slope, bits_slope.mul_(group_sizes).mul_(self.size_penalty / MEGABYTE_BITS)
+
+    def _workspace_for(self, p: torch.Tensor) -> torch.Tensor:
+        """Scratch for the backward of the noise injection, one per device and dtype, as large as
+        the largest quantized tensor: backward nodes of one device run one at a time."""
+        key = (p.device, p.dtype)
+        work = self._workspaces.get(key)
+        if work is None:
+            size = max(qp.param.numel() for qp in self._qparams)
+            work = self._workspaces[key] = torch.empty(size, device=p.device, dtype=p.dtype)
+        return work
 
     def _eval_weight(self, entry: SwappedParam) -> torch.Tensor:
         logit_version = entry.logit._version if isinstance(entry, QuantizedParam) else 0
@@ -476,13 +563,15 @@ class DiffQuantizer:
             group["params"][:] = [p for p in group["params"] if id(p) not in ids]
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer, lr: float = 1e-3, **kwargs: Any) -> dict[str, Any]:
-        """Give the bits logits their own param group (``lr``, weight decay 0, ``kwargs`` on top).
+        """Give the bits logits their own param group (``lr``, weight decay 0, ``kwargs`` on top;
+        Adam / AdamW run it with their fused kernel unless ``kwargs`` say otherwise).
 
         Logits already in the optimizer (built after the quantizer) are moved out of their group.
         """
         check_number("lr", lr, low=0, low_open=True)
         self.clear_optimizer(optimizer)
-        group = {"params": self.parameters(), "lr": lr, "weight_decay": 0.0, **kwargs}
+        options = fused_options(optimizer, self.parameters()) if "foreach" not in kwargs else {}
+        group = {"params": self.parameters(), "lr": lr, "weight_decay": 0.0, **options, **kwargs}
         optimizer.add_param_group(group)
         return optimizer.param_groups[-1]
 
