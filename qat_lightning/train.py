@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("progress_bar") and cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(instantiate(cfg.progress_bar))
+    for callback in callbacks:  # relative report paths: in the run directory, next to summary.json
+        if isinstance(callback, DiffQ) and callback.layer_report and output_dir is not None:
+            callback.layer_report = str(Path(output_dir) / callback.layer_report)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     trainer.fit(model, datamodule=datamodule)
@@ -150,9 +155,21 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     summary = run(cfg, HydraConfig.get().runtime.output_dir)
-    return summary.get("quantized_test_acc", 0.0)  # the value an Optuna sweeper would maximise
+    return objective(summary, cfg.get("objective", "quantized_test_acc"))
+
+
+def objective(summary: dict[str, Any], keys: str | Sequence[str] | None) -> float | tuple[float, ...] | None:
+    """The value(s) a sweeper optimises: one summary key, or a tuple for several objectives."""
+    if not summary or keys is None:
+        return None
+    names = [keys] if isinstance(keys, str) else list(keys)
+    missing = [k for k in names if k not in summary]
+    if missing:
+        raise KeyError(f"objective {missing} not in the run summary; pick from {sorted(summary)}")
+    values = tuple(float(summary[k]) for k in names)
+    return values[0] if isinstance(keys, str) else values
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
-from qat_lightning.train import instantiate_group
+from qat_lightning.train import instantiate_group, objective
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -26,7 +26,7 @@ def compose_train(overrides: list[str]):  # noqa: ANN201
 @pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
 def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Path) -> None:
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-        optional = group == "ptq"  # not in the defaults list: appended with +ptq=...
+        optional = group in ("ptq", "sweep")  # not in the defaults list: appended with +ptq=..., +sweep=...
         cfg = compose_train([f"{'+' if optional else ''}{group}={option}"])
         node = cfg.get(group)
         if group in ("callbacks", "ptq"):
@@ -96,6 +96,7 @@ def test_app_runs_and_writes_summary(tmp_path: Path) -> None:
     assert summary["compression"] > 3 and summary["avg_bits"] < 9
     assert "compression" in result.stdout and "quantized test accuracy" in result.stdout
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").exists()
+    assert (tmp_path / "diffq_layers.png").exists() and "bits per layer" in result.stdout + result.stderr
 
 
 def test_app_float_baseline_and_multirun(tmp_path: Path) -> None:
@@ -106,6 +107,35 @@ def test_app_float_baseline_and_multirun(tmp_path: Path) -> None:
     _run_app(baseline, "callbacks=none")
     summary = json.loads((baseline / "summary.json").read_text())
     assert summary["compression"] == 1.0 and summary["float_test_acc"] == summary["quantized_test_acc"]
+    report = subprocess.run([sys.executable, "-m", "qat_lightning.report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "3 runs" in report.stdout and (tmp_path / "report.png").exists()
+    assert "penalty=0" in (tmp_path / "report.csv").read_text()
+
+
+@pytest.mark.parametrize("sweep", ["joblib", "optuna_size_accuracy"])
+def test_app_sweep_presets(sweep: str, tmp_path: Path) -> None:
+    plugin = {"joblib": "hydra_plugins.hydra_joblib_launcher", "optuna_size_accuracy": "hydra_plugins.hydra_optuna_sweeper"}[sweep]
+    pytest.importorskip(plugin, reason="needs the extra qat-lightning[sweep]")
+    extra = ["callbacks.diffq.penalty=0,3"] if sweep == "joblib" else ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2"]
+    _run_app(tmp_path, f"+sweep={sweep}", "data.num_samples=500", "trainer.max_epochs=1", *extra, multirun=True)
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 2
+    if sweep == "optuna_size_accuracy":  # both objectives (size, accuracy) went back to the sweeper
+        results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+        runs = [json.loads(p.read_text()) for p in summaries]
+        pairs = {(r["quantized_size_mb"], r["quantized_test_acc"]) for r in runs}
+        assert results.solutions and all(tuple(s["values"]) in pairs for s in results.solutions)
+
+
+def test_objective_returns_one_value_or_a_tuple() -> None:
+    summary = {"quantized_size_mb": 0.15, "quantized_test_acc": 0.8}
+    assert objective(summary, "quantized_test_acc") == 0.8
+    assert objective(summary, ["quantized_size_mb", "quantized_test_acc"]) == (0.15, 0.8)
+    assert objective({}, "quantized_test_acc") is None
+    with pytest.raises(KeyError, match="objective \\['accuracy'\\] not in the run summary"):
+        objective(summary, "accuracy")
 
 
 def test_app_post_training_adascale(tmp_path: Path) -> None:

@@ -82,3 +82,20 @@ def test_benchmark_suite_smoke(tmp_path: Path) -> None:
     _run("benchmarks/run.py", "--smoke", "--models", "mlp", "--rounds", "1", "--steps", "3", "--warmup", "1", "--no-memory", "--json", str(out))
     entry = json.loads(out.read_text())["mlp"]
     assert {"diffq", "ema", "diffq_ema", "torch_ao"} <= set(entry["step_ratio"]) and entry["swap"]["val_batch_ms"] > 0
+
+
+def test_char_lm_example_smoke() -> None:
+    result = _run("examples/char_lm.py", "--smoke")
+    assert "validation bits per character: float" in result.stdout and "bits/weight" in result.stdout
+
+
+def test_plain_torch_example_smoke() -> None:
+    result = _run("examples/plain_torch.py", "--epochs", "1", "--batches", "3")
+    assert "fresh model loaded from it" in result.stdout and "(same as the quantized model)" in result.stdout
+
+
+def test_sweep_report_example_smoke(tmp_path: Path) -> None:
+    result = _run("examples/sweep_report.py", "--epochs", "1", "--penalties", "0,10", "--group-sizes", "8",
+                  "--dir", str(tmp_path / "sweep"), "--extra", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                  "data.num_samples=500")  # fmt: skip
+    assert "2 runs" in result.stdout and (tmp_path / "sweep" / "report.png").exists()

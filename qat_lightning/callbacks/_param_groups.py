@@ -1,7 +1,9 @@
-"""Shared by the callbacks: their own param group (DiffQ's bits, LSQ's step sizes), resume checks."""
+"""Shared by the callbacks: their own param group (DiffQ's bits, LSQ's step sizes), resume checks,
+hyper-parameters logged to the Trainer's loggers."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -52,3 +54,28 @@ def warn_on_changed_options(callback: str, saved: dict, current: dict) -> None:
     changed = sorted(k for k in saved if saved[k] != current.get(k))
     if changed:
         rank_zero_warn(f"{callback}: resuming with options that differ from the checkpoint's: {changed}")
+
+
+def init_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments in ``locals()`` (taken first thing in ``__init__``), loggable."""
+    return {k: _loggable(v) for k, v in arguments.items() if k not in ("self", "__class__")}
+
+
+def _loggable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):  # also OmegaConf's DictConfig (Hydra instantiation)
+        return {str(k): _loggable(v) for k, v in value.items()}
+    if isinstance(value, Sequence):  # also ListConfig
+        return [_loggable(v) for v in value]
+    return getattr(value, "__qualname__", None) or repr(value)
+
+
+def log_hparams(trainer: pl.Trainer, callback: pl.Callback) -> None:
+    """Log the callback's ``hparams`` once, as ``<CallbackName>/<argument>``, to every logger."""
+    if getattr(callback, "_hparams_logged", False) or not trainer.loggers:
+        return
+    params = {f"{type(callback).__name__}/{k}": v for k, v in getattr(callback, "hparams", {}).items()}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+    callback._hparams_logged = True

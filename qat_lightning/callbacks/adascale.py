@@ -14,6 +14,8 @@ from ..core.ema_quantizer import EMAFakeQuantizer
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
+from ._param_groups import init_arguments, log_hparams
+
 
 class AdaScale(pl.Callback):
     """Post-training quantization of the weights with AdaScale (FlexRound + learnable clipping).
@@ -58,6 +60,7 @@ class AdaScale(pl.Callback):
         forward_fn: Callable[[Any, Any], Any] | None = None,
         progress: bool = True,
     ) -> None:
+        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.bits = check_number("bits", bits, low=2, high=8, integer=True)
         self.num_batches = check_number("num_batches", num_batches, low=1, integer=True)
         self.num_epochs = check_number("num_epochs", num_epochs, low=1, integer=True)
@@ -77,6 +80,7 @@ class AdaScale(pl.Callback):
         self.quantizer: EMAFakeQuantizer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log_hparams(trainer, self)
         for callback in trainer.callbacks:
             if isinstance(callback, DiffQ) or (isinstance(callback, EMAFakeQuant) and callback.options["weights"]):
                 raise ValueError(f"AdaScale quantizes the weights; {type(callback).__name__} would too: use EMAFakeQuant(weights=False) for activations")

@@ -12,6 +12,8 @@ from ..core.calibrate import WEIGHT_METHODS, calibrate
 from ..core.histogram import METHODS
 from .ema_fake_quant import EMAFakeQuant
 
+from ._param_groups import init_arguments, log_hparams
+
 
 class HistogramCalibration(pl.Callback):
     """Sets the fake-quant ranges of :class:`EMAFakeQuant` from histograms before training starts.
@@ -55,6 +57,7 @@ class HistogramCalibration(pl.Callback):
         weight_method: str = "percentile",
         forward_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
+        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.method = check_choice("method", method, (*METHODS, "max"))
         self.num_batches = check_number("num_batches", num_batches, low=1, integer=True)
         self.percentile = check_number("percentile", percentile, low=0, high=100, low_open=True)
@@ -68,6 +71,7 @@ class HistogramCalibration(pl.Callback):
         self.ranges: dict[str, tuple[float, float]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log_hparams(trainer, self)
         if not any(isinstance(c, EMAFakeQuant) for c in trainer.callbacks):
             raise ValueError("HistogramCalibration sets the ranges of EMAFakeQuant: add EMAFakeQuant(...) to the Trainer's callbacks too")
 

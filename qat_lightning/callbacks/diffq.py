@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..core._validate import check_bool, check_number
 from ..core.diffq import DiffQConfig, DiffQuantizer
 from ..core.packing import save_quantized
-from ._param_groups import move_to_own_group, warn_on_changed_options
+from ..plots import format_layer_table, plot_layer_bits
+from ._param_groups import init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
 
 
 class DiffQ(pl.Callback):
@@ -50,6 +51,8 @@ class DiffQ(pl.Callback):
         quantize_eval: run validation / test / predict on the true quantized weights.
         quantize_on_fit_end: keep the true quantized weights in the model after ``fit``.
         export_path: where to write the bit-packed model at the end of ``fit`` (None: nowhere).
+        layer_report: where to draw the bits per layer and each layer's share of the size at the end
+            of ``fit`` (PNG; relative: inside the log dir; None: no picture). The table is logged always.
         min_size, float16, group_size, min_bits, max_bits, param, noise, init_bits, extra_bits,
         suffix, exclude, detect_bound: passed to :class:`DiffQuantizer`.
     """
@@ -74,7 +77,9 @@ class DiffQ(pl.Callback):
         quantize_eval: bool = True,
         quantize_on_fit_end: bool = False,
         export_path: str | None = None,
+        layer_report: str | None = None,
     ) -> None:
+        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.penalty = check_number("penalty", penalty, low=0)
         self.bits_lr = check_number("bits_lr", bits_lr, low=0, low_open=True)
         self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
@@ -83,6 +88,9 @@ class DiffQ(pl.Callback):
         if export_path is not None and not isinstance(export_path, (str, PathLike)):
             raise ValueError(f"export_path must be a file path or None; got {export_path!r}")
         self.export_path = export_path
+        if layer_report is not None and not isinstance(layer_report, (str, PathLike)):
+            raise ValueError(f"layer_report must be a file path (.png) or None; got {layer_report!r}")
+        self.layer_report = layer_report
         self.exported: Path | None = None
         self.config = DiffQConfig(
             min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
@@ -95,6 +103,7 @@ class DiffQ(pl.Callback):
 
     # ----------------------------------------------------------------------------- structure
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log_hparams(trainer, self)
         if self.quantizer is None:
             self.quantizer = self.build_quantizer(pl_module)
             rank_zero_info(
@@ -152,6 +161,7 @@ class DiffQ(pl.Callback):
         true_size = quantizer.true_model_size()
         pl_module.log("quant/true_model_size_mb", true_size, on_step=False, on_epoch=True)
         pl_module.log("quant/compression", quantizer.float_model_size() / true_size, on_step=False, on_epoch=True)
+        pl_module.log("quant/true_avg_bits", quantizer.average_bits(exact=True), on_step=False, on_epoch=True)
 
     # ----------------------------------------------------------------------------- evaluation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -187,7 +197,13 @@ class DiffQ(pl.Callback):
         quantizer.enabled = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._require_quantizer().size_penalty = 0.0
+        quantizer = self._require_quantizer()
+        quantizer.size_penalty = 0.0
+        stats = quantizer.layer_stats()
+        rank_zero_info("DiffQ: bits per layer at the end of fit\n" + format_layer_table(stats))
+        if self.layer_report is not None and trainer.is_global_zero:
+            path = plot_layer_bits(stats, self._in_log_dir(trainer, self.layer_report))
+            rank_zero_info(f"DiffQ: bits per layer drawn in {path}")
         if self.export_path is not None:
             self.export(trainer)
         if self.quantize_on_fit_end:
@@ -195,14 +211,17 @@ class DiffQ(pl.Callback):
 
     def export(self, trainer: pl.Trainer, path: str | PathLike | None = None) -> Path | None:
         """Write the bit-packed quantized model (rank 0 only); returns the path written."""
-        target = Path(path if path is not None else self.export_path or "model.packed.safetensors")
-        if not target.is_absolute():
-            target = Path(trainer.log_dir or trainer.default_root_dir) / target
+        target = self._in_log_dir(trainer, path if path is not None else self.export_path or "model.packed.safetensors")
         if trainer.is_global_zero:
             size = save_quantized(self._require_quantizer(), target)
             rank_zero_info(f"DiffQ: bit-packed model written to {target} ({size / 2**20:.4f} MB)")
         self.exported = target
         return target
+
+    @staticmethod
+    def _in_log_dir(trainer: pl.Trainer, path: str | PathLike) -> Path:
+        target = Path(path)
+        return target if target.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / target
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

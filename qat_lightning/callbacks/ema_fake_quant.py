@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..core._validate import check_number, check_patterns
 from ..core.ema_quantizer import EMAFakeQuantizer
-from ._param_groups import move_to_own_group, warn_on_changed_options
+from ._param_groups import init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
 from .diffq import DiffQ
 
 
@@ -61,6 +61,7 @@ class EMAFakeQuant(pl.Callback):
         step_lr: float | None = None,
         step_weight_decay: float = 0.0,
     ) -> None:
+        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.options = dict(
             weight_bits=weight_bits, activation_bits=activation_bits, weight_mode=weight_mode,
             activation_mode=activation_mode, per_channel=per_channel, ema_decay=ema_decay, weights=weights,
@@ -81,6 +82,7 @@ class EMAFakeQuant(pl.Callback):
         self.quantizer: EMAFakeQuantizer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log_hparams(trainer, self)
         if self.quantizer is not None:
             return
         if self.options["weights"] and any(isinstance(c, DiffQ) for c in trainer.callbacks):

@@ -15,6 +15,8 @@ from ..core.rescaling import RescalingCalibrator
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
+from ._param_groups import init_arguments, log_hparams
+
 
 class Rescaling(pl.Callback):
     """SmoothQuant: moves activation outliers into the weights before (or during) QAT.
@@ -46,6 +48,7 @@ class Rescaling(pl.Callback):
         exclude: Sequence[str] = (),
         forward_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
+        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.alpha = check_number("alpha", alpha, low=0, high=1)
         self.num_batches = check_number("num_batches", num_batches, low=1, integer=True)
         self.exclude = check_patterns("exclude", exclude)
@@ -54,6 +57,7 @@ class Rescaling(pl.Callback):
         self.rescaled = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log_hparams(trainer, self)
         if self.calibrator is None:
             excluded = [m for name, m in pl_module.named_modules() if name and any(fnmatch(name, p) for p in self.exclude)]
             self.calibrator = RescalingCalibrator(pl_module, excluded_modules=excluded, inplace=True)

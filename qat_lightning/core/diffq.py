@@ -532,6 +532,30 @@ class DiffQuantizer:
         """
         return [self.bits_derivative(qp.logit) * (qp.group_size / MEGABYTE_BITS) for qp in self._qparams]
 
+    @torch.no_grad()
+    def layer_stats(self) -> list[dict[str, Any]]:
+        """Per tensor, in model order: name, shape, entries, true bits per group (mean, std, min,
+        max), size in MB (as counted by :meth:`true_model_size`, which is their sum) and share of
+        the total. Unquantized tensors report 32 or 16 bits."""
+        stats = []
+        for qp in self._qparams:
+            bits = self._true_bits(qp)
+            bits_bits = math.ceil(math.log2(max(bits.max().item() - self.min_bits + 1, 1)))
+            size_bits = (bits.sum().item() * qp.group_size) + bits_bits * qp.num_groups + 72
+            stats.append(dict(name=qp.name, shape=tuple(qp.param.shape), numel=qp.param.numel(), quantized=True,
+                              group_size=qp.group_size, bits_mean=bits.mean().item(),
+                              bits_std=bits.std(unbiased=False).item(), bits_min=bits.min().item(),
+                              bits_max=bits.max().item(), size_mb=size_bits / MEGABYTE_BITS))  # fmt: skip
+        for entry in self._kept:
+            width = 16 if entry.half else 32
+            stats.append(dict(name=entry.name, shape=tuple(entry.param.shape), numel=entry.param.numel(), quantized=False,
+                              group_size=0, bits_mean=width, bits_std=0.0, bits_min=width, bits_max=width,
+                              size_mb=width * entry.param.numel() / MEGABYTE_BITS))  # fmt: skip
+        total = sum(s["size_mb"] for s in stats) or 1.0
+        for s in stats:
+            s["share"] = s["size_mb"] / total
+        return stats
+
     def true_model_size(self) -> float:
         """Exact size in MB of the quantized model (rounded bits, no further compression)."""
         with torch.no_grad():
