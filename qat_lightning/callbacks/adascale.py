@@ -14,7 +14,7 @@ from ..core.ema_quantizer import EMAFakeQuantizer
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
-from ._param_groups import init_arguments, log_hparams
+from ._param_groups import check_trainer, init_arguments, log_hparams
 
 
 class AdaScale(pl.Callback):
@@ -80,6 +80,7 @@ class AdaScale(pl.Callback):
         self.quantizer: EMAFakeQuantizer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
         for callback in trainer.callbacks:
             if isinstance(callback, DiffQ) or (isinstance(callback, EMAFakeQuant) and callback.options["weights"]):

@@ -12,7 +12,7 @@ from ..core.calibrate import WEIGHT_METHODS, calibrate
 from ..core.histogram import METHODS
 from .ema_fake_quant import EMAFakeQuant
 
-from ._param_groups import init_arguments, log_hparams
+from ._param_groups import check_trainer, init_arguments, log_hparams
 
 
 class HistogramCalibration(pl.Callback):
@@ -71,6 +71,7 @@ class HistogramCalibration(pl.Callback):
         self.ranges: dict[str, tuple[float, float]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
         if not any(isinstance(c, EMAFakeQuant) for c in trainer.callbacks):
             raise ValueError("HistogramCalibration sets the ranges of EMAFakeQuant: add EMAFakeQuant(...) to the Trainer's callbacks too")

@@ -14,7 +14,7 @@ from ..core._validate import check_bool, check_number
 from ..core.diffq import DiffQConfig, DiffQuantizer
 from ..core.packing import save_quantized
 from ..plots import format_layer_table, plot_layer_bits
-from ._param_groups import init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
+from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
 
 
 class DiffQ(pl.Callback):
@@ -103,6 +103,7 @@ class DiffQ(pl.Callback):
 
     # ----------------------------------------------------------------------------- structure
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
         if self.quantizer is None:
             self.quantizer = self.build_quantizer(pl_module)

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..core._validate import check_number, check_patterns
 from ..core.ema_quantizer import EMAFakeQuantizer
-from ._param_groups import init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
+from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
 from .diffq import DiffQ
 
 
@@ -82,6 +82,7 @@ class EMAFakeQuant(pl.Callback):
         self.quantizer: EMAFakeQuantizer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
         if self.quantizer is not None:
             return

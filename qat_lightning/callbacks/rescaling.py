@@ -15,7 +15,7 @@ from ..core.rescaling import RescalingCalibrator
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
-from ._param_groups import init_arguments, log_hparams
+from ._param_groups import check_trainer, init_arguments, log_hparams
 
 
 class Rescaling(pl.Callback):
@@ -57,6 +57,7 @@ class Rescaling(pl.Callback):
         self.rescaled = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
         if self.calibrator is None:
             excluded = [m for name, m in pl_module.named_modules() if name and any(fnmatch(name, p) for p in self.exclude)]

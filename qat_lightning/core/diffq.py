@@ -440,6 +440,7 @@ class DiffQuantizer:
         """
         if self._saved is not None:
             return False
+        self.check_finite()
         saved: dict[int, torch.Tensor] = {}
         for entry in self._swapped_entries():
             if id(entry.param) in saved:
@@ -450,6 +451,16 @@ class DiffQuantizer:
         self._saved = saved
         self._refresh_rnns()
         return True
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming every quantized tensor that holds NaN or Inf."""
+        broken = [qp.name for qp in self._qparams if not torch.isfinite(qp.param).all()]
+        if broken:
+            raise FloatingPointError(
+                f"DiffQuantizer: NaN or Inf in {broken}; their quantized values would be meaningless. The model "
+                "diverged: check the loss and the learning rates (Trainer(detect_anomaly=True) finds the first op)"
+            )
 
     @torch.no_grad()
     def restore(self) -> bool:

@@ -121,7 +121,7 @@ class EMAFakeQuantizer:
             if self.activations and isinstance(module, self.activation_types) and module is not self.model:
                 if isinstance(module, CONTAINERS):
                     raise ValueError(f"activation_types includes container {type(module).__name__} ({name!r}): pick leaf layers")
-                self._attach(module, OUTPUT_NAME)
+                self._attach(module, OUTPUT_NAME, f"output of {name}")
                 self._handles.append(module.register_forward_hook(_quantize_output))
             if self.weights and type(module) in WEIGHT_AXIS:
                 self._add_weight(module, name, seen)
@@ -130,7 +130,7 @@ class EMAFakeQuantizer:
         if self.quantize_inputs:
             if isinstance(self.model, CONTAINERS):
                 raise ValueError("quantize_inputs needs a model that is not an nn.Sequential/ModuleList/ModuleDict")
-            self._attach(self.model, INPUT_NAME)
+            self._attach(self.model, INPUT_NAME, "model input")
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
         return self
 
@@ -157,8 +157,9 @@ class EMAFakeQuantizer:
             if module not in self._owners:
                 self._owners.append(module)
 
-    def _attach(self, module: nn.Module, name: str) -> None:
+    def _attach(self, module: nn.Module, name: str, label: str) -> None:
         fq = FakeLinearQuantization(self.activation_bits, self.activation_mode, self.ema_decay, learned_step=self.learned_step)
+        fq.label = f"activation quantizer ({label})"
         reference = next(iter(module.parameters(recurse=False)), None)
         if reference is not None:
             fq.to(reference.device)

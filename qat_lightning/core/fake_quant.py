@@ -339,6 +339,7 @@ class FakeLinearQuantization(nn.Module):
         if learned_step and not dequantize:
             raise ValueError("learned_step=True needs dequantize=True (the step size is learned through the dequantized output)")
         self.enabled = True  # False: pass-through (ranges may still be observed)
+        self.label = "FakeLinearQuantization"  # named in errors; EMAFakeQuantizer sets "<module> input"
         self.observe = True  # False: ranges frozen, also in training
         self.register_buffer("tracked_biased", torch.zeros(2))  # EMA of batch [min, max], not bias-corrected
         self.register_buffer("tracked", torch.zeros(2))  # bias-corrected [min, max]
@@ -434,16 +435,26 @@ class FakeLinearQuantization(nn.Module):
             current = torch.stack([-mn, mx]).float()
             dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
             current[0].neg_()
-        step = self._host.step = self._steps() + 1
         if x.is_cuda:
+            step = self._host.step = self._steps() + 1
             self._update_on_device(current if current is not None else torch.stack([mn, mx]).float(), step)
-        else:
-            lo, hi = current.tolist() if current is not None else (mn.item(), mx.item())
-            self._update_on_host(lo, hi, step)
+            return
+        lo, hi = current.tolist() if current is not None else (mn.item(), mx.item())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise FloatingPointError(
+                f"{self.label}: the batch holds non-finite values (min {lo}, max {hi}); the range was not "
+                "updated. The model diverged or the data holds NaN/Inf: check the loss, the learning rate "
+                "and the inputs (Trainer(detect_anomaly=True) finds the first op that produced them)"
+            )
+        step = self._host.step = self._steps() + 1
+        self._update_on_host(lo, hi, step)
 
     def _update_on_device(self, current: torch.Tensor, step: int) -> None:
+        """Device-side update, no host sync; a batch with NaN/Inf leaves the EMA as it was (raising
+        would need a sync: the CPU path raises)."""
         self.iter_count.fill_(step)
-        self.tracked_biased.lerp_(current, 1 - self.ema_decay)  # biased * d + (1 - d) * current
+        updated = torch.lerp(self.tracked_biased, current, 1 - self.ema_decay)  # biased * d + (1 - d) * current
+        self.tracked_biased.copy_(torch.where(torch.isfinite(current).all(), updated, self.tracked_biased))
         torch.div(self.tracked_biased, 1 - self.ema_decay**step, out=self.tracked)
         self._update_params()
 

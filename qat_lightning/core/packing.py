@@ -155,6 +155,10 @@ def write_packed(
     """Write float tensors (``half``: stored fp16) and quantized tensors in the packed format."""
     from safetensors.torch import save_file
 
+    broken = [name for name, q in quantized.items() if not (torch.isfinite(q.min).all() and torch.isfinite(q.max).all())]
+    broken += [name for name, t in floats.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise FloatingPointError(f"not writing {path}: NaN or Inf in {broken} (the model diverged; nothing was written)")
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     for name, q in quantized.items():
