@@ -479,3 +479,21 @@ def test_size_penalty_in_backward_equals_autograd_of_the_full_objective(group_si
         assert_close(g, e, rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError, match="size_penalty must be a number >= 0"):
         q.size_penalty = -1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_noise_follows_bits_updated_by_a_fused_optimizer(fused: bool) -> None:
+    """Fused Adam updates in place without bumping version counters: nothing may be cached on them."""
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    q.setup_optimizer(optimizer, lr=0.5, fused=fused, foreach=False)
+    x = torch.randn(8, 40)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(x).sum() + 100 * q.model_size()).backward()
+        optimizer.step()
+    logit = q.parameters()[0]
+    unit, _, _ = q._step_constants()[logit]
+    expected = 1 / (torch.exp2(q.get_bits(logit.detach())) - 1)
+    assert_close(unit, expected, rtol=1e-6, atol=0)

@@ -62,7 +62,7 @@ def test_penalty_gradient_under_fp16_grad_scaler() -> None:
 
     class Recorder(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-            self.state, self.rng = copy.deepcopy(pl_module.state_dict()), torch.cuda.get_rng_state()
+            self.state, self.rng = copy.deepcopy(pl_module.state_dict()), diffq.quantizer.noise_rng_state()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
             self.grads = [p.grad.detach().clone() for p in diffq.quantizer.parameters()]
@@ -74,7 +74,7 @@ def test_penalty_gradient_under_fp16_grad_scaler() -> None:
     model = tiny_model().cuda()
     quantizer = DiffQuantizer(model, min_size=0, exclude=["*.bias"])
     model.load_state_dict(recorder.state)
-    torch.cuda.set_rng_state(recorder.rng)
+    quantizer.set_noise_rng_state(recorder.rng)  # the callback's own noise generator
     x, y = next(iter(tiny_loader(batch_size=8)))
     with torch.autocast("cuda", dtype=torch.float16):
         task = F.cross_entropy(model(x.cuda()), y.cuda())

@@ -53,6 +53,10 @@ class DiffQ(pl.Callback):
         export_path: where to write the bit-packed model at the end of ``fit`` (None: nowhere).
         layer_report: where to draw the bits per layer and each layer's share of the size at the end
             of ``fit`` (PNG; relative: inside the log dir; None: no picture). The table is logged always.
+        seed: seed of the training noise's own generator (its state is saved in checkpoints, so a
+            resumed run draws the noise an uninterrupted one would have). None: drawn from torch's
+            global RNG at setup, so ``seed_everything`` governs it (and every DDP rank, seeded
+            alike, draws the same noise).
         min_size, float16, group_size, min_bits, max_bits, param, noise, init_bits, extra_bits,
         suffix, exclude, detect_bound: passed to :class:`DiffQuantizer`.
     """
@@ -78,6 +82,7 @@ class DiffQ(pl.Callback):
         quantize_on_fit_end: bool = False,
         export_path: str | None = None,
         layer_report: str | None = None,
+        seed: int | None = None,
     ) -> None:
         self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.penalty = check_number("penalty", penalty, low=0)
@@ -91,6 +96,8 @@ class DiffQ(pl.Callback):
         if layer_report is not None and not isinstance(layer_report, (str, PathLike)):
             raise ValueError(f"layer_report must be a file path (.png) or None; got {layer_report!r}")
         self.layer_report = layer_report
+        self.seed = None if seed is None else check_number("seed", seed, low=0, integer=True)
+        self._pending_rng: dict[str, torch.Tensor] | None = None
         self.exported: Path | None = None
         self.config = DiffQConfig(
             min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
@@ -107,6 +114,8 @@ class DiffQ(pl.Callback):
         log_hparams(trainer, self)
         if self.quantizer is None:
             self.quantizer = self.build_quantizer(pl_module)
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.quantizer.seed_noise(seed)
             rank_zero_info(
                 f"DiffQ: {len(self.quantizer.quantized_params())} tensors quantized, "
                 f"float size {self.quantizer.float_model_size():.4f} MB"
@@ -117,6 +126,9 @@ class DiffQ(pl.Callback):
         return DiffQuantizer(pl_module, **asdict(self.config))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_rng is not None:
+            self._require_quantizer().set_noise_rng_state(self._pending_rng)
+            self._pending_rng = None
         self.setup_bits_param_group(trainer)
         # the penalty's gradient is added inside each backward through a noisy weight (no extra
         # pass over the bits); Lightning divides the loss of each accumulated batch the same way
@@ -228,15 +240,24 @@ class DiffQ(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         config = asdict(self.config)
         config["exclude"] = list(config["exclude"])
-        return {
+        state = {
             "config": config,
             "penalty": self.penalty,
             "bits_lr": self.bits_lr,
             "bits_weight_decay": self.bits_weight_decay,
         }
+        if self.quantizer is not None:
+            state["noise_rng"] = self.quantizer.noise_rng_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         warn_on_changed_options("DiffQ", state_dict.get("config", {}), self.state_dict()["config"])
+        rng = state_dict.get("noise_rng")
+        if rng:
+            if self.quantizer is not None:
+                self.quantizer.set_noise_rng_state(rng)
+            else:  # restored before setup: applied when the quantizer exists
+                self._pending_rng = rng
 
     def _require_quantizer(self) -> DiffQuantizer:
         if self.quantizer is None:

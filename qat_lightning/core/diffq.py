@@ -191,6 +191,8 @@ class DiffQuantizer:
         self._layout_cache: _Layout | None = None
         self._workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._constants: tuple[tuple, dict] | None = None
+        self._noise_seed: int | None = None  # None: noise from torch's global RNG (as the reference)
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._size_penalty = 0.0
         self._find_params()
 
@@ -208,7 +210,7 @@ class DiffQuantizer:
         for qp in self._qparams:
             for tensor in (qp.param, qp.logit):
                 if tensor.requires_grad:  # after backward the noisy tensor's graph is spent: draw anew
-                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: qp.backward_done()))
+                    self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: self._backward_done(qp)))
         if not self._qparams:
             warnings.warn(
                 f"DiffQuantizer found nothing to quantize: every parameter is excluded or at most "
@@ -333,9 +335,9 @@ class DiffQuantizer:
         _, _, span = tensor_range(p)
         noise = qp.noise_buffer()
         if self.noise == "gaussian":
-            noise, half = noise.normal_(), 0.5
+            noise, half = noise.normal_(generator=self._generator_for(p.device)), 0.5
         else:
-            noise, half = noise.uniform_(-0.5, 0.5), 1.0
+            noise, half = noise.uniform_(-0.5, 0.5, generator=self._generator_for(p.device)), 1.0
         unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
             std = (unit * (span * half)).to(p.dtype)
@@ -343,10 +345,56 @@ class DiffQuantizer:
         qp._noisy = (noisy, *versions)
         return noisy
 
+    # ----------------------------------------------------------------------------- noise RNG
+    def seed_noise(self, seed: int | None) -> None:
+        """Draw the training noise from generators of its own, seeded with ``seed`` (one per
+        device), instead of torch's global RNG: the noise no longer depends on what else draws
+        random numbers, so it can be checkpointed (:meth:`noise_rng_state`) and is the same on
+        every DDP rank. ``None``: back to the global RNG."""
+        if seed is not None:
+            check_number("seed", seed, low=0, integer=True)
+        self._noise_seed = seed
+        self._generators.clear()
+
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        if self._noise_seed is None:
+            return None
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device).manual_seed(self._noise_seed)
+        return generator
+
+    def noise_rng_state(self) -> dict[str, torch.Tensor]:
+        """The noise seed (key ``"seed"``) and each generator's state by device name; empty without
+        :meth:`seed_noise`. Tensors only, so checkpoints load with ``weights_only=True``."""
+        if self._noise_seed is None:
+            return {}
+        return {"seed": torch.tensor(self._noise_seed), **{str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def set_noise_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`noise_rng_state` returned: the seed, then each generator's state."""
+        if "seed" in state:
+            self.seed_noise(int(state["seed"]))
+        if self._noise_seed is None:
+            raise RuntimeError("set_noise_rng_state: no seed in the state and seed_noise(seed) not called")
+        for name, value in state.items():
+            if name == "seed":
+                continue
+            device = torch.device(name)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                continue  # resumed without the GPU it was saved on: that device's stream starts anew
+            self._generator_for(device).set_state(value.cpu())
+
+    def _backward_done(self, qp: QuantizedParam) -> None:
+        qp.backward_done()
+        self._constants = None  # the optimizer step that follows changes the logits
+
     def _step_constants(self) -> dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Per logit: noise unit ``1 / (2**bits - 1)``, its logarithmic derivative and the size
         penalty's gradient (None without penalty), for every logit at once (a handful of ops per
         step instead of a handful per tensor), recomputed when a logit or the penalty changes."""
+        # fused optimizers (Adam(fused=True)) update in place without bumping version counters: the
+        # cache is also dropped at every root forward and after every backward (new_noise, backward_done)
         key = (tuple(qp.logit._version for qp in self._qparams), self.size_penalty)
         if self._constants is not None and self._constants[0] == key:
             return self._constants[1]
@@ -419,6 +467,7 @@ class DiffQuantizer:
         """
         for qp in self._qparams:
             qp.drop_noise()
+        self._constants = None
 
     def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
         self.new_noise()

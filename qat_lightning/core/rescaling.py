@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._validate import check_bool, check_number
@@ -189,13 +190,17 @@ class RescalingCalibrator:
     @torch.no_grad()
     def rescale(self, *, alpha: float = 0.5) -> nn.Module:
         """Rescale with the statistics collected so far; returns the rescaled model (the copy when
-        ``inplace=False``). Layers that never ran during calibration are left alone (warning)."""
+        ``inplace=False``). Layers that never ran during calibration are left alone (warning).
+        Under ``torch.distributed`` the input maxima are reduced over ranks first (all ranks call it)."""
         check_number("alpha", alpha, low=0, high=1)
         if self.rescaled:
             raise RuntimeError("RescalingCalibrator.rescale() was already called")
         if not self.input_max:
             raise ValueError("RescalingCalibrator.rescale(): no statistics; call the calibrator on model inputs first")
         self.close()
+        if dist.is_available() and dist.is_initialized():  # every rank saw its own shard: agree on the widest
+            for name in sorted(self.input_max):
+                dist.all_reduce(self.input_max[name], op=dist.ReduceOp.MAX)
         self.add_input_scales()
         modules = dict(self.model.named_modules())
         skipped = []
