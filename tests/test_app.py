@@ -144,3 +144,15 @@ def test_app_post_training_adascale(tmp_path: Path) -> None:
     ptq = json.loads((tmp_path / "summary.json").read_text())["ptq"]
     assert ptq["method"] == "AdaScale" and ptq["bits"] == 4 and 0 <= ptq["rtn_test_acc"] <= 1 and 0 <= ptq["ptq_test_acc"] <= 1
     assert "post-training W4: round-to-nearest" in result.stdout
+
+
+def test_misspelled_keys_fail_with_hydras_own_message() -> None:
+    from hydra.errors import ConfigCompositionException, InstantiationException
+
+    with pytest.raises(ConfigCompositionException, match="penaltyy"):
+        compose_train(["callbacks.diffq.penaltyy=3"])
+    with pytest.raises(ConfigCompositionException, match="max_epoch"):
+        compose_train(["trainer.max_epoch=3"])
+    cfg = compose_train(["+callbacks.diffq.penaltyy=3"])  # forced in with +: the callback names it
+    with pytest.raises(InstantiationException, match="penaltyy"):
+        instantiate_group(cfg.callbacks)

@@ -1,6 +1,8 @@
 """Prepare a model for EMA fake-quant QAT (Distiller's ``QuantAwareTrainRangeLinearQuantizer``) and undo it."""
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from fnmatch import fnmatch
 
@@ -93,6 +95,8 @@ class EMAFakeQuantizer:
         self.weights = check_bool("weights", weights)
         self.activations = check_bool("activations", activations)
         self.quantize_inputs = check_bool("quantize_inputs", quantize_inputs)
+        if not (weights or activations or quantize_inputs):
+            raise ValueError("weights, activations and quantize_inputs are all False: nothing to quantize; enable at least one")
         types = tuple(activation_types)
         if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
             raise ValueError(f"activation_types must be a non-empty list of nn.Module subclasses; got {activation_types!r}")
@@ -132,6 +136,12 @@ class EMAFakeQuantizer:
                 raise ValueError("quantize_inputs needs a model that is not an nn.Sequential/ModuleList/ModuleDict")
             self._attach(self.model, INPUT_NAME, "model input")
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
+        if not self._created and not self._weight_quantizers:
+            warnings.warn(
+                f"EMAFakeQuantizer found nothing to quantize in {type(self.model).__name__}: no layer of "
+                f"activation_types and no Linear/Conv weight (exclude={list(self.exclude)})",
+                stacklevel=2,
+            )
         return self
 
     def _add_weight(self, module: nn.Module, name: str, seen: dict[int, SwappedParam]) -> None:

@@ -64,7 +64,7 @@ class HistogramCalibrator:
         self.axis = axis
         self.unsigned = check_bool("unsigned", unsigned)
         self.num_bins = check_number("num_bins", num_bins, low=2, integer=True)
-        self.grow_method = grow_method
+        self.grow_method = check_choice("grow_method", grow_method, (None, "stretch", "append"))
         self.skip_zeros = check_bool("skip_zeros", skip_zeros)
         self.torch_hist = check_bool("torch_hist", torch_hist)
         if axis is not None and not torch_hist:

@@ -90,6 +90,8 @@ class RescalingCalibrator:
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError(f"kwargs must be a dict of keyword arguments or None; got {type(kwargs).__name__}")
         self.inplace = check_bool("inplace", inplace)
+        if excluded_modules is not None and not isinstance(excluded_modules, (list, tuple, set)):
+            raise ValueError(f"excluded_modules must be a list of nn.Module types or instances, or None; got {excluded_modules!r}")
         excluded = list(excluded_modules or ())
         for item in excluded:
             if not (isinstance(item, nn.Module) or (isinstance(item, type) and issubclass(item, nn.Module))):

@@ -1,0 +1,99 @@
+"""Every constructor argument of every callback and core class: a wrong type, an out-of-range value
+or an inconsistent combination raises ValueError naming the argument (one case per argument)."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from qat_lightning import (
+    AdaScale, DiffQ, DiffQuantizer, EMAFakeQuant, EMAFakeQuantizer, FakeLinearQuantization, HistogramCalibration, Rescaling,
+)  # fmt: skip
+from qat_lightning.core.histogram import HistogramCalibrator
+from qat_lightning.core.rescaling import RescalingCalibrator
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+DIFFQ_CASES = {
+    "group_size": 3.5, "min_size": -0.1, "float16": "yes", "min_bits": 0, "max_bits": 16, "param": "logit",
+    "noise": "laplace", "init_bits": 1, "extra_bits": "one", "suffix": "", "exclude": 5, "detect_bound": 2,
+}  # fmt: skip
+CASES: dict[type, dict[str, Any]] = {
+    DiffQ: {**DIFFQ_CASES, "penalty": -1, "bits_lr": 0, "bits_weight_decay": -1, "quantize_eval": None, "quantize_on_fit_end": "no",
+            "export_path": 3, "layer_report": 3.0, "seed": -1},
+    DiffQuantizer: {**DIFFQ_CASES, "model": "not a module"},
+    EMAFakeQuant: {"weight_bits": 1, "activation_bits": 17, "weight_mode": "ternary", "activation_mode": "x", "per_channel": "y",
+                   "ema_decay": 1.0, "weights": 0.5, "activations": "no", "quantize_inputs": 1.5, "exclude": 3,
+                   "start_step": -1, "freeze_step": -2, "learned_step": "yes", "quantize_bias": "no", "step_lr": 0,
+                   "step_weight_decay": -1},
+    EMAFakeQuantizer: {"model": None, "weight_bits": 0, "activation_bits": 40, "weight_mode": "x", "activation_mode": "y",
+                       "per_channel": None, "ema_decay": -0.5, "weights": "w", "activations": 2, "quantize_inputs": "q",
+                       "activation_types": (int,), "exclude": 1, "learned_step": "l", "quantize_bias": "b"},
+    FakeLinearQuantization: {"num_bits": 1, "mode": "m", "ema_decay": 2, "dequantize": "d", "learned_step": 3},
+    HistogramCalibration: {"method": "median", "num_batches": 0, "percentile": 101, "num_bins": 1, "stride": 0,
+                           "start_bin": -1, "weights": "w", "weight_method": "entropy2", "forward_fn": 3},
+    HistogramCalibrator: {"num_bits": 0, "axis": "x", "unsigned": "u", "num_bins": 0, "grow_method": "shrink",
+                          "skip_zeros": 2, "torch_hist": "t"},
+    Rescaling: {"alpha": 1.5, "num_batches": 0, "exclude": 7, "forward_fn": "f"},
+    RescalingCalibrator: {"model": "m", "args": 3, "kwargs": 4, "excluded_modules": 5, "inplace": "i"},
+    AdaScale: {"bits": 1, "num_batches": 0, "num_epochs": 0, "num_iterations": -5, "lr": 0, "scale_lr": -1,
+               "fp_input_mix": 1.5, "block_types": [3], "forward_fn": 4, "progress": "p"},
+}
+NEEDS_MODEL = {DiffQuantizer, EMAFakeQuantizer, RescalingCalibrator}
+
+
+def _params(cls: type) -> list[str]:
+    return [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+
+
+@pytest.mark.parametrize("cls", list(CASES), ids=lambda c: c.__name__)
+def test_the_table_covers_every_argument(cls: type) -> None:
+    assert set(CASES[cls]) == set(_params(cls))
+
+
+@pytest.mark.parametrize(
+    ("cls", "argument"), [(cls, arg) for cls, cases in CASES.items() for arg in cases], ids=lambda v: getattr(v, "__name__", v)
+)
+def test_bad_argument_raises_value_error_naming_it(cls: type, argument: str) -> None:
+    kwargs: dict[str, Any] = {"model": _model()} if cls in NEEDS_MODEL else {}
+    kwargs[argument] = CASES[cls][argument]
+    with pytest.raises(ValueError, match=argument):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (DiffQ, {"min_bits": 6, "init_bits": 4}, "init_bits"),
+        (DiffQ, {"min_bits": 8, "max_bits": 6}, "max_bits"),
+        (DiffQ, {"group_size": 7}, "group_size=7 does not divide"),
+        (EMAFakeQuant, {"start_step": 10, "freeze_step": 5}, "freeze_step"),
+        (EMAFakeQuant, {"weights": False, "activations": False, "quantize_inputs": False}, "nothing to quantize"),
+        (HistogramCalibration, {"start_bin": 4096, "num_bins": 2048}, "start_bin"),
+    ],
+)
+def test_inconsistent_combinations_are_refused(cls: type, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        made = cls(**kwargs)
+        if isinstance(made, DiffQ):  # group sizes are checked against the model's tensors
+            DiffQuantizer(_model(), min_size=0, **{k: v for k, v in kwargs.items()})
+
+
+def test_empty_calibration_loader_and_nothing_to_quantize_have_clear_messages() -> None:
+    from qat_lightning.core.calibrate import calibrate
+
+    model = _model()
+    EMAFakeQuantizer(model).prepare()
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(model, [], method="max", num_batches=4)
+    with pytest.warns(UserWarning, match="found nothing to quantize"):
+        DiffQuantizer(nn.Sequential(nn.Linear(2, 2)))  # below min_size
+    with pytest.warns(UserWarning, match="found nothing to quantize"):
+        EMAFakeQuantizer(nn.Sequential(nn.LayerNorm(4), nn.GELU())).prepare()
+    assert torch.is_tensor(model[0].weight)
