@@ -75,7 +75,6 @@ def test_bad_argument_raises_value_error_naming_it(cls: type, argument: str) -> 
         (DiffQ, {"group_size": 7}, "group_size=7 does not divide"),
         (EMAFakeQuant, {"start_step": 10, "freeze_step": 5}, "freeze_step"),
         (EMAFakeQuant, {"weights": False, "activations": False, "quantize_inputs": False}, "nothing to quantize"),
-        (HistogramCalibration, {"start_bin": 4096, "num_bins": 2048}, "start_bin"),
     ],
 )
 def test_inconsistent_combinations_are_refused(cls: type, kwargs: dict, message: str) -> None:

@@ -64,8 +64,6 @@ class HistogramCalibration(pl.Callback):
         self.num_bins = check_number("num_bins", num_bins, low=2, integer=True)
         self.stride = check_number("stride", stride, low=1, integer=True)
         self.start_bin = check_number("start_bin", start_bin, low=0, integer=True)
-        if start_bin >= num_bins:
-            raise ValueError(f"start_bin={start_bin} must be below num_bins={num_bins} (the searches start there)")
         self.weights = check_bool("weights", weights)
         self.weight_method = check_choice("weight_method", weight_method, WEIGHT_METHODS)
         self.forward_fn = check_forward_fn(forward_fn)

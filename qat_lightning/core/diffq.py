@@ -675,6 +675,8 @@ class DiffQuantizer:
                 del slot.module._parameters[slot.attr + self.suffix]
         self._qparams.clear()
         self._kept.clear()
+        self._workspaces.clear()
+        self._constants = None
 
     def quantized_params(self) -> list[QuantizedParam]:
         """Quantized parameter records (name, parameter, logit, group size), in model order."""
