@@ -72,11 +72,15 @@ def _job_order(path: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
+PRESENTATION = ("hydra.", "progress_bar", "trainer.enable_progress_bar", "trainer.enable_model_summary", "logger")
+
+
 def _label(runs: Sequence[Run]) -> None:
-    """Label each run with the overrides that are not the same in every run."""
+    """Label each run with the overrides that are not the same in every run (display-only
+    settings such as the progress bar left out)."""
     common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
     for i, run in enumerate(runs):
-        varying = [_short(o) for o in run.overrides if o not in common]
+        varying = [_short(o) for o in run.overrides if o not in common and not o.lstrip("+~").startswith(PRESENTATION)]
         run.label = " ".join(varying) or f"run {i}"
 
 
@@ -151,9 +155,9 @@ def plot(runs: Sequence[Run], path: str | Path, title: str | None = None) -> Pat
         size, accuracy, description = baseline
         ax.scatter([size], [100 * accuracy], marker="*", s=260, color="#00798c", label=description, zorder=4)
         ax.axhline(100 * accuracy, color="#00798c", lw=0.8, ls="--", zorder=1)
-    for run in quantized:
-        ax.annotate(run.label, (run.size, 100 * run.accuracy), xytext=(5, 4), textcoords="offset points",
-                    fontsize=7, color="#333333" if run.pareto else "#7b8794")  # fmt: skip
+    for i, run in enumerate(sorted(quantized, key=lambda r: (r.size, r.accuracy))):  # neighbours: above / below
+        ax.annotate(run.label, (run.size, 100 * run.accuracy), xytext=(6, 5 if i % 2 == 0 else -11), textcoords="offset points",
+                    fontsize=7.5, color="#222222" if run.pareto else "#6b7785")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("true model size (MB, log scale)")
     ax.set_ylabel("quantized test accuracy (%)")
