@@ -2,7 +2,7 @@
 state after every step; two-process DDP (gloo, batch 8 per rank) or, with ``single``, one process
 with the same global batch of 16.
 
-    python tests/ddp_run.py OUT_DIR {ema,lsq,stack} [single]
+    python tests/ddp_run.py OUT_DIR {ema,lsq,stack,adascale} [single]
 """
 import sys
 import warnings
@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qat_lightning import DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling  # noqa: E402
+from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling  # noqa: E402
 from tests.helpers import tiny_loader, tiny_model  # noqa: E402
 
 
@@ -48,6 +48,8 @@ def callbacks(mode: str) -> list[pl.Callback]:
     if mode == "stack":  # every callback that trains: DiffQ weights, 8-bit activations, calibrated ranges, SmoothQuant
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0), EMAFakeQuant(weights=False, ema_decay=0.9),
                 Rescaling(num_batches=1), HistogramCalibration(method="max", num_batches=1, weights=False)]  # fmt: skip
+    if mode == "adascale":  # post-training weights, then fine-tuning on the frozen grid with 8-bit activations
+        return [AdaScale(bits=4, num_batches=2, num_iterations=5, progress=False), EMAFakeQuant(weights=False, ema_decay=0.9)]
     return [EMAFakeQuant(learned_step=mode == "lsq", ema_decay=0.9)]
 
 

@@ -52,7 +52,7 @@ def _run(out: Path, mode: str, *extra: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-@pytest.mark.parametrize("mode", ["ema", "lsq", "stack"])
+@pytest.mark.parametrize("mode", ["ema", "lsq", "stack", "adascale"])
 def test_lightning_ddp_ranks_agree_every_step_and_match_one_process(tmp_path: Path, mode: str) -> None:
     """Two ranks hold identical weights, bits, EMA ranges, LSQ steps, calibrated ranges and scales
     after every step, and end where one process with the same global batch ends."""
@@ -67,6 +67,8 @@ def test_lightning_ddp_ranks_agree_every_step_and_match_one_process(tmp_path: Pa
             assert [k for k in rank0 if k.endswith("_diffq")] and [k for k in rank0 if "input_scale" in k or "scale" in k]
         for key in rank0:  # ranges, LSQ steps, bits and weights alike
             assert torch.equal(rank0[key], rank1[key]), (step, key)
+    if mode == "adascale":  # rank 0 optimised on its half of the batches: not a one-process run
+        return
     _run(tmp_path, mode, "single")
     single = torch.load(tmp_path / "single_step4.pt", weights_only=True)
     final = torch.load(tmp_path / "rank0_step4.pt", weights_only=True)

@@ -123,6 +123,11 @@ class AdaScale(pl.Callback):
             scale_lr=self.scale_lr, fp_input_mix=self.fp_input_mix, device=pl_module.device, progress=self.progress,
         )  # fmt: skip
         self.quantizer = self.result.quantizer
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank optimised on its own shard: every rank takes rank 0's weights and scales
+            with torch.no_grad():
+                for tensor in pl_module.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
         self.done = True
         metrics = {}
         for block in self.result.blocks:
