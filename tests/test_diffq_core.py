@@ -386,8 +386,9 @@ def _one_noisy_backward(dtype: torch.dtype, **options: str) -> tuple:
     layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight))
     torch.manual_seed(7)
     layer(x)
+    noisy = seen[0].detach().clone()  # the backward reuses the noisy weight's memory
     seen[0].backward(upstream)
-    return layer, q, logit, upstream, seen
+    return layer, q, logit, upstream, [noisy]
 
 
 @pytest.mark.parametrize("param", ["bits", "noise"])

@@ -32,7 +32,7 @@ class QuantizedParam(SwappedParam):
 
     logit: nn.Parameter | None = None
     group_size: int = 0
-    _noisy: tuple[torch.Tensor, int, int] | None = None
+    _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
     _eval: tuple[torch.Tensor, int, int] | None = None
     _buffer: torch.Tensor | None = None  # the last noisy weight, refilled in place once free
     _buffer_free: bool = False
@@ -189,7 +189,6 @@ class DiffQuantizer:
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
         self._layout_cache: _Layout | None = None
-        self._workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._constants: tuple[tuple, dict] | None = None
         self._noise_seed: int | None = None  # None: noise from torch's global RNG (as the reference)
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -329,8 +328,8 @@ class DiffQuantizer:
 
     def _noisy_weight(self, qp: QuantizedParam) -> torch.Tensor:
         versions = (qp.param._version, qp.logit._version)
-        if qp._noisy is not None and qp._noisy[1:] == versions:
-            return qp._noisy[0]
+        if qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
+            return qp._noisy[0]  # a tied weight used again in this forward (its backward reuses the memory)
         p = qp.param
         _, _, span = tensor_range(p)
         noise = qp.noise_buffer()
@@ -341,8 +340,8 @@ class DiffQuantizer:
         unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
             std = (unit * (span * half)).to(p.dtype)
-        noisy = inject_noise(p, qp.logit, std, log_slope, noise, self._workspace_for(p), penalty_grad)
-        qp._noisy = (noisy, *versions)
+        noisy = inject_noise(p, qp.logit, std, log_slope, noise, penalty_grad)
+        qp._noisy = (noisy, *versions, noisy._version)
         return noisy
 
     # ----------------------------------------------------------------------------- noise RNG
@@ -431,16 +430,6 @@ class DiffQuantizer:
             return unit, log_slope, None
         group_sizes = self._layout().group_sizes if qp is None else qp.group_size
         return unit, log_slope, bits_slope.mul_(group_sizes).mul_(self.size_penalty / MEGABYTE_BITS)
-
-    def _workspace_for(self, p: torch.Tensor) -> torch.Tensor:
-        """Scratch for the backward of the noise injection, one per device and dtype, as large as
-        the largest quantized tensor: backward nodes of one device run one at a time."""
-        key = (p.device, p.dtype)
-        work = self._workspaces.get(key)
-        if work is None:
-            size = max(qp.param.numel() for qp in self._qparams)
-            work = self._workspaces[key] = torch.empty(size, device=p.device, dtype=p.dtype)
-        return work
 
     def _eval_weight(self, entry: SwappedParam) -> torch.Tensor:
         logit_version = entry.logit._version if isinstance(entry, QuantizedParam) else 0
@@ -675,7 +664,6 @@ class DiffQuantizer:
                 del slot.module._parameters[slot.attr + self.suffix]
         self._qparams.clear()
         self._kept.clear()
-        self._workspaces.clear()
         self._constants = None
 
     def quantized_params(self) -> list[QuantizedParam]:

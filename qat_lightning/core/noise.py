@@ -8,8 +8,8 @@ single node: the backward is the identity for ``p`` (no copy) and one multiply-r
 for the logit, the minimum work the DiffQ gradient needs.
 
 Memory: nothing but the noisy weight is kept for the backward (the layer that uses it saves it
-anyway). The unit noise is recovered there as ``(noisy - p) / std``, so the logit gradient is
-``log_slope * sum(grad * (noisy - p))``. For float32 that recovery is exact up to the rounding of
+anyway), and the backward computes in its memory. The unit noise is recovered there as
+``(noisy - p) / std``, so the logit gradient is ``log_slope * sum(grad * (noisy - p))``. For float32 that recovery is exact up to the rounding of
 ``p + noise``, a relative error below ``2**(bits - 23)`` per entry (3e-5 at 8 bits); for float16 and
 bfloat16 weights it is not, and the unit noise is saved instead.
 
@@ -33,11 +33,10 @@ class _InjectNoise(torch.autograd.Function):
         std: torch.Tensor,
         log_slope: torch.Tensor,
         noise: torch.Tensor,
-        workspace: torch.Tensor | None,
         penalty_grad: torch.Tensor | None,
     ) -> torch.Tensor:
         groups = std.shape[0]
-        ctx.groups, ctx.workspace = groups, workspace
+        ctx.groups = groups
         ctx.penalty_grad = penalty_grad
         ctx.reconstruct = p.dtype in RECONSTRUCTED_DTYPES
         if ctx.reconstruct:
@@ -56,23 +55,21 @@ class _InjectNoise(torch.autograd.Function):
         grad = grad.contiguous()
         grad_logit = None
         if ctx.needs_input_grad[1]:
-            work = ctx.workspace
-            if work is None or work.numel() < grad.numel() or work.dtype != grad.dtype:
-                work = torch.empty_like(grad)
-            work = work.view(-1)[: grad.numel()].view_as(grad)  # scratch: no fresh 1 MB tensor per step
+            # This node produced the noisy weight, so every use of it has run its backward already:
+            # its memory is free for the product (no scratch tensor, no allocation). A retained
+            # graph that needs it again fails autograd's version check, loudly.
             if ctx.reconstruct:
-                p, noisy, log_slope = ctx.saved_tensors
-                noise = torch.sub(noisy, p, out=work)  # std * unit noise
-                slope = log_slope
+                p, noisy, slope = ctx.saved_tensors  # slope: d log(std) / d logit
+                product = noisy.sub_(p).mul_(grad).view(ctx.groups, -1)  # (std * unit noise) * grad
             else:
                 noise, slope = ctx.saved_tensors  # unit noise, d std / d logit
-            product = torch.mul(grad, noise, out=work).view(ctx.groups, -1)
+                product = noise.mul_(grad).view(ctx.groups, -1)
             grad_std = torch.mv(product, product.new_ones(product.shape[1])).to(slope.dtype)  # faster than .sum(1)
             if ctx.penalty_grad is None:
                 grad_logit = grad_std.mul_(slope)
             else:
                 grad_logit = torch.addcmul(ctx.penalty_grad, grad_std, slope)
-        return grad, grad_logit, None, None, None, None, None
+        return grad, grad_logit, None, None, None, None
 
 
 def inject_noise(
@@ -81,15 +78,14 @@ def inject_noise(
     std: torch.Tensor,
     log_slope: torch.Tensor,
     noise: torch.Tensor,
-    workspace: torch.Tensor | None = None,
     penalty_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``p + std[:, None] * noise`` over ``std.numel()`` equal groups of ``p``; differentiable in
     ``p`` and ``logit`` (through ``log_slope = (d std / d logit) / std``), not in ``std`` itself.
 
     ``noise`` (contiguous, shaped like ``p``, not requiring grad) holds the unit noise; for float32
-    and float64 weights it is overwritten with the result, which is returned. ``workspace``: an
-    optional flat tensor of at least ``p.numel()`` entries that the backward may overwrite.
+    and float64 weights it is overwritten with the result, which is returned; the backward reuses
+    its memory once every use of the result has run its backward.
     ``penalty_grad``: added to the logit's gradient in each backward (a size penalty's gradient).
     """
-    return _InjectNoise.apply(p, logit, std, log_slope, noise, workspace, penalty_grad)
+    return _InjectNoise.apply(p, logit, std, log_slope, noise, penalty_grad)
