@@ -154,7 +154,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     summary = run(cfg, HydraConfig.get().runtime.output_dir)
     return objective(summary, cfg.get("objective", "quantized_test_acc"))

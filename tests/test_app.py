@@ -14,7 +14,8 @@ from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, R
 from qat_lightning.train import instantiate_group, objective
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "qat_lightning" / "conf"
+SWEEP_PLUGINS = {"joblib": "hydra_plugins.hydra_joblib_launcher", "optuna_size_accuracy": "hydra_plugins.hydra_optuna_sweeper"}
 SUMMARY_KEYS = {"float_size_mb", "quantized_size_mb", "compression", "avg_bits", "float_test_acc", "quantized_test_acc"}
 
 
@@ -25,6 +26,9 @@ def compose_train(overrides: list[str]):  # noqa: ANN201
 
 @pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
 def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Path) -> None:
+    if group == "sweep":  # the presets name the launcher / sweeper plugins of the extra
+        for plugin in SWEEP_PLUGINS.values():
+            pytest.importorskip(plugin, reason="needs the extra qat-lightning[sweep]")
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         optional = group in ("ptq", "sweep")  # not in the defaults list: appended with +ptq=..., +sweep=...
         cfg = compose_train([f"{'+' if optional else ''}{group}={option}"])
@@ -116,8 +120,7 @@ def test_app_float_baseline_and_multirun(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sweep", ["joblib", "optuna_size_accuracy"])
 def test_app_sweep_presets(sweep: str, tmp_path: Path) -> None:
-    plugin = {"joblib": "hydra_plugins.hydra_joblib_launcher", "optuna_size_accuracy": "hydra_plugins.hydra_optuna_sweeper"}[sweep]
-    pytest.importorskip(plugin, reason="needs the extra qat-lightning[sweep]")
+    pytest.importorskip(SWEEP_PLUGINS[sweep], reason="needs the extra qat-lightning[sweep]")
     extra = ["callbacks.diffq.penalty=0,3"] if sweep == "joblib" else ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2"]
     _run_app(tmp_path, f"+sweep={sweep}", "data.num_samples=500", "trainer.max_epochs=1", *extra, multirun=True)
     summaries = sorted(tmp_path.glob("*/summary.json"))
