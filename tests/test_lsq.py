@@ -215,3 +215,15 @@ def test_default_step_lr_is_a_tenth_of_the_model_lr() -> None:
     trainer = tiny_trainer(max_steps=1, callbacks=[ema])
     trainer.fit(tiny_model(lr=1e-3), tiny_loader())
     assert trainer.optimizers[0].param_groups[-1]["lr"] == pytest.approx(1e-4)
+
+
+def test_collapsed_step_sizes_are_named_after_each_epoch() -> None:
+    """A step-size lr as large as the weights' drives steps through zero: the channel dies silently
+    unless someone says so."""
+    ema = EMAFakeQuant(learned_step=True, step_lr=1.0)
+    with pytest.warns(UserWarning, match=r"LSQ step sizes collapsed to their floor \(1e-8\) in \{'net\.\d.*lower step_lr"):
+        tiny_trainer(max_epochs=1, callbacks=[ema]).fit(tiny_model(), tiny_loader())
+    assert ema.quantizer.collapsed_steps()
+    healthy = EMAFakeQuant(learned_step=True)
+    tiny_trainer(max_epochs=1, callbacks=[healthy]).fit(tiny_model(), tiny_loader())
+    assert healthy.quantizer.collapsed_steps() == {}

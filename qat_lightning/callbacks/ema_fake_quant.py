@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core._validate import check_number, check_patterns
 from ..core.ema_quantizer import EMAFakeQuantizer
@@ -132,6 +132,14 @@ class EMAFakeQuant(pl.Callback):
         self._require_quantizer().set_state(enabled=enabled)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        collapsed = self._require_quantizer().collapsed_steps() if self.options["learned_step"] else {}
+        if collapsed:
+            group = self._step_optimizer.param_groups[-1]["lr"] if self._step_optimizer is not None else None
+            rank_zero_warn(
+                f"EMAFakeQuant: LSQ step sizes collapsed to their floor (1e-8) in {collapsed} (entries per quantizer): "
+                f"those channels quantize to about zero and get no gradient, and an int8 runtime cannot hold their "
+                f"biases. The step sizes' learning rate ({group}) is too high: lower step_lr"
+            )
         quantizers = [q for q in self._require_quantizer().activation_quantizers().values() if q.iter_count > 0]
         if not quantizers:
             return

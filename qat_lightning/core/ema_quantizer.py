@@ -11,7 +11,7 @@ from torch import nn
 
 from ._validate import check_bool, check_choice, check_number, check_patterns
 from .rescaling import InputScale
-from .fake_quant import MODES, FakeLinearQuantization, LearnedStepWeight, WeightRange, bias_fake_quantize
+from .fake_quant import _MIN_STEP, MODES, FakeLinearQuantization, LearnedStepWeight, WeightRange, bias_fake_quantize
 from .swap import Slot, SwappedParam, WeightSwapper
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -209,6 +209,24 @@ class EMAFakeQuantizer:
             return []
         weights = [m.step for m in self._weight_quantizers.values() if isinstance(m, LearnedStepWeight)]
         return weights + [fq.step for fq in self._created]
+
+    @torch.no_grad()
+    def collapsed_steps(self) -> dict[str, int]:
+        """LSQ step sizes at (or past) their floor ``1e-8``, by quantizer name: how many entries.
+
+        An optimizer step that takes a step size through zero leaves it clamped at the floor: that
+        channel quantizes to about zero and its weights get no gradient (everything is clipped),
+        and an int8 runtime cannot hold the bias at ``input scale x 1e-8``. The cure is a smaller
+        step-size learning rate."""
+        collapsed = {}
+        named = {**self.weight_quantizers(), **self.activation_quantizers()}
+        for name, module in named.items():
+            step = getattr(module, "step", None)
+            if isinstance(step, nn.Parameter):
+                count = int((step <= _MIN_STEP).sum())
+                if count:
+                    collapsed[name] = count
+        return collapsed
 
     def set_state(self, *, enabled: bool | None = None, observe: bool | None = None) -> None:
         """Switch quantization (``enabled``) and range tracking (``observe``) of all activation quantizers."""

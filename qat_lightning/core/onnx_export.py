@@ -8,7 +8,11 @@ extra ``qat-lightning[onnx]``).
 
 QDQ holds 8-bit grids only: 8-bit activations and weights in the modes ``asymmetric_unsigned``,
 ``asymmetric_signed`` or ``symmetric_restricted`` (Distiller's plain ``symmetric`` mode has 257
-levels, ``n = 127.5``), or LSQ step sizes. Anything else is refused with the reason.
+levels, ``n = 127.5``), or LSQ step sizes. Anything else is refused with the reason. A grid
+narrower than its ONNX type (``symmetric_restricted``: ``[-127, 127]`` in int8) is preceded by a
+``Clip`` to its ends, so values beyond the trained range get the levels they get in training. A
+graph whose biases an int8 runtime cannot hold on its int32 grid is refused
+(:func:`check_int32_biases`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from .uniform import uniform_quantize
 from .fake_quant import _MIN_STEP, FakeLinearQuantization, LearnedStepWeight, LinearQuantMode, WeightRange, channel_min_max, linear_quant_params
 
 ONNX_RANGES = {LinearQuantMode.ASYMMETRIC_UNSIGNED: (0, 255), LinearQuantMode.ASYMMETRIC_SIGNED: (-128, 127),
-               LinearQuantMode.SYMMETRIC_RESTRICTED: (-128, 127)}  # fmt: skip  (restricted never reaches -128)
+               LinearQuantMode.SYMMETRIC_RESTRICTED: (-127, 127)}  # fmt: skip
+INT32_MAX = 2**31 - 1
 
 
 def _check(name: str, num_bits: int, mode: LinearQuantMode) -> tuple[int, int]:
@@ -40,9 +45,41 @@ def _check(name: str, num_bits: int, mode: LinearQuantMode) -> tuple[int, int]:
 
 
 def _int8(levels: tuple[int, int]) -> tuple[int, int]:
-    """QDQ's int8 range for a restricted one: ``[-127, 127]`` is written as ``[-128, 127]`` (values
-    below -127.5 steps would now reach -128; within the trained range nothing changes)."""
-    return (-128, 127) if levels == (-127, 127) else levels
+    """The range of the ONNX type that holds ``levels``: int8 ``[-128, 127]`` for a signed grid."""
+    return (0, 255) if levels[0] >= 0 else (-128, 127)
+
+
+def _clipped_qdq(
+    scale: float | torch.Tensor, zero: int | torch.Tensor, levels: tuple[int, int], axis: int | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """QDQ over the integer grid ``levels`` (torch's convention ``q = round(x / scale) + zero``).
+
+    ONNX's ``QuantizeLinear`` saturates to the whole int8 / uint8 range. Where the grid is narrower
+    (``symmetric_restricted``: ``[-127, 127]``) a ``Clip`` to the grid's ends comes first, so a value
+    beyond them gets level -127 as in training, not -128."""
+    q_min, q_max = levels
+    onnx_min, onnx_max = _int8(levels)
+    if axis is None:
+        scale, zero = float(scale), int(zero)
+        clip = None if (onnx_min, onnx_max) == levels else ((q_min - zero) * scale, (q_max - zero) * scale)
+
+        def per_tensor(x: torch.Tensor) -> torch.Tensor:
+            if clip is not None:
+                x = torch.clamp(x, *clip)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, onnx_min, onnx_max)
+
+        return per_tensor
+    scale, zero = scale.reshape(-1).float(), zero.reshape(-1).to(torch.int32)
+
+    def per_channel(w: torch.Tensor) -> torch.Tensor:
+        if (onnx_min, onnx_max) != levels:
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            low, high = ((q - zero.float()) * scale for q in (q_min, q_max))
+            w = torch.clamp(w, low.reshape(shape).to(w.dtype), high.reshape(shape).to(w.dtype))
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, onnx_min, onnx_max)
+
+    return per_channel
 
 
 def _activation_forward(name: str, fq: FakeLinearQuantization) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -51,14 +88,14 @@ def _activation_forward(name: str, fq: FakeLinearQuantization) -> Callable[[torc
     if fq.learned_step and fq.step_initialized.item() == 1:
         if fq.num_bits != 8:
             raise ValueError(f"ONNX QDQ export needs 8-bit quantizers; {name} has num_bits={fq.num_bits}")
-        q_min, q_max = _int8(fq.lsq_range)
+        levels = fq.lsq_range
         scale, zero = max(float(fq.step.detach()), _MIN_STEP), int(round(-float(fq.zero_point)))  # as the forward clamps it
     else:
         if not fq.has_range:
             raise ValueError(f"ONNX QDQ export: {name} has no range yet; train or calibrate before exporting")
-        q_min, q_max = _check(name, fq.num_bits, fq.mode)
+        levels = _check(name, fq.num_bits, fq.mode)
         scale, zero = 1 / float(fq.scale), int(round(-float(fq.zero_point)))
-    return lambda x: torch.fake_quantize_per_tensor_affine(x, scale, zero, q_min, q_max)
+    return _clipped_qdq(scale, zero, levels, None)
 
 
 def _weight_forward(name: str, quantizer: nn.Module, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -69,10 +106,10 @@ def _weight_forward(name: str, quantizer: nn.Module, weight: torch.Tensor) -> Ca
         if isinstance(quantizer, LearnedStepWeight) and quantizer._has_state():
             if quantizer.num_bits != 8:
                 raise ValueError(f"ONNX QDQ export needs 8-bit quantizers; {name} has num_bits={quantizer.num_bits}")
-            (q_min, q_max), zero = _int8(quantizer.lsq_range), quantizer.zero.detach()
+            levels, zero = quantizer.lsq_range, quantizer.zero.detach()
             step = quantizer.step.detach().float().clamp(min=_MIN_STEP)  # as the forward clamps it
         else:
-            q_min, q_max = _check(name, quantizer.num_bits, quantizer.mode)
+            levels = _check(name, quantizer.num_bits, quantizer.mode)
             if isinstance(quantizer, WeightRange):  # clip ratio 1 until calibrated: the current range
                 scale, zero_point, _, _ = quantizer.quant_params(weight)
             else:  # an LSQ weight not trained yet quantizes over its current range
@@ -80,9 +117,7 @@ def _weight_forward(name: str, quantizer: nn.Module, weight: torch.Tensor) -> Ca
                 scale, zero_point, _, _ = linear_quant_params(quantizer.num_bits, quantizer.mode, mn.float(), mx.float())
             step, zero = 1 / scale, -zero_point
         step, zero = step.clone(), zero.round().to(torch.int32)
-    if axis is None:
-        return lambda w: torch.fake_quantize_per_tensor_affine(w, float(step), int(zero), q_min, q_max)
-    return lambda w: torch.fake_quantize_per_channel_affine(w, step.reshape(-1), zero.reshape(-1), axis, q_min, q_max)
+    return _clipped_qdq(step, zero, levels, axis)
 
 
 @contextlib.contextmanager
@@ -148,7 +183,54 @@ def export_onnx(
             diffq.enabled = enabled
     if diffq is not None:
         _store_diffq_weights(path, diffq)
+    check_int32_biases(path)
     return path
+
+
+def check_int32_biases(path: str | Path) -> None:
+    """Refuse a graph whose biases an int8 runtime cannot hold.
+
+    ONNX Runtime (and TensorRT, OpenVINO) run a ``Gemm`` / ``Conv`` between a dequantized input and
+    a dequantized weight as an integer product, with the float bias quantized to int32 at
+    ``input_scale * weight_scale`` per output channel. Where ``|bias| / (input_scale *
+    weight_scale)`` exceeds the int32 range the runtime saturates it and computes another
+    function, silently (a weight step that collapsed to its floor in training does that). Raises
+    ``ValueError`` naming the bias, the channel and the scales."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def dequantize_scale(name: str) -> np.ndarray | None:
+        node = producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in constants:
+            return None
+        return constants[node.input[1]].astype(np.float64)
+
+    for node in graph.node:
+        if node.op_type not in ("Gemm", "Conv") or len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        input_scale, weight_scale = dequantize_scale(node.input[0]), dequantize_scale(node.input[1])
+        if input_scale is None or weight_scale is None or input_scale.size != 1:
+            continue
+        bias = constants[node.input[2]].astype(np.float64)
+        ratio = np.abs(bias) / (float(input_scale) * np.broadcast_to(weight_scale.reshape(-1), bias.shape))
+        if np.all(ratio <= INT32_MAX):
+            continue
+        channel = int(np.argmax(ratio))
+        raise ValueError(
+            f"ONNX export: bias {node.input[2]!r} of {node.name or node.op_type} (output channel {channel}) does not fit "
+            f"the int32 grid an int8 runtime quantizes it to: |bias| / (input scale x weight scale) = {ratio[channel]:.3g} "
+            f"> 2^31 - 1 (bias {bias[channel]:.4g}, input scale {float(input_scale):.4g}, weight scale "
+            f"{np.broadcast_to(weight_scale.reshape(-1), bias.shape)[channel]:.4g}); ONNX Runtime would saturate it. A weight "
+            "scale that small is a learned step that collapsed to its floor in training: lower step_lr and retrain"
+        )
 
 
 def _check_diffq(diffq: DiffQuantizer) -> None:
