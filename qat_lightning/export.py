@@ -29,7 +29,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
     states = [v for k, v in ckpt.get("callbacks", {}).items() if str(k).split("{")[0] == "DiffQ" and isinstance(v, dict)]
     if not states or "config" not in states[0]:
         raise ValueError(f"{checkpoint} has no DiffQ callback state: was it trained with qat_lightning.DiffQ?")
-    floats, quantized, half = quantized_from_checkpoint(ckpt["state_dict"], states[0]["config"])
+    config = states[0]["config"]
+    try:
+        floats, quantized, half = quantized_from_checkpoint(ckpt["state_dict"], dict(config))
+    except (TypeError, KeyError, RuntimeError) as error:  # a config or state dict this version cannot read
+        raise ValueError(f"{checkpoint}: cannot rebuild the DiffQ quantization from its state ({type(error).__name__}: {error})") from error
     size = write_packed(out, floats, quantized, half, metadata={"source": Path(checkpoint).name})
     return {"path": str(out), "bytes": size, "quantized": len(quantized), "float": len(floats)}
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         info = export_checkpoint(args.checkpoint, args.out)
-    except ValueError as error:
+    except (ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{info['path']}: {info['bytes']} bytes ({info['bytes'] / 2**20:.4f} MB), "

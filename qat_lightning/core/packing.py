@@ -5,14 +5,20 @@ Layout of a file written by :func:`save_quantized`:
 * tensors (safetensors, no code): for every quantized parameter ``<name>::levels`` (uint8, the
   integer levels bit-packed per width: all groups of width 1 first, then 2, ..., least
   significant bit first), ``<name>::bits`` (uint8, each group's width minus the smallest width,
-  packed at ``ceil(log2(1 + max - min))`` bits) and ``<name>::range`` (float32 ``[min, max]``);
-  every other parameter and buffer as itself (fp16 where the quantizer keeps it in fp16).
+  packed at ``ceil(log2(1 + max - min))`` bits) and ``<name>::range`` (``[min, max]`` in float32,
+  float64 for float64 parameters); every other parameter and buffer as itself (fp16 where the
+  quantizer keeps it in fp16).
 * metadata (the safetensors JSON header): ``format``, ``version``, ``layout`` (JSON: per name its
-  kind, shape, dtype, group size, widths, aliases of tied parameters) and ``sha256`` over every
-  tensor's bytes, so a tampered or corrupted file is refused.
+  kind, shape, dtype, stored dtype, group size, widths, aliases of tied parameters), any extra
+  metadata, and ``sha256`` over all of that and every tensor's name, dtype, shape and bytes, so a
+  tampered or corrupted file is refused.
 
-:func:`load_quantized` rebuilds the float weights (``min + level / (2^b - 1) * (max - min)``, the
-quantizer's own arithmetic, so the round trip is bit-exact) into a plain model: no quantizer, no
+Reading trusts nothing: the checksum is checked first, then every field of the layout is
+validated (types, ranges, the byte counts it implies against the stored tensors, finite ranges
+with ``min <= max``) before anything it implies is allocated; a malformed file raises one
+``ValueError`` that names the field. :func:`load_quantized` rebuilds the float weights
+(``min + level / (2^b - 1) * (max - min)``, the quantizer's own arithmetic, so the round trip is
+bit-exact for float16, bfloat16, float32 and float64) into a plain model: no quantizer, no
 callback, nothing unpickled.
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,35 +35,59 @@ import torch
 from torch import nn
 
 from .diffq import DiffQuantizer, KeptParam
-from .uniform import uniform_dequantize, uniform_quantize
+from .uniform import compute_dtype, uniform_dequantize, uniform_quantize
 
 FORMAT = "qat_lightning.packed"
-VERSION = 1
+VERSION = 2
 MAX_BITS = 15
+QUANTIZED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+TENSOR_DTYPES = {
+    **QUANTIZED_DTYPES, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "bool": torch.bool,
+}  # fmt: skip
+MAX_NUMEL = 2**40  # far above any real tensor; keeps the header's arithmetic in exact integers
 
 
 # ------------------------------------------------------------------------------------------- bits
+_CHUNK = 1 << 20  # values per chunk (a multiple of 8: every chunk but the last fills whole bytes)
+
+
 def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack non-negative integers ``< 2**width`` into bytes, ``width`` bits each, LSB first."""
+    """Pack non-negative integers ``< 2**width`` into bytes, ``width`` bits each, LSB first.
+
+    Chunked, so the temporaries stay a few MB whatever the tensor's size."""
     if width == 0 or values.numel() == 0:
         return torch.zeros(0, dtype=torch.uint8)
-    flat = values.reshape(-1).to(torch.int64).cpu()
-    bits = (flat[:, None] >> torch.arange(width)) & 1  # (n, width)
-    stream = bits.reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
-    return (stream.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+    flat = values.reshape(-1).cpu()
+    shifts = torch.arange(width, dtype=torch.int32)
+    byte_weights = 1 << torch.arange(8, dtype=torch.int32)
+    chunks = []
+    for start in range(0, flat.numel(), _CHUNK):
+        bits = ((flat[start : start + _CHUNK].to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)
+        bits = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 8))
+        chunks.append((bits.view(-1, 8) * byte_weights).sum(1).to(torch.uint8))
+    return torch.cat(chunks)
 
 
-def unpack_uint(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_uint`: ``count`` integers of ``width`` bits (int64)."""
+def unpack_uint(data: torch.Tensor, width: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: ``count`` integers of ``width`` bits (as ``dtype``)."""
     if width == 0 or count == 0:
-        return torch.zeros(count, dtype=torch.int64)
-    stream = ((data.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: count * width]
-    return (stream.view(count, width) << torch.arange(width)).sum(1)
+        return torch.zeros(count, dtype=dtype)
+    if packed_bytes(width, count) > data.numel():
+        raise ValueError(f"{count} values of {width} bits need {packed_bytes(width, count)} bytes; got {data.numel()}")
+    shifts = torch.arange(8, dtype=torch.int32)
+    value_weights = 1 << torch.arange(width, dtype=torch.int32)
+    out = torch.empty(count, dtype=dtype)
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        raw = data[start * width // 8 : start * width // 8 + packed_bytes(width, n)].to(torch.int32)
+        bits = ((raw[:, None] >> shifts) & 1).reshape(-1)[: n * width]
+        out[start : start + n] = (bits.view(n, width) * value_weights).sum(1).to(dtype)
+    return out
 
 
 def packed_bytes(width: int, count: int) -> int:
-    return math.ceil(width * count / 8)
+    return -(-width * count // 8)  # exact integer ceil, whatever the size
 
 
 def pack_levels(levels: torch.Tensor, group_bits: torch.Tensor) -> torch.Tensor:
@@ -66,7 +97,8 @@ def pack_levels(levels: torch.Tensor, group_bits: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_levels(data: torch.Tensor, group_bits: torch.Tensor, group_size: int) -> torch.Tensor:
-    levels = torch.empty(group_bits.numel(), group_size, dtype=torch.int64)
+    """Inverse of :func:`pack_levels`: int16 levels of shape ``(groups, group_size)``."""
+    levels = torch.empty(group_bits.numel(), group_size, dtype=torch.int16)
     offset = 0
     for w in torch.unique(group_bits).tolist():
         rows = group_bits == w
@@ -74,7 +106,7 @@ def unpack_levels(data: torch.Tensor, group_bits: torch.Tensor, group_size: int)
         size = packed_bytes(w, count)
         if offset + size > data.numel():
             raise ValueError("packed levels are shorter than their layout says")
-        levels[rows] = unpack_uint(data[offset : offset + size], w, count).view(-1, group_size)
+        levels[rows] = unpack_uint(data[offset : offset + size], w, count, dtype=torch.int16).view(-1, group_size)
         offset += size
     if offset != data.numel():
         raise ValueError("packed levels are longer than their layout says")
@@ -84,7 +116,8 @@ def unpack_levels(data: torch.Tensor, group_bits: torch.Tensor, group_size: int)
 # ------------------------------------------------------------------------------------------- model
 @dataclass
 class QuantizedTensor:
-    """One quantized tensor: integer levels per group, each group's width, one min/max per tensor."""
+    """One quantized tensor: integer levels per group, each group's width, one min/max per tensor
+    (in :func:`~qat_lightning.core.uniform.compute_dtype` of ``dtype``)."""
 
     levels: torch.Tensor  # (groups, group_size), int
     group_bits: torch.Tensor  # (groups,), int 1..15
@@ -95,7 +128,7 @@ class QuantizedTensor:
     aliases: list[str] = field(default_factory=list)
 
     def dequantize(self) -> torch.Tensor:
-        bits = self.group_bits[:, None].to(self.dtype)
+        bits = self.group_bits[:, None]
         return uniform_dequantize(self.levels, self.min, self.max, bits, dtype=self.dtype).view(self.shape)
 
 
@@ -105,7 +138,7 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
     for qp in quantizer.quantized_params():
         p = qp.param.detach()
         bits = quantizer._true_bits(qp).to(torch.int64)
-        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None].to(p.dtype))
+        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None])
         names = [slot.qualified_name for slot in qp.slots]
         result[names[0]] = QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, names[1:])
     return result
@@ -130,14 +163,16 @@ def _state(source: nn.Module | DiffQuantizer) -> tuple[dict[str, torch.Tensor], 
     return floats, quantized, half
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every metadata entry but ``sha256`` itself (format, version, layout, extras) and
+    every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
+    fields = {k: v for k, v in metadata.items() if k != "sha256"}
+    h.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
     for key in sorted(tensors):
         t = tensors[key].contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d tensors too
     return h.hexdigest()
 
 
@@ -159,31 +194,44 @@ def write_packed(
     broken += [name for name, t in floats.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise FloatingPointError(f"not writing {path}: NaN or Inf in {broken} (the model diverged; nothing was written)")
+    reserved = {"format", "version", "layout", "sha256"} & set(metadata or {})
+    if reserved:
+        raise ValueError(f"metadata must not set the reserved keys {sorted(reserved)}")
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     for name, q in quantized.items():
+        if q.dtype not in QUANTIZED_DTYPES.values():
+            raise ValueError(f"not writing {path}: quantized tensor {name!r} has dtype {q.dtype}; allowed: {sorted(QUANTIZED_DTYPES)}")
         low = int(q.group_bits.min())
         bits_bits = math.ceil(math.log2(1 + int(q.group_bits.max()) - low))
         tensors[f"{name}::levels"] = pack_levels(q.levels, q.group_bits)
         tensors[f"{name}::bits"] = pack_uint(q.group_bits - low, bits_bits)
-        tensors[f"{name}::range"] = torch.stack([q.min, q.max]).float()
-        layout[name] = {"kind": "quantized", "shape": list(q.shape), "dtype": str(q.dtype).removeprefix("torch."),
+        tensors[f"{name}::range"] = torch.stack([q.min, q.max]).to(compute_dtype(q.dtype))
+        layout[name] = {"kind": "quantized", "shape": list(q.shape), "dtype": _dtype_name(q.dtype),
                         "groups": q.group_bits.numel(), "group_size": q.levels.shape[1], "min_bits": low,
-                        "bits_bits": bits_bits, "aliases": q.aliases}  # fmt: skip
+                        "bits_bits": bits_bits, "aliases": list(q.aliases)}  # fmt: skip
     for name, t in floats.items():
         stored = t.half() if name in half and t.is_floating_point() else t
         tensors[name] = stored.contiguous()
-        layout[name] = {"kind": "tensor", "dtype": str(t.dtype).removeprefix("torch.")}
-    header = {"format": FORMAT, "version": str(VERSION), "layout": json.dumps(layout, separators=(",", ":")),
-              "sha256": _digest(tensors), **(metadata or {})}  # fmt: skip
+        layout[name] = {"kind": "tensor", "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "stored": _dtype_name(stored.dtype)}
+    header = {**(metadata or {}), "format": FORMAT, "version": str(VERSION), "layout": json.dumps(layout, separators=(",", ":"))}
+    header["sha256"] = _digest(header, tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=header)
     return path.stat().st_size
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
-    """The float state dict stored in a packed file (quantized tensors dequantized), verified."""
+    """The float state dict stored in a packed file (quantized tensors dequantized), verified.
+
+    Raises ``ValueError`` for anything but an intact file of this format: unreadable, another
+    format or version, a checksum that does not match, or a layout whose fields are malformed or
+    disagree with the stored tensors (the message names the field)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -192,44 +240,174 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise ValueError(f"{path} is not a readable qat_lightning packed file (truncated or not safetensors): {error}") from error
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} is not a qat_lightning packed file (format {header.get('format')!r})")
     if header.get("version") != str(VERSION):
         raise ValueError(f"{path} has format version {header.get('version')!r}; this qat_lightning reads version {VERSION}")
-    if header.get("sha256") != _digest(tensors):
+    if header.get("sha256") != _digest(header, tensors):
         raise ValueError(f"{path}: contents do not match the checksum in its header (tampered or corrupted)")
     try:
-        layout = json.loads(header["layout"])
+        layout = json.loads(header.get("layout", ""))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"{path}: layout: not valid JSON ({error})") from error
+    try:
         return _rebuild(layout, tensors)
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: malformed layout in the header: {error!r}") from error
+    except _LayoutError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
-def _rebuild(layout: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+class _LayoutError(Exception):
+    """A malformed layout field: raised inside :func:`_rebuild`, turned into one ValueError."""
+
+
+def _field(entry: Mapping[str, Any], name: str, key: str, kind: type | tuple[type, ...], low: int | None = None, high: int | None = None) -> Any:
+    """``entry[key]``, checked: present, of ``kind`` (bool is not an int), within ``[low, high]``."""
+    if key not in entry:
+        raise _LayoutError(f"layout of {name!r}: field {key!r} is missing")
+    value = entry[key]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _LayoutError(f"layout of {name!r}: field {key!r} must be {_kind_name(kind)}; got {value!r}")
+    if not isinstance(value, kind):
+        raise _LayoutError(f"layout of {name!r}: field {key!r} must be {_kind_name(kind)}; got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _LayoutError(f"layout of {name!r}: field {key!r} must be in [{low}, {high}]; got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "an integer", str: "a string", list: "a list", dict: "an object"}.get(k, k.__name__) for k in kinds)
+
+
+def _shape(entry: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    shape = _field(entry, name, "shape", list)
+    if len(shape) > 16 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_NUMEL for d in shape):
+        raise _LayoutError(f"layout of {name!r}: field 'shape' must list at most 16 sizes in [0, {MAX_NUMEL}]; got {shape!r}")
+    if math.prod(shape) > MAX_NUMEL:
+        raise _LayoutError(f"layout of {name!r}: field 'shape' {shape} has more than {MAX_NUMEL} entries")
+    return tuple(shape)
+
+
+def _dtype(entry: Mapping[str, Any], name: str, key: str, allowed: Mapping[str, torch.dtype]) -> torch.dtype:
+    value = _field(entry, name, key, str)
+    if value not in allowed:
+        raise _LayoutError(f"layout of {name!r}: field {key!r} must be one of {sorted(allowed)}; got {value!r}")
+    return allowed[value]
+
+
+def _stored(
+    tensors: Mapping[str, torch.Tensor], name: str, key: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+    implied_by: str = "the format",
+) -> torch.Tensor:  # fmt: skip
+    """The stored tensor ``key`` of layout entry ``name``, with the dtype (and shape) that
+    ``implied_by`` (the fields named in errors) imply."""
+    if key not in tensors:
+        raise _LayoutError(f"layout of {name!r}: tensor {key!r} is missing from the file")
+    t = tensors[key]
+    if t.dtype != dtype:
+        raise _LayoutError(f"layout of {name!r}: tensor {key!r} is {t.dtype}, {implied_by} implies {dtype}")
+    expected = (t.numel(),) if shape is None else shape
+    if tuple(t.shape) != expected:
+        raise _LayoutError(f"layout of {name!r}: tensor {key!r} has shape {tuple(t.shape)}, {implied_by} implies {expected}")
+    return t
+
+
+def _rebuild(layout: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validate every field of ``layout`` against the stored tensors, then dequantize.
+
+    Nothing is allocated from a header value before it is checked against stored byte counts:
+    the number of groups is bounded by the levels' bytes, the widths' bytes by the groups."""
+    if not isinstance(layout, dict):
+        raise _LayoutError(f"layout must be a JSON object of tensor entries; got a {type(layout).__name__}")
+    names: set[str] = set()
+    used: set[str] = set()
+    plans: list[tuple[str, dict[str, Any]]] = []
     for name, entry in layout.items():
-        dtype = getattr(torch, entry["dtype"])
-        if entry["kind"] == "tensor":
-            state[name] = tensors[name].to(dtype)
+        if not isinstance(entry, dict):
+            raise _LayoutError(f"layout of {name!r}: must be an object; got {entry!r}")
+        kind = _field(entry, name, "kind", str)
+        if kind == "tensor":
+            plans.append((name, _plan_tensor(name, entry, tensors)))
+            used.add(name)
+            new_names = [name]
+        elif kind == "quantized":
+            plan = _plan_quantized(name, entry, tensors)
+            plans.append((name, plan))
+            used.update(f"{name}::{part}" for part in ("levels", "bits", "range"))
+            new_names = [name, *plan["aliases"]]
+        else:
+            raise _LayoutError(f"layout of {name!r}: field 'kind' must be 'quantized' or 'tensor'; got {kind!r}")
+        for new in new_names:
+            if new in names:
+                raise _LayoutError(f"layout of {name!r}: name {new!r} appears twice (as an entry or an alias)")
+            names.add(new)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise _LayoutError(f"layout: the file holds tensors no entry describes: {extra[:5]}")
+    state: dict[str, torch.Tensor] = {}
+    for name, plan in plans:
+        if plan["kind"] == "tensor":
+            state[name] = plan["tensor"].to(plan["dtype"])
             continue
-        groups, group_size = entry["groups"], entry["group_size"]
-        shape = tuple(entry["shape"])
-        if groups * group_size != math.prod(shape):
-            raise ValueError(f"layout of {name!r}: {groups} groups of {group_size} do not make shape {shape}")
-        if tensors[f"{name}::bits"].numel() != packed_bytes(entry["bits_bits"], groups):
-            raise ValueError(f"packed widths of {name!r} do not match its layout")
-        group_bits = unpack_uint(tensors[f"{name}::bits"], entry["bits_bits"], groups) + entry["min_bits"]
-        if group_bits.min() < 1 or group_bits.max() > MAX_BITS:
-            raise ValueError(f"widths of {name!r} outside 1..{MAX_BITS}")
-        levels = unpack_levels(tensors[f"{name}::levels"], group_bits, group_size)
-        low, high = tensors[f"{name}::range"].to(dtype)
-        q = QuantizedTensor(levels, group_bits, low, high, shape, dtype)
-        state[name] = q.dequantize()
-        for alias in entry.get("aliases", []):
+        state[name] = _dequantize_plan(name, plan)
+        for alias in plan["aliases"]:
             state[alias] = state[name]
     return state
+
+
+def _plan_tensor(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    dtype = _dtype(entry, name, "dtype", TENSOR_DTYPES)
+    stored = _dtype(entry, name, "stored", TENSOR_DTYPES)
+    if stored != dtype and not (stored == torch.float16 and dtype.is_floating_point):
+        raise _LayoutError(f"layout of {name!r}: field 'stored' is {stored}, which is no storage for {dtype} (only float16 stands in for a float)")
+    tensor = _stored(tensors, name, name, stored, _shape(entry, name), implied_by="fields 'stored' and 'shape'")
+    return {"kind": "tensor", "dtype": dtype, "tensor": tensor}
+
+
+def _plan_quantized(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    shape = _shape(entry, name)
+    dtype = _dtype(entry, name, "dtype", QUANTIZED_DTYPES)
+    groups = _field(entry, name, "groups", int, 1, MAX_NUMEL)
+    group_size = _field(entry, name, "group_size", int, 1, MAX_NUMEL)
+    if groups * group_size != math.prod(shape):
+        raise _LayoutError(f"layout of {name!r}: fields 'groups' x 'group_size' = {groups} x {group_size} do not make field 'shape' {list(shape)}")
+    min_bits = _field(entry, name, "min_bits", int, 1, MAX_BITS)
+    bits_bits = _field(entry, name, "bits_bits", int, 0, 4)
+    aliases = _field(entry, name, "aliases", list)
+    if not all(isinstance(a, str) and a and "::" not in a for a in aliases) or len(set(aliases)) != len(aliases):
+        raise _LayoutError(f"layout of {name!r}: field 'aliases' must list distinct tensor names; got {aliases!r}")
+    levels = _stored(tensors, name, f"{name}::levels", torch.uint8)
+    numel = groups * group_size
+    if not packed_bytes(min_bits, numel) <= levels.numel() <= packed_bytes(MAX_BITS, numel) + MAX_BITS:
+        raise _LayoutError(
+            f"layout of {name!r}: fields 'groups', 'group_size' and 'min_bits' imply {packed_bytes(min_bits, numel)} to "
+            f"{packed_bytes(MAX_BITS, numel) + MAX_BITS} bytes of levels; tensor '{name}::levels' holds {levels.numel()}"
+        )
+    bits = _stored(tensors, name, f"{name}::bits", torch.uint8)
+    if bits.numel() != packed_bytes(bits_bits, groups):
+        raise _LayoutError(f"layout of {name!r}: fields 'groups' and 'bits_bits' imply {packed_bytes(bits_bits, groups)} bytes of widths; "
+                           f"tensor '{name}::bits' holds {bits.numel()}")  # fmt: skip
+    value_range = _stored(tensors, name, f"{name}::range", compute_dtype(dtype), (2,), implied_by="field 'dtype'")
+    if not torch.isfinite(value_range).all() or value_range[0] > value_range[1]:
+        raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' must hold finite [min, max] with min <= max; got {value_range.tolist()}")
+    return {"kind": "quantized", "shape": shape, "dtype": dtype, "groups": groups, "group_size": group_size, "min_bits": min_bits,
+            "bits_bits": bits_bits, "aliases": aliases, "levels": levels, "bits": bits, "range": value_range}  # fmt: skip
+
+
+def _dequantize_plan(name: str, plan: dict[str, Any]) -> torch.Tensor:
+    group_bits = unpack_uint(plan["bits"], plan["bits_bits"], plan["groups"]) + plan["min_bits"]
+    if int(group_bits.max()) > MAX_BITS:
+        raise _LayoutError(f"layout of {name!r}: tensor '{name}::bits' holds widths above {MAX_BITS} (fields 'min_bits', 'bits_bits')")
+    counts = torch.bincount(group_bits, minlength=MAX_BITS + 1)
+    expected = sum(packed_bytes(w, int(counts[w]) * plan["group_size"]) for w in range(1, MAX_BITS + 1))
+    if expected != plan["levels"].numel():
+        raise _LayoutError(f"layout of {name!r}: the widths (tensor '{name}::bits', fields 'min_bits', 'bits_bits', 'group_size') "
+                           f"imply {expected} bytes of levels; tensor '{name}::levels' holds {plan['levels'].numel()}")  # fmt: skip
+    levels = unpack_levels(plan["levels"], group_bits, plan["group_size"])
+    low, high = plan["range"]
+    return QuantizedTensor(levels, group_bits, low, high, plan["shape"], plan["dtype"]).dequantize()
 
 
 def load_quantized(path: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
@@ -280,7 +458,7 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         p = state[name].detach().cpu()
         group_size = p.numel() // logit.numel()
         bits = (formulas.extra_bits + formulas.get_bits(logit.float())).round().clamp(1, MAX_BITS).to(torch.int64)
-        levels, mn, mx = uniform_quantize(p.reshape(logit.numel(), group_size), bits[:, None].to(p.dtype))
+        levels, mn, mx = uniform_quantize(p.reshape(logit.numel(), group_size), bits[:, None])
         quantized[name] = QuantizedTensor(levels, bits, mn, mx, tuple(p.shape), p.dtype)
         owners[p.untyped_storage().data_ptr()] = name
     floats, half = {}, set()
