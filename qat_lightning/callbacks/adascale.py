@@ -15,6 +15,7 @@ from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._precision import converted_batches, forward_context
 
 
 class AdaScale(pl.Callback):
@@ -117,11 +118,13 @@ class AdaScale(pl.Callback):
             raise ValueError("AdaScale: no dataloader to calibrate on")
         assert self.quantizer is not None
         self.quantizer.remove()  # apply_adascale installs its own, with the same structure
-        self.result = apply_adascale(
-            pl_module, loader, self.forward_fn, self.num_epochs, num_iterations=self.num_iterations,
-            num_batches=self.num_batches, bits=self.bits, block_types=self.block_types, lr=self.lr,
-            scale_lr=self.scale_lr, fp_input_mix=self.fp_input_mix, device=pl_module.device, progress=self.progress,
-        )  # fmt: skip
+        with forward_context(trainer):
+            self.result = apply_adascale(
+                pl_module, converted_batches(trainer, loader), self.forward_fn, self.num_epochs,
+                num_iterations=self.num_iterations, num_batches=self.num_batches, bits=self.bits,
+                block_types=self.block_types, lr=self.lr, scale_lr=self.scale_lr, fp_input_mix=self.fp_input_mix,
+                device=pl_module.device, progress=self.progress,
+            )  # fmt: skip
         self.quantizer = self.result.quantizer
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # each rank optimised on its own shard: every rank takes rank 0's weights and scales

@@ -13,6 +13,7 @@ from ..core.histogram import METHODS
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._precision import converted_batches, forward_context
 
 
 class HistogramCalibration(pl.Callback):
@@ -96,11 +97,12 @@ class HistogramCalibration(pl.Callback):
             return
         if loader is None:
             raise ValueError("HistogramCalibration: no dataloader to calibrate on")
-        self.ranges = calibrate(
-            pl_module, loader, method=self.method, num_batches=self.num_batches, forward_fn=self.forward_fn,
-            num_bins=self.num_bins, percentile=self.percentile, stride=self.stride, start_bin=self.start_bin,
-            weights=self.weights, weight_method=self.weight_method, device=pl_module.device,
-        )  # fmt: skip
+        with forward_context(trainer):
+            self.ranges = calibrate(
+                pl_module, converted_batches(trainer, loader), method=self.method, num_batches=self.num_batches,
+                forward_fn=self.forward_fn, num_bins=self.num_bins, percentile=self.percentile, stride=self.stride,
+                start_bin=self.start_bin, weights=self.weights, weight_method=self.weight_method,
+            )  # fmt: skip
         self.calibrated = True
         rank_zero_info(f"HistogramCalibration: {len(self.ranges)} activation ranges by {self.method!r} over {self.num_batches} batches")
 

@@ -14,6 +14,7 @@ from ..core._validate import check_bool, check_number
 from ..core.diffq import DiffQConfig, DiffQuantizer
 from ..core.packing import save_quantized
 from ..plots import format_layer_table, plot_layer_bits
+from ._precision import keep_float32_through_conversion
 from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
 
 
@@ -112,6 +113,7 @@ class DiffQ(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
+        keep_float32_through_conversion(trainer, self, lambda: self.quantizer.parameters() if self.quantizer is not None else [])
         if self.quantizer is None:
             self.quantizer = self.build_quantizer(pl_module)
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())

@@ -16,6 +16,7 @@ from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._precision import converted_batches, forward_context
 
 
 class Rescaling(pl.Callback):
@@ -79,11 +80,11 @@ class Rescaling(pl.Callback):
         modes = {m: m.training for m in pl_module.modules()}
         try:
             pl_module.eval()
-            with torch.no_grad():
-                for index, batch in enumerate(trainer.train_dataloader):
+            with torch.no_grad(), forward_context(trainer):
+                for index, batch in enumerate(converted_batches(trainer, trainer.train_dataloader)):
                     if index >= self.num_batches:
                         break
-                    self.forward_fn(pl_module, trainer.strategy.batch_to_device(batch))
+                    self.forward_fn(pl_module, batch)
         finally:
             for module, training in modes.items():
                 module.training = training

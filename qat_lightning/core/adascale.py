@@ -28,6 +28,7 @@ from ._validate import check_bool, check_number
 from .calibrate import _to_device, default_forward, map_tensors
 from .ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
 from .fake_quant import LearnedStepWeight, learned_step_quantize
+from .uniform import compute_dtype
 from .swap import Slot, SwappedParam, WeightSwapper
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,22 @@ CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
 class AdaScaleParams(nn.Module):
-    """The trainable AdaScale parameters of one layer and its quantized weight (``forward(W)``)."""
+    """The trainable AdaScale parameters of one layer and its quantized weight (``forward(W)``).
+
+    Parameters and math in float32 whatever the weight's dtype (float64 for float64; the result
+    rounded once into it):
+    Adam's epsilon and the small scale updates vanish in float16 / bfloat16."""
 
     def __init__(self, weight: torch.Tensor, bits: int) -> None:
         super().__init__()
         out_channels = weight.shape[0]
         channel_shape = (out_channels,) + (1,) * (weight.dim() - 1)
-        self.gamma = nn.Parameter(torch.zeros(out_channels, device=weight.device))
-        self.beta = nn.Parameter(torch.zeros(out_channels, device=weight.device))
-        self.s2 = nn.Parameter(torch.zeros_like(weight))
-        self.s3 = nn.Parameter(torch.zeros(channel_shape, device=weight.device))
-        self.s4 = nn.Parameter(torch.zeros((1, weight.shape[1]) + (1,) * (weight.dim() - 2), device=weight.device)) if weight.dim() > 2 else None
+        options = dict(dtype=compute_dtype(weight.dtype), device=weight.device)
+        self.gamma = nn.Parameter(torch.zeros(out_channels, **options))
+        self.beta = nn.Parameter(torch.zeros(out_channels, **options))
+        self.s2 = nn.Parameter(torch.zeros(weight.shape, **options))
+        self.s3 = nn.Parameter(torch.zeros(channel_shape, **options))
+        self.s4 = nn.Parameter(torch.zeros((1, weight.shape[1]) + (1,) * (weight.dim() - 2), **options)) if weight.dim() > 2 else None
         with torch.no_grad():
             largest = weight.detach().flatten(1).abs().amax(1).float()
         self.register_buffer("max", largest)  # symmetric initial encodings: [-max|W|, max|W|]
@@ -64,8 +70,8 @@ class AdaScaleParams(nn.Module):
         return divisor * torch.exp(self.s4) if self.s4 is not None else divisor
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scaled = weight / self.divisor()
-        return learned_step_quantize(scaled, self.scale(), self.zero, self.q_min, self.q_max, 1.0, axis=0)
+        scaled = weight.to(self.s2.dtype) / self.divisor()
+        return learned_step_quantize(scaled, self.scale(), self.zero, self.q_min, self.q_max, 1.0, axis=0).to(weight.dtype)
 
     def groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(gamma, beta) and the scales (s2, s3[, s4]): the two optimizer groups."""
@@ -361,14 +367,15 @@ def _train_block(
 
 
 def _block_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    difference = (target - output) ** 2
+    wide = compute_dtype(output.dtype)
+    difference = (target.to(wide) - output.to(wide)) ** 2  # float32: squares overflow float16
     return (difference.sum(1) if difference.dim() > 1 else difference).mean()
 
 
 @torch.no_grad()
 def _freeze(quantizer: LearnedStepWeight, params: AdaScaleParams, layer: nn.Module) -> None:
     """Fold ``W / divisor`` into the weight and freeze the scale as the layer's (untrainable) step."""
-    layer.weight.copy_(layer.weight / params.divisor())
+    layer.weight.copy_(layer.weight.to(params.s2.dtype) / params.divisor())
     quantizer.step.copy_(params.scale().reshape(quantizer.step.shape))
     quantizer.zero.zero_()
     quantizer._mark_ready()

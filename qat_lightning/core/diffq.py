@@ -261,7 +261,7 @@ class DiffQuantizer:
                 f"(shape {tuple(param.shape)}, {param.numel()} entries): pick a group_size that divides it, "
                 f"group_size=0 (one group per tensor), or exclude it with exclude=[{qualified!r}]"
             )
-        logit = nn.Parameter(torch.full((param.numel() // group_size,), self._init_logit(), device=param.device))
+        logit = nn.Parameter(torch.full((param.numel() // group_size,), self._init_logit(), dtype=torch.float32, device=param.device))
         slot.module.register_parameter(slot.attr + self.suffix, logit)
         return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size)
 
@@ -459,10 +459,31 @@ class DiffQuantizer:
         self._constants = None
 
     def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
+        self._keep_logits_float32()
         self.new_noise()
         if module.training:  # the eval cache is only worth its memory while evaluating
             for entry in self._swapped_entries():
                 entry._eval = None
+
+    def _keep_logits_float32(self) -> None:
+        """Bits logits stay float32 (``model.half()`` / ``.to(torch.bfloat16)`` / ``.double()`` convert
+        them too): in bfloat16 Adam's updates of a logit vanish below its ulp. Put back, once, with a
+        warning; the Lightning callback keeps them float32 through the conversion itself."""
+        changed = [qp.name for qp in self._qparams if qp.logit.dtype != torch.float32]
+        if not changed:
+            return
+        for qp in self._qparams:
+            if qp.logit.dtype != torch.float32:
+                qp.logit.data = qp.logit.data.float()
+                if qp.logit.grad is not None:
+                    qp.logit.grad = qp.logit.grad.float()
+        self._constants = None
+        warnings.warn(
+            f"DiffQuantizer: the bits logits of {changed[:3]}{'...' if len(changed) > 3 else ''} were converted to another "
+            "dtype with the model; they are kept float32 (half-precision logits do not learn). Build the optimizer after "
+            "converting the model, or convert the model before attaching the quantizer",
+            stacklevel=3,
+        )
 
     # ----------------------------------------------------------------------------- quantize / restore
     @property
@@ -548,7 +569,7 @@ class DiffQuantizer:
         """Estimated model size in MB: differentiable w.r.t. the bits unless ``exact``."""
         kept_bits = sum((16 if e.half else 32) * e.param.numel() for e in self._kept)
         if not self._qparams:
-            return torch.tensor(kept_bits / MEGABYTE_BITS)
+            return torch.tensor(kept_bits / MEGABYTE_BITS, dtype=torch.float32)
         bits = self._all_bits(exact)
         layout = self._layout()
         payload = torch.dot(bits, layout.group_sizes)
@@ -567,7 +588,7 @@ class DiffQuantizer:
         device = self._qparams[0].logit.device
         if self._layout_cache is None or self._layout_cache.lengths.device != device:
             lengths = torch.tensor([qp.num_groups for qp in self._qparams], device=device)
-            group_sizes = torch.cat([torch.full((qp.num_groups,), float(qp.group_size), device=device) for qp in self._qparams])
+            group_sizes = torch.cat([torch.full((qp.num_groups,), float(qp.group_size), dtype=torch.float32, device=device) for qp in self._qparams])
             self._layout_cache = _Layout(lengths, lengths.float(), group_sizes)
         return self._layout_cache
 
@@ -619,7 +640,7 @@ class DiffQuantizer:
     def average_bits(self, exact: bool = False) -> torch.Tensor:
         """Mean number of bits per quantized weight (``extra_bits`` included); not differentiable."""
         if not self._qparams:
-            return torch.tensor(float("nan"))
+            return torch.tensor(float("nan"), dtype=torch.float32)
         with torch.no_grad():
             numel = sum(qp.param.numel() for qp in self._qparams)
             return torch.dot(self._all_bits(exact, detach=True), self._layout().group_sizes) / numel

@@ -29,6 +29,7 @@ class LinearQuantMode(str, Enum):
 
 
 MODES = tuple(m.value for m in LinearQuantMode)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 _TINY = 1e-30  # keeps the division finite where the range is empty; torch.where then picks scale 1
 
 
@@ -341,15 +342,15 @@ class FakeLinearQuantization(nn.Module):
         self.enabled = True  # False: pass-through (ranges may still be observed)
         self.label = "FakeLinearQuantization"  # named in errors; EMAFakeQuantizer sets "<module> input"
         self.observe = True  # False: ranges frozen, also in training
-        self.register_buffer("tracked_biased", torch.zeros(2))  # EMA of batch [min, max], not bias-corrected
-        self.register_buffer("tracked", torch.zeros(2))  # bias-corrected [min, max]
-        self.register_buffer("iter_count", torch.zeros(()))
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros(()))
-        self.register_buffer("clamp_range", torch.zeros(2))  # [low, high] the input is clamped to
+        self.register_buffer("tracked_biased", torch.zeros(2, dtype=torch.float32))  # EMA of batch [min, max], not bias-corrected
+        self.register_buffer("tracked", torch.zeros(2, dtype=torch.float32))  # bias-corrected [min, max]
+        self.register_buffer("iter_count", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("clamp_range", torch.zeros(2, dtype=torch.float32))  # [low, high] the input is clamped to
         if learned_step:
-            self.step = nn.Parameter(torch.ones(()))
-            self.register_buffer("step_initialized", torch.zeros(()))
+            self.step = nn.Parameter(torch.ones((), dtype=torch.float32))
+            self.register_buffer("step_initialized", torch.zeros((), dtype=torch.float32))
         self.lsq_range = lsq_range(num_bits, self.mode)
         self._invalidate()
         self._make_constants()
@@ -360,6 +361,11 @@ class FakeLinearQuantization(nn.Module):
     tracked_max_biased = property(lambda self: self.tracked_biased[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in HALF_DTYPES:  # levels in float16 / bfloat16 would be off: float32 math, rounded once
+            return self._forward(x.float()).to(x.dtype)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.learned_step and self._learning():
             return self._learned(x) if self.enabled else x
         if self.training and self.observe:
@@ -384,23 +390,42 @@ class FakeLinearQuantization(nn.Module):
         return self._steps() > 0
 
     def _steps(self) -> int:
-        host = self._host
+        host = self._host_state()
         if host.step is None:
             host.step = int(self.iter_count.item())
         return host.step
 
     def _learning(self) -> bool:
-        host = self._host
+        host = self._host_state()
         if host.learned_ready is None:
             host.learned_ready = bool(self.step_initialized.item())
         return host.learned_ready
+
+    def _buffers_key(self) -> tuple[int, ...]:
+        """Identity and version of every buffer the host copies mirror: a copy of the module, a
+        load, a swap (``WeightAveraging``) or any in-place write changes it."""
+        return tuple(v for t in self._mirrored for v in (t.data_ptr(), t._version))
+
+    @property
+    def _mirrored(self) -> tuple[torch.Tensor, ...]:
+        buffers = (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range)
+        return (*buffers, self.step_initialized) if self.learned_step else buffers
+
+    def _host_state(self) -> _HostState:
+        """The host copies, valid for the buffers as they are now: the buffers are the single
+        source of truth, the copies are re-read whenever the buffers changed behind them (our own
+        host updates write through numpy views, which leave the versions alone)."""
+        host, key = self._host, self._buffers_key()
+        if host.key != key:
+            host = self._host = _HostState(self.ema_decay, key)
+        return host
 
     def _invalidate(self) -> None:
         """Forget the host copies; they are re-read from the buffers when next needed."""
         self._host = _HostState(self.ema_decay)
 
     def _host_plan(self) -> tuple[float, ...]:
-        host = self._host
+        host = self._host_state()
         if host.plan is None:
             host.plan = per_tensor_plan(*(t.item() for t in (self.scale, self.zero_point, *self.clamp_range)))
         return host.plan
@@ -436,8 +461,10 @@ class FakeLinearQuantization(nn.Module):
             dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
             current[0].neg_()
         if x.is_cuda:
-            step = self._host.step = self._steps() + 1
+            step, learned = self._steps() + 1, self._host.learned_ready
             self._update_on_device(current if current is not None else torch.stack([mn, mx]).float(), step)
+            host = self._host = _HostState(self.ema_decay, self._buffers_key())  # what the device now holds
+            host.step, host.learned_ready = step, learned  # known without a host sync
             return
         lo, hi = current.tolist() if current is not None else (mn.item(), mx.item())
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -446,8 +473,7 @@ class FakeLinearQuantization(nn.Module):
                 "updated. The model diverged or the data holds NaN/Inf: check the loss, the learning rate "
                 "and the inputs (Trainer(detect_anomaly=True) finds the first op that produced them)"
             )
-        step = self._host.step = self._steps() + 1
-        self._update_on_host(lo, hi, step)
+        self._update_on_host(lo, hi, self._steps() + 1)
 
     def _update_on_device(self, current: torch.Tensor, step: int) -> None:
         """Device-side update, no host sync; a batch with NaN/Inf leaves the EMA as it was (raising
@@ -459,7 +485,7 @@ class FakeLinearQuantization(nn.Module):
         self._update_params()
 
     def _update_on_host(self, lo: float, hi: float, step: int) -> None:
-        host = self._host
+        host = self._host_state()
         if host.views is None:  # numpy views of the CPU buffers: writes cost no torch dispatch
             host.views = tuple(t.numpy() for t in (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range))
             host.biased = [float(v) for v in self.tracked_biased.tolist()]
@@ -479,6 +505,7 @@ class FakeLinearQuantization(nn.Module):
         tracked_view[0], tracked_view[1] = tracked_min, tracked_max
         iter_count[()] = step
         scale[()], zero_point[()], clamp_range[0], clamp_range[1] = params
+        host.step = step
 
     def _update_params(self) -> None:
         if self.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED):
@@ -501,8 +528,7 @@ class FakeLinearQuantization(nn.Module):
         if not self.learned_step:
             raise RuntimeError("init_step() needs FakeLinearQuantization(learned_step=True)")
         self.step.copy_(1 / self.scale)
-        self.step_initialized.fill_(1)
-        self._host.learned_ready = True
+        self.step_initialized.fill_(1)  # a new version: the host copies re-read it (once)
 
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -517,7 +543,7 @@ class FakeLinearQuantization(nn.Module):
         self._invalidate()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FakeLinearQuantization:
-        super()._apply(fn, *args, **kwargs)
+        apply_keeping_float32(self, super()._apply, fn, *args, **kwargs)
         self._invalidate()
         self._make_constants()  # follow the buffers' device
         return self
@@ -526,11 +552,11 @@ class FakeLinearQuantization(nn.Module):
         symmetric = self.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
         n = (2**self.num_bits - 1) / 2 if self.mode == LinearQuantMode.SYMMETRIC else 2 ** (self.num_bits - 1) - 1
         device = self.tracked.device
-        self._levels = torch.tensor(n if symmetric else 2**self.num_bits - 1.0, device=device)
-        self._signs = torch.tensor([-1.0, 1.0], device=device)
-        self._low_bounds = torch.tensor([-float("inf"), 0.0], device=device)
-        self._high_bounds = torch.tensor([0.0, float("inf")], device=device)
-        self._one = torch.ones((), device=device)
+        self._levels = torch.tensor(n if symmetric else 2**self.num_bits - 1.0, dtype=torch.float32, device=device)
+        self._signs = torch.tensor([-1.0, 1.0], dtype=torch.float32, device=device)
+        self._low_bounds = torch.tensor([-float("inf"), 0.0], dtype=torch.float32, device=device)
+        self._high_bounds = torch.tensor([0.0, float("inf")], dtype=torch.float32, device=device)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
         self._zero_offset = 2.0 ** (self.num_bits - 1) if self.mode == LinearQuantMode.ASYMMETRIC_SIGNED else 0.0
 
     def extra_repr(self) -> str:
@@ -541,12 +567,35 @@ class FakeLinearQuantization(nn.Module):
 _MIN_STEP = 1e-8
 
 
+def apply_keeping_float32(module: nn.Module, apply: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """``module._apply`` through ``apply`` (the base class's), but the module's own float32
+    parameters and buffers keep float32 and their exact values when ``fn`` changes dtypes
+    (``model.half()``, ``.to(torch.bfloat16)``, ``.double()``, Lightning's ``precision="bf16-true"``):
+    quantizer state (ranges, scales, step sizes) in half precision would put the grid off by a few
+    percent, and Adam's updates of a step size would vanish below its ulp. Devices still follow."""
+    before = {name: t.detach() for name, t in (*module._parameters.items(), *module._buffers.items())
+              if t is not None and t.dtype == torch.float32}  # fmt: skip
+    apply(fn, *args, **kwargs)
+    for name, original in before.items():
+        container = module._parameters if name in module._parameters else module._buffers
+        now = container[name]
+        if now is None or now.dtype == torch.float32:
+            continue
+        restored = original.to(device=now.device)
+        if isinstance(now, nn.Parameter):
+            now.data = restored
+        else:
+            container[name] = restored
+
+
 class _HostState:
-    """Host copies of a :class:`FakeLinearQuantization`'s scalars (None: re-read from the buffers)."""
+    """Host copies of a :class:`FakeLinearQuantization`'s scalars (None: re-read from the buffers),
+    valid for the buffers whose identity and versions are ``key``."""
 
-    __slots__ = ("step", "views", "biased", "weight", "plan", "learned_ready")
+    __slots__ = ("key", "step", "views", "biased", "weight", "plan", "learned_ready")
 
-    def __init__(self, ema_decay: float = 0.0) -> None:
+    def __init__(self, ema_decay: float = 0.0, key: tuple[int, ...] = ()) -> None:
+        self.key = key
         self.step: int | None = None
         self.views: tuple[np.ndarray, ...] | None = None
         self.biased: list[float] = []
@@ -601,22 +650,35 @@ class _WeightQuantizer(nn.Module):
             raise ValueError(f"channels and axis must both be set (per channel) or both be None; got {channels=}, {axis=}")
         self.axis = axis
         self.param_shape = () if channels is None else (channels,)
-        self.register_buffer(self._flag, torch.zeros(()))
+        self.register_buffer(self._flag, torch.zeros((), dtype=torch.float32))
         self.enabled = True  # False: the float weight passes through (e.g. during calibration)
-        self._ready: bool | None = None
+        self._ready: tuple[tuple[int, int], bool] | None = None  # (flag buffer identity and version, value)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> _WeightQuantizer:
+        apply_keeping_float32(self, super()._apply, fn, *args, **kwargs)
+        return self
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        if weight.dtype in HALF_DTYPES:  # float32 math, rounded once into the weight's dtype
+            return self._quantize(weight.float()).to(weight.dtype)
+        return self._quantize(weight)
+
+    def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _has_state(self) -> bool:
-        if self._ready is None:
-            self._ready = bool(getattr(self, self._flag).item())
-        return self._ready
+        """The flag buffer's value, read once per identity and version of the buffer (a copy, a
+        load or an in-place write re-reads it)."""
+        flag = getattr(self, self._flag)
+        key = (flag.data_ptr(), flag._version)
+        if self._ready is None or self._ready[0] != key:
+            self._ready = (key, bool(flag.item()))
+        return self._ready[1]
 
     def _mark_ready(self) -> None:
         getattr(self, self._flag).fill_(1)
-        self._ready = True
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._ready = None
 
 
 class LearnedStepWeight(_WeightQuantizer):
@@ -636,8 +698,8 @@ class LearnedStepWeight(_WeightQuantizer):
 
     def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
         super().__init__(channels, num_bits, mode, axis)
-        self.step = nn.Parameter(torch.ones(self.param_shape))
-        self.register_buffer("zero", torch.zeros(self.param_shape))  # torch's convention: q = round(w / step + zero)
+        self.step = nn.Parameter(torch.ones(self.param_shape, dtype=torch.float32))
+        self.register_buffer("zero", torch.zeros(self.param_shape, dtype=torch.float32))  # torch's convention: q = round(w / step + zero)
         self.lsq_range = lsq_range(num_bits, self.mode)
 
     @torch.no_grad()
@@ -649,9 +711,7 @@ class LearnedStepWeight(_WeightQuantizer):
         self.zero.copy_(-zero_point)
         self._mark_ready()
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
+    def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
         if not self._has_state():
             if not self.training:
                 return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
@@ -682,7 +742,7 @@ class WeightRange(_WeightQuantizer):
 
     def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
         super().__init__(channels, num_bits, mode, axis)
-        self.register_buffer("clip_ratio", torch.ones(self.param_shape))
+        self.register_buffer("clip_ratio", torch.ones(self.param_shape, dtype=torch.float32))
 
     @torch.no_grad()
     def set_amax(self, amax: torch.Tensor | float, weight: torch.Tensor) -> None:
@@ -708,9 +768,7 @@ class WeightRange(_WeightQuantizer):
         amax = torch.maximum(mn.abs(), mx.abs()) * self.clip_ratio
         return linear_quant_params(self.num_bits, self.mode, torch.maximum(mn, -amax), torch.minimum(mx, amax))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
+    def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
         if not self._has_state():
             return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
         return fake_quantize(weight, *self.quant_params(weight), self.num_bits, self.mode, self.axis)

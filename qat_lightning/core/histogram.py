@@ -102,9 +102,9 @@ class HistogramCalibrator:
         x_max = x.max().item()
         if self.hist is None or self.edges[-1] == 0:  # first data (or only zeros so far): fresh bins
             previous = 0.0 if self.hist is None else self.hist.sum()
-            self.edges = torch.linspace(0, x_max, self.num_bins + 1, device=x.device)
+            self.edges = torch.linspace(0, x_max, self.num_bins + 1, dtype=torch.float32, device=x.device)
             if x_max == 0:  # histc would widen an empty range to [-1, 1]
-                self.hist = torch.zeros(self.num_bins, device=x.device)
+                self.hist = torch.zeros(self.num_bins, dtype=torch.float32, device=x.device)
                 self.hist[0] = x.numel()
             else:
                 self.hist = torch.histc(x, bins=self.num_bins, min=0, max=x_max)
@@ -145,7 +145,7 @@ class HistogramCalibrator:
         x_max = flat.amax(1)
         if self.hist is None:
             self.bins = torch.full((channels,), self.num_bins, device=flat.device)
-            self.edges = x_max[:, None] * torch.linspace(0, 1, self.num_bins + 1, device=flat.device)
+            self.edges = x_max[:, None] * torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float32, device=flat.device)
             self.edges[:, -1] = x_max
         elif channels != self.hist.shape[0]:
             raise ValueError(f"collect() got {channels} channels along axis {self.axis}; earlier batches had {self.hist.shape[0]}")
@@ -197,12 +197,12 @@ class HistogramCalibrator:
         edges = edges.detach().cpu().numpy()
         if method == "max":
             nonzero = np.flatnonzero(counts)
-            return torch.tensor(edges[nonzero[-1] + 1] if nonzero.size else 0.0)
+            return torch.tensor(edges[nonzero[-1] + 1] if nonzero.size else 0.0, dtype=torch.float32)
         if method == "percentile":
-            return torch.tensor(amax_percentile(counts, edges, percentile))
+            return torch.tensor(amax_percentile(counts, edges, percentile), dtype=torch.float32)
         if method == "mse":
-            return torch.tensor(amax_mse(counts, edges, self.num_bits, self.unsigned, stride, start_bin))
-        return torch.tensor(amax_entropy(counts, edges, self.num_bits, self.unsigned, stride, start_bin))
+            return torch.tensor(amax_mse(counts, edges, self.num_bits, self.unsigned, stride, start_bin), dtype=torch.float32)
+        return torch.tensor(amax_entropy(counts, edges, self.num_bits, self.unsigned, stride, start_bin), dtype=torch.float32)
 
     def __repr__(self) -> str:
         return (
