@@ -215,14 +215,6 @@ def test_checkpoint_resume_restores_bits_weights_and_optimizer(tmp_path) -> None
     assert check.checked and trainer.current_epoch == 3
 
 
-def test_resume_with_other_options_warns(tmp_path) -> None:
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[DiffQ(**SMALL), ckpt]).fit(tiny_model(), tiny_loader())
-    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[DiffQ(init_bits=6, **SMALL)])
-    with pytest.warns(UserWarning, match=r"differ from the checkpoint's: \['init_bits'\]"):
-        trainer.fit(tiny_model(), tiny_loader(), ckpt_path=tmp_path / "last.ckpt")
-
-
 def test_quantize_on_fit_end() -> None:
     diffq = DiffQ(quantize_on_fit_end=True, **SMALL)
     model = tiny_model()

@@ -255,3 +255,79 @@ def test_host_bookkeeping_equals_the_device_ops_bit_for_bit(mode: str, decay: fl
     fresh = FakeLinearQuantization(6, mode)
     fresh.load_state_dict(device.state_dict())  # host plan re-read from the buffers
     assert torch.equal(fresh.eval()(x), host.eval()(x))
+
+
+# ----------------------------------------------------------------------------- buffers are the truth
+def _ema_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    EMAFakeQuantizer(model, ema_decay=0.5).prepare()
+    return model
+
+
+def _fresh_output(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """What the state dict alone computes: a new model, prepared, loaded, in eval."""
+    fresh = _ema_model()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        return fresh.eval()(x)
+
+
+def test_deepcopy_trains_and_evaluates_on_its_own_buffers() -> None:
+    import copy
+
+    model = _ema_model()
+    for _ in range(3):
+        model(torch.randn(32, 8))
+    twin = copy.deepcopy(model)
+    for step in range(5):  # the copy trains on, with other data
+        twin(torch.randn(32, 8) * (2 + step))
+    fq = twin[0].output_fake_quant
+    assert int(fq.iter_count) == 8 and int(model[0].output_fake_quant.iter_count) == 3
+    x = torch.randn(64, 8) * 4
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(x), _fresh_output(twin.state_dict(), x))
+        assert torch.equal(model.eval()(x), _fresh_output(model.state_dict(), x))
+
+
+@pytest.mark.parametrize("write", ["copy_", "data.copy_", "numpy"])
+def test_in_place_writes_to_the_buffers_are_used_in_eval(write: str) -> None:
+    model = _ema_model()
+    model(torch.randn(32, 8))
+    model.eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        before = model(x)
+        fq = model[0].output_fake_quant
+        for name, value in (("scale", fq.scale / 4), ("clamp_range", fq.clamp_range * 0.25)):
+            target = getattr(fq, name)
+            if write == "copy_":
+                target.copy_(value)
+            elif write == "data.copy_":  # bypasses the version counter, as WeightAveraging's swap does
+                target.data.copy_(value)
+            else:
+                target.numpy()[...] = value.numpy()
+        after = model(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, _fresh_output(model.state_dict(), x))
+
+
+def test_weight_averaging_validation_runs_on_the_averaged_buffers() -> None:
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    class Probe(pl.Callback):
+        checked = 0
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+            x, _ = batch
+            fresh = tiny_model()
+            EMAFakeQuantizer(fresh, ema_decay=0.5).prepare()
+            fresh.load_state_dict(pl_module.state_dict())
+            with torch.no_grad():
+                assert torch.equal(pl_module(x), fresh.eval()(x))
+            self.checked += 1
+
+    ema, probe = EMAFakeQuant(ema_decay=0.5), Probe()
+    trainer = tiny_trainer(callbacks=[ema, WeightAveraging(), probe], max_epochs=3, limit_val_batches=2)
+    trainer.fit(tiny_model(), tiny_loader(), tiny_loader())
+    assert probe.checked == 6

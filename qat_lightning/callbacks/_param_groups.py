@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core._optim import fused_options
 
@@ -47,13 +46,6 @@ def move_to_own_group(
             if hasattr(scheduler, "_last_lr"):
                 scheduler._last_lr.append(group["lr"])
     return optimizer
-
-
-def warn_on_changed_options(callback: str, saved: dict, current: dict) -> None:
-    """Warn when a run resumes with options that differ from those its checkpoint was written with."""
-    changed = sorted(k for k in saved if saved[k] != current.get(k))
-    if changed:
-        rank_zero_warn(f"{callback}: resuming with options that differ from the checkpoint's: {changed}")
 
 
 def init_arguments(arguments: dict[str, Any]) -> dict[str, Any]:

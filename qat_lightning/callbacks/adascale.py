@@ -15,6 +15,7 @@ from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 from ._precision import converted_batches, forward_context
 
 
@@ -86,6 +87,9 @@ class AdaScale(pl.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, DiffQ) or (isinstance(callback, EMAFakeQuant) and callback.options["weights"]):
                 raise ValueError(f"AdaScale quantizes the weights; {type(callback).__name__} would too: use EMAFakeQuant(weights=False) for activations")
+        if attached_elsewhere(self, pl_module):  # a new model: quantize it too
+            self.quantizer, self.result, self.done = None, None, False
+        guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: "weight_fake_quant." in key)
         if self.quantizer is None:  # the structure a checkpoint of this run has; filled by apply_adascale
             self.quantizer = frozen_weight_quantizer(pl_module, self.bits)
             for p in self.quantizer.parameters():
@@ -142,7 +146,16 @@ class AdaScale(pl.Callback):
         rank_zero_info("AdaScale block losses (round-to-nearest -> AdaScale):\n" + "\n".join(lines))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "bits": self.bits}
+        return {"done": self.done, "bits": self.bits, "num_batches": self.num_batches, "num_epochs": self.num_epochs,
+                "num_iterations": self.num_iterations, "lr": self.lr, "scale_lr": self.scale_lr, "fp_input_mix": self.fp_input_mix}  # fmt: skip
+
+    def _check_checkpoint_options(self, state: dict[str, Any], warn: bool = False) -> None:
+        options = {k: v for k, v in state.items() if k != "done"}
+        current = self.state_dict()
+        check_resumed_options("AdaScale", {k: v for k, v in options.items() if k == "bits"}, current, ("bits",))
+        if warn and state.get("done"):  # optimised already: the checkpoint's weights and scales stay
+            check_resumed_options("AdaScale", {k: v for k, v in options.items() if k != "bits"}, current, ())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_checkpoint_options(state_dict, warn=True)
         self.done = bool(state_dict.get("done", False))

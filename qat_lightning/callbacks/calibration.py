@@ -13,6 +13,7 @@ from ..core.histogram import METHODS
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._resume import attached_elsewhere, check_resumed_options
 from ._precision import converted_batches, forward_context
 
 
@@ -76,6 +77,8 @@ class HistogramCalibration(pl.Callback):
         log_hparams(trainer, self)
         if not any(isinstance(c, EMAFakeQuant) for c in trainer.callbacks):
             raise ValueError("HistogramCalibration sets the ranges of EMAFakeQuant: add EMAFakeQuant(...) to the Trainer's callbacks too")
+        if attached_elsewhere(self, pl_module):  # a new model: calibrate it too
+            self.calibrated, self.ranges = False, {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from .rescaling import Rescaling
@@ -107,10 +110,16 @@ class HistogramCalibration(pl.Callback):
         rank_zero_info(f"HistogramCalibration: {len(self.ranges)} activation ranges by {self.method!r} over {self.num_batches} batches")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calibrated": self.calibrated, "method": self.method, "num_batches": self.num_batches}
+        return {"calibrated": self.calibrated, **self._options()}
+
+    def _options(self) -> dict[str, Any]:
+        return {"method": self.method, "num_batches": self.num_batches, "percentile": self.percentile, "num_bins": self.num_bins,
+                "stride": self.stride, "start_bin": self.start_bin, "weights": self.weights, "weight_method": self.weight_method}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.calibrated = bool(state_dict.get("calibrated", False))
+        if self.calibrated:  # the checkpoint's ranges stay: other options are not applied
+            check_resumed_options("HistogramCalibration", {k: v for k, v in state_dict.items() if k != "calibrated"}, self._options(), ())
 
 
 def _first(loaders: Any) -> Any:

@@ -15,7 +15,8 @@ from ..core.diffq import DiffQConfig, DiffQuantizer
 from ..core.packing import save_quantized
 from ..plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion
-from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
+from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
+from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 
 
 class DiffQ(pl.Callback):
@@ -110,9 +111,17 @@ class DiffQ(pl.Callback):
         self._swapped_for_stage = False
 
     # ----------------------------------------------------------------------------- structure
+    # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
+    STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "min_bits", "max_bits", "param", "extra_bits", "suffix",
+                          "exclude", "detect_bound")  # fmt: skip
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
+        if attached_elsewhere(self, pl_module):  # a new model: quantize it, leave the previous one as it is
+            self.quantizer, self._bits_optimizer, self._pending_rng, self.exported = None, None, None, None
+            self._swapped_for_stage = False
+        guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: key.endswith(self.config.suffix))
         keep_float32_through_conversion(trainer, self, lambda: self.quantizer.parameters() if self.quantizer is not None else [])
         if self.quantizer is None:
             self.quantizer = self.build_quantizer(pl_module)
@@ -252,8 +261,17 @@ class DiffQ(pl.Callback):
             state["noise_rng"] = self.quantizer.noise_rng_state()
         return state
 
+    def _check_checkpoint_options(self, state: dict[str, Any], warn: bool = False) -> None:
+        current = self.state_dict()
+        structural = {k: v for k, v in state.get("config", {}).items() if k in self.STRUCTURAL_OPTIONS}
+        check_resumed_options("DiffQ", structural, current["config"], self.STRUCTURAL_OPTIONS)
+        if warn:  # init_bits, noise (config) and the bits group's lr / decay, the penalty
+            training = {k: v for k, v in state.get("config", {}).items() if k not in self.STRUCTURAL_OPTIONS}
+            training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay") if k in state})
+            check_resumed_options("DiffQ", training, {**current["config"], **current}, ())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        warn_on_changed_options("DiffQ", state_dict.get("config", {}), self.state_dict()["config"])
+        self._check_checkpoint_options(state_dict, warn=True)
         rng = state_dict.get("noise_rng")
         if rng:
             if self.quantizer is not None:

@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core._validate import check_number, check_patterns
 from ..core.ema_quantizer import EMAFakeQuantizer
-from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group, warn_on_changed_options
+from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
+from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 from .diffq import DiffQ
 
 
@@ -81,9 +82,16 @@ class EMAFakeQuant(pl.Callback):
         self.evaluate_quantized = True  # False: validation / test / predict without fake quantization
         self.quantizer: EMAFakeQuantizer | None = None
 
+    # options that define the quantizers and their grids: a checkpoint must be resumed / evaluated with the same
+    STRUCTURAL_OPTIONS = ("weight_bits", "activation_bits", "weight_mode", "activation_mode", "per_channel", "weights",
+                          "activations", "quantize_inputs", "exclude", "learned_step", "quantize_bias")  # fmt: skip
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
+        if attached_elsewhere(self, pl_module):  # a new model: prepare it, leave the previous one as it is
+            self.quantizer, self._step_optimizer = None, None
+        guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: "fake_quant." in key)
         if self.quantizer is not None:
             return
         if self.options["weights"] and any(isinstance(c, DiffQ) for c in trainer.callbacks):
@@ -150,10 +158,21 @@ class EMAFakeQuant(pl.Callback):
             pl_module.log("quant/act_scale_mean", torch.stack(scales).mean(), on_epoch=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"options": dict(self.options), "start_step": self.start_step, "freeze_step": self.freeze_step}
+        return {"options": dict(self.options), "start_step": self.start_step, "freeze_step": self.freeze_step,
+                "step_lr": self.step_lr, "step_weight_decay": self.step_weight_decay}  # fmt: skip
+
+    def _check_checkpoint_options(self, state: dict[str, Any], warn: bool = False) -> None:
+        options = state.get("options", {})
+        check_resumed_options("EMAFakeQuant", {k: v for k, v in options.items() if k in self.STRUCTURAL_OPTIONS}, self.options,
+                              self.STRUCTURAL_OPTIONS)  # fmt: skip
+        if warn:  # ema_decay and the schedule: may change on resume
+            current = {**self.options, **self.state_dict()}
+            training = {k: v for k, v in options.items() if k not in self.STRUCTURAL_OPTIONS}
+            training.update({k: state[k] for k in ("start_step", "freeze_step", "step_lr", "step_weight_decay") if k in state})
+            check_resumed_options("EMAFakeQuant", training, current, ())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        warn_on_changed_options("EMAFakeQuant", state_dict.get("options", {}), self.options)
+        self._check_checkpoint_options(state_dict, warn=True)
 
     def _require_quantizer(self) -> EMAFakeQuantizer:
         if self.quantizer is None:

@@ -16,6 +16,7 @@ from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 from ._precision import converted_batches, forward_context
 
 
@@ -60,6 +61,9 @@ class Rescaling(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
+        if attached_elsewhere(self, pl_module):  # a new model: plan and rescale it too
+            self.calibrator, self.rescaled = None, False
+        guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: ".input_scale." in key)
         if self.calibrator is None:
             excluded = [m for name, m in pl_module.named_modules() if name and any(fnmatch(name, p) for p in self.exclude)]
             self.calibrator = RescalingCalibrator(pl_module, excluded_modules=excluded, inplace=True)
@@ -94,9 +98,17 @@ class Rescaling(pl.Callback):
         rank_zero_info(f"Rescaling: alpha={self.alpha}, folded into {sorted(calibrator.folded())}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rescaled": self.rescaled, "alpha": self.alpha}
+        return {"rescaled": self.rescaled, "alpha": self.alpha, "num_batches": self.num_batches, "exclude": list(self.exclude)}
+
+    def _check_checkpoint_options(self, state: dict[str, Any], warn: bool = False) -> None:
+        options = {k: v for k, v in state.items() if k != "rescaled"}
+        current = self.state_dict()
+        check_resumed_options("Rescaling", {k: v for k, v in options.items() if k == "exclude"}, current, ("exclude",))
+        if warn and state.get("rescaled"):  # rescaled already: the checkpoint's alpha stays
+            check_resumed_options("Rescaling", {k: v for k, v in options.items() if k != "exclude"}, current, ())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_checkpoint_options(state_dict, warn=True)
         self.rescaled = bool(state_dict.get("rescaled", False))
 
 

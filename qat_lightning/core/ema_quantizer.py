@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatch
 
 import torch
@@ -27,6 +28,18 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 OUTPUT_NAME = "output_fake_quant"
 INPUT_NAME = "input_fake_quant"
 WEIGHT_NAME = "weight_fake_quant"  # a layer's weight quantizer: WeightRange, or LearnedStepWeight (LSQ)
+
+
+@dataclass(eq=False)
+class QuantizedSlot(SwappedParam):
+    """A weight (or bias) the quantizer swaps: its quantizer module (None for a bias) and axis.
+
+    The quantizer is found through the entry, not through ``id(param)``: a ``copy.deepcopy`` of
+    the model copies hooks, entries and modules together, and the copy quantizes its own weights."""
+
+    quantizer: WeightRange | LearnedStepWeight | None = None
+    axis: int | None = None
+    bias: bool = False
 
 
 class EMAFakeQuantizer:
@@ -109,16 +122,14 @@ class EMAFakeQuantizer:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owners: list[nn.Module] = []
         self._created: list[FakeLinearQuantization] = []
-        self._axes: dict[int, int | None] = {}
-        self._weight_quantizers: dict[int, WeightRange | LearnedStepWeight] = {}
-        self._biases: set[int] = set()
+        self._entries: list[QuantizedSlot] = []
 
     # ----------------------------------------------------------------------------- prepare / remove
     def prepare(self) -> EMAFakeQuantizer:
         """Install the fake quantizers; returns ``self``."""
-        if self._owners or self._axes:
+        if self._owners or self._entries:
             raise RuntimeError("EMAFakeQuantizer.prepare() was already called; call remove() first")
-        seen: dict[int, SwappedParam] = {}
+        seen: dict[int, QuantizedSlot] = {}  # by id(param): only while preparing
         for name, module in self.model.named_modules():
             if any(fnmatch(name, pattern) for pattern in self.exclude):
                 continue
@@ -129,14 +140,15 @@ class EMAFakeQuantizer:
                 self._handles.append(module.register_forward_hook(_quantize_output))
             if self.weights and type(module) in WEIGHT_AXIS:
                 self._add_weight(module, name, seen)
-        for entry in seen.values():
+        self._entries = list(seen.values())
+        for entry in self._entries:
             self._swapper.add(entry)
         if self.quantize_inputs:
             if isinstance(self.model, CONTAINERS):
                 raise ValueError("quantize_inputs needs a model that is not an nn.Sequential/ModuleList/ModuleDict")
             self._attach(self.model, INPUT_NAME, "model input")
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
-        if not self._created and not self._weight_quantizers:
+        if not self._created and not self._entries:
             warnings.warn(
                 f"EMAFakeQuantizer found nothing to quantize in {type(self.model).__name__}: no layer of "
                 f"activation_types and no Linear/Conv weight (exclude={list(self.exclude)})",
@@ -144,7 +156,7 @@ class EMAFakeQuantizer:
             )
         return self
 
-    def _add_weight(self, module: nn.Module, name: str, seen: dict[int, SwappedParam]) -> None:
+    def _add_weight(self, module: nn.Module, name: str, seen: dict[int, QuantizedSlot]) -> None:
         for attr in ("weight", "bias") if self.quantize_bias else ("weight",):
             param = getattr(module, attr, None)
             if not isinstance(param, nn.Parameter):
@@ -153,17 +165,15 @@ class EMAFakeQuantizer:
             if id(param) in seen:  # tied: one quantizer, every slot swapped
                 seen[id(param)].slots.append(slot)
                 continue
-            seen[id(param)] = SwappedParam(slot.qualified_name, param, [slot])
             if attr == "bias":
-                self._biases.add(id(param))
+                seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], bias=True)
                 continue
             axis = WEIGHT_AXIS[type(module)] if self.per_channel else None
-            self._axes[id(param)] = axis
             channels = None if axis is None else param.shape[axis]
             kind = LearnedStepWeight if self.learned_step else WeightRange
             quantizer = kind(channels, self.weight_bits, self.weight_mode, axis).to(param.device)
             module.add_module(WEIGHT_NAME, quantizer)
-            self._weight_quantizers[id(param)] = quantizer
+            seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], quantizer=quantizer, axis=axis)
             if module not in self._owners:
                 self._owners.append(module)
 
@@ -189,15 +199,12 @@ class EMAFakeQuantizer:
                     del module._modules[name]
         self._owners.clear()
         self._created.clear()
-        self._axes.clear()
-        self._weight_quantizers.clear()
-        self._biases.clear()
+        self._entries.clear()
 
     # ----------------------------------------------------------------------------- control
     def weight_quantizers(self) -> dict[str, WeightRange | LearnedStepWeight]:
         """Every weight quantizer, by the qualified name of the weight."""
-        names = {id(e.param): e.name for e in self._swapper.entries()}
-        return {names[key]: q for key, q in self._weight_quantizers.items()}
+        return {e.name: e.quantizer for e in self._entries if e.quantizer is not None}
 
     def activation_quantizers(self) -> dict[str, FakeLinearQuantization]:
         """Every activation fake quantizer, by qualified name."""
@@ -207,7 +214,7 @@ class EMAFakeQuantizer:
         """The learned step sizes (``learned_step=True``), weights' then activations'; else empty."""
         if not self.learned_step:
             return []
-        weights = [m.step for m in self._weight_quantizers.values() if isinstance(m, LearnedStepWeight)]
+        weights = [m.step for m in self.weight_quantizers().values() if isinstance(m, LearnedStepWeight)]
         return weights + [fq.step for fq in self._created]
 
     @torch.no_grad()
@@ -239,29 +246,43 @@ class EMAFakeQuantizer:
             self.weights_enabled = enabled
 
     def model_size(self) -> float:
-        """Size in MB with fake-quantized weights stored as integers: ``weight_bits`` per entry plus a
-        fp32 scale (and a zero point unless symmetric) per channel; everything else fp32."""
-        quantized, bits = set(), 0
-        for entry in self._swapper.entries():
-            quantized.add(id(entry.param))
-            if id(entry.param) in self._biases:
-                bits += 32 * entry.param.numel() + 32  # int32 entries and one fp32 scale
+        """Size in MB of the deployed model: what a file holding the integer weights and their
+        quantization parameters needs.
+
+        * a quantized weight: ``weight_bits`` per entry, and per output channel (or per tensor) one
+          float32 scale, plus a zero point of ``weight_bits`` in the asymmetric modes; LSQ step
+          sizes are those scales (counted once, not again as parameters);
+        * a quantized bias: 32 bits per entry and one float32 scale;
+        * an activation quantizer: one float32 scale, plus a zero point of ``activation_bits`` in
+          the asymmetric modes;
+        * every other parameter of the model at its own width (tied tensors once); buffers (such as
+          BatchNorm statistics) are not counted, as in DiffQ's size.
+        """
+        own = {id(p) for owner in self._quantizer_modules() for p in owner.parameters()}
+        counted, bits = set(own), 0
+        for entry in self._entries:
+            counted.add(id(entry.param))
+            if entry.bias:
+                bits += 32 * entry.param.numel() + 32
                 continue
-            axis = self._axes[id(entry.param)]
-            channels = 1 if axis is None else entry.param.shape[axis]
-            per_channel = 32 if self.weight_mode.startswith("symmetric") else 64
-            bits += self.weight_bits * entry.param.numel() + per_channel * channels
+            channels = 1 if entry.axis is None else entry.param.shape[entry.axis]
+            zero_point = 0 if self.weight_mode.startswith("symmetric") else self.weight_bits
+            bits += self.weight_bits * entry.param.numel() + (32 + zero_point) * channels
+        for fq in self._created:
+            bits += 32 + (0 if fq.mode.value.startswith("symmetric") else fq.num_bits)
         unique = {id(p): p for p in self.model.parameters()}
-        bits += sum(32 * p.numel() for key, p in unique.items() if key not in quantized)
+        bits += sum(8 * p.element_size() * p.numel() for key, p in unique.items() if key not in counted)
         return bits / (8 * 2**20)
 
-    def _substitute(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
+    def _quantizer_modules(self) -> list[nn.Module]:
+        return [*self._created, *self.weight_quantizers().values()]
+
+    def _substitute(self, entry: QuantizedSlot, module: nn.Module) -> torch.Tensor | None:
         if not self.weights_enabled:
             return None
-        key = id(entry.param)
-        if key in self._biases:
+        if entry.bias:
             return bias_fake_quantize(entry.param)
-        return self._weight_quantizers[key](entry.param)
+        return entry.quantizer(entry.param)
 
 
 def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:

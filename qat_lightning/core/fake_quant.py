@@ -384,50 +384,71 @@ class FakeLinearQuantization(nn.Module):
         return _PerTensorSTE.apply(x, self._host_plan())
 
     # ----------------------------------------------------------------------------- state
+    # The buffers are the single source of truth. On the CPU every forward reads them through
+    # numpy views (a few hundred nanoseconds, no torch dispatch, no sync), re-made whenever a buffer
+    # is replaced (a copy of the module, ``.to()``, a load); derived values (the clamp plan) are
+    # recomputed whenever the values they come from differ, so writes that bypass version counters
+    # (``param.data.copy_`` of ``WeightAveraging``, numpy) are seen too. On CUDA the kernels read the
+    # buffers themselves; only the step count is kept on the host, keyed by the buffers' identity and
+    # version, so that no step waits for a device sync.
     @property
     def has_range(self) -> bool:
-        """Whether a range was tracked (read from the buffer once after a load, then kept on the host)."""
+        """Whether a range was tracked (``iter_count > 0``)."""
         return self._steps() > 0
-
-    def _steps(self) -> int:
-        host = self._host_state()
-        if host.step is None:
-            host.step = int(self.iter_count.item())
-        return host.step
-
-    def _learning(self) -> bool:
-        host = self._host_state()
-        if host.learned_ready is None:
-            host.learned_ready = bool(self.step_initialized.item())
-        return host.learned_ready
-
-    def _buffers_key(self) -> tuple[int, ...]:
-        """Identity and version of every buffer the host copies mirror: a copy of the module, a
-        load, a swap (``WeightAveraging``) or any in-place write changes it."""
-        return tuple(v for t in self._mirrored for v in (t.data_ptr(), t._version))
 
     @property
     def _mirrored(self) -> tuple[torch.Tensor, ...]:
         buffers = (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range)
         return (*buffers, self.step_initialized) if self.learned_step else buffers
 
-    def _host_state(self) -> _HostState:
-        """The host copies, valid for the buffers as they are now: the buffers are the single
-        source of truth, the copies are re-read whenever the buffers changed behind them (our own
-        host updates write through numpy views, which leave the versions alone)."""
-        host, key = self._host, self._buffers_key()
+    def _views(self) -> tuple[np.ndarray, ...] | None:
+        """numpy views of the CPU buffers, in :attr:`_mirrored` order (None off the CPU)."""
+        buffers = self._mirrored
+        if buffers[0].device.type != "cpu":
+            return None
+        host = self._host
+        ptrs = tuple(t.data_ptr() for t in buffers)
+        if host.ptrs != ptrs:
+            host.ptrs, host.views = ptrs, tuple(t.detach().numpy() for t in buffers)
+        return host.views
+
+    def _device_state(self) -> _HostState:
+        """Host copies for buffers off the CPU, valid for the buffers' identity and versions."""
+        host = self._host
+        key = tuple(v for t in self._mirrored for v in (t.data_ptr(), t._version))
         if host.key != key:
-            host = self._host = _HostState(self.ema_decay, key)
+            host = self._host = _HostState(self.ema_decay)
+            host.key = key
         return host
+
+    def _steps(self) -> int:
+        views = self._views()
+        if views is not None:
+            return int(views[2][()])
+        host = self._device_state()
+        if host.step is None:
+            host.step = int(self.iter_count.item())
+        return host.step
+
+    def _learning(self) -> bool:
+        views = self._views()
+        if views is not None:
+            return bool(views[6][()])
+        host = self._device_state()
+        if host.learned_ready is None:
+            host.learned_ready = bool(self.step_initialized.item())
+        return host.learned_ready
 
     def _invalidate(self) -> None:
         """Forget the host copies; they are re-read from the buffers when next needed."""
         self._host = _HostState(self.ema_decay)
 
     def _host_plan(self) -> tuple[float, ...]:
-        host = self._host_state()
-        if host.plan is None:
-            host.plan = per_tensor_plan(*(t.item() for t in (self.scale, self.zero_point, *self.clamp_range)))
+        views = self._views()
+        values = (float(views[3][()]), float(views[4][()]), float(views[5][0]), float(views[5][1]))
+        host = self._host
+        if host.plan is None or host.plan_values != values:
+            host.plan, host.plan_values = per_tensor_plan(*values), values
         return host.plan
 
     @torch.no_grad()
@@ -460,11 +481,11 @@ class FakeLinearQuantization(nn.Module):
             current = torch.stack([-mn, mx]).float()
             dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
             current[0].neg_()
-        if x.is_cuda:
+        if not self.iter_count.is_cpu:
             step, learned = self._steps() + 1, self._host.learned_ready
             self._update_on_device(current if current is not None else torch.stack([mn, mx]).float(), step)
-            host = self._host = _HostState(self.ema_decay, self._buffers_key())  # what the device now holds
-            host.step, host.learned_ready = step, learned  # known without a host sync
+            host = self._device_state()  # what the device now holds, known without a host sync
+            host.step, host.learned_ready = step, learned
             return
         lo, hi = current.tolist() if current is not None else (mn.item(), mx.item())
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -485,27 +506,21 @@ class FakeLinearQuantization(nn.Module):
         self._update_params()
 
     def _update_on_host(self, lo: float, hi: float, step: int) -> None:
-        host = self._host_state()
-        if host.views is None:  # numpy views of the CPU buffers: writes cost no torch dispatch
-            host.views = tuple(t.numpy() for t in (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range))
-            host.biased = [float(v) for v in self.tracked_biased.tolist()]
-        biased_view, tracked_view, iter_count, scale, zero_point, clamp_range = host.views
+        biased_view, tracked_view, iter_count, scale, zero_point, clamp_range = self._views()[:6]
         # torch's lerp_(current, w): fma(w, current - biased, biased) for w < 0.5, else
         # fma(-(1 - w), current - biased, current), the difference in float32; the double product
         # of two float32 numbers is exact, so one rounding remains, as in the fused multiply-add
-        weight, biased = host.weight, host.biased
+        weight, biased = self._host.weight, [float(biased_view[0]), float(biased_view[1])]
         for i, current in enumerate((f32(lo), f32(hi))):
             diff = f32(current - biased[i])
             biased[i] = f32(weight * diff + biased[i]) if weight < 0.5 else f32(current - (1.0 - weight) * diff)
         correction = f32(1 - self.ema_decay**step)
         tracked_min, tracked_max = f32(biased[0] / correction), f32(biased[1] / correction)
         params = host_quant_params(self.num_bits, self.mode, tracked_min, tracked_max)
-        host.plan = per_tensor_plan(*params)
         biased_view[0], biased_view[1] = biased
         tracked_view[0], tracked_view[1] = tracked_min, tracked_max
         iter_count[()] = step
         scale[()], zero_point[()], clamp_range[0], clamp_range[1] = params
-        host.step = step
 
     def _update_params(self) -> None:
         if self.mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED):
@@ -528,7 +543,7 @@ class FakeLinearQuantization(nn.Module):
         if not self.learned_step:
             raise RuntimeError("init_step() needs FakeLinearQuantization(learned_step=True)")
         self.step.copy_(1 / self.scale)
-        self.step_initialized.fill_(1)  # a new version: the host copies re-read it (once)
+        self.step_initialized.fill_(1)
 
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -589,18 +604,20 @@ def apply_keeping_float32(module: nn.Module, apply: Any, fn: Any, *args: Any, **
 
 
 class _HostState:
-    """Host copies of a :class:`FakeLinearQuantization`'s scalars (None: re-read from the buffers),
-    valid for the buffers whose identity and versions are ``key``."""
+    """What a :class:`FakeLinearQuantization` keeps on the host: numpy views of its CPU buffers
+    (for the buffers at ``ptrs``), the clamp plan of the values ``plan_values``, and, off the CPU,
+    the step count for the buffers' identity and versions ``key`` (None: re-read)."""
 
-    __slots__ = ("key", "step", "views", "biased", "weight", "plan", "learned_ready")
+    __slots__ = ("ptrs", "views", "weight", "plan", "plan_values", "key", "step", "learned_ready")
 
-    def __init__(self, ema_decay: float = 0.0, key: tuple[int, ...] = ()) -> None:
-        self.key = key
-        self.step: int | None = None
-        self.views: tuple[np.ndarray, ...] | None = None
-        self.biased: list[float] = []
+    def __init__(self, ema_decay: float = 0.0) -> None:
+        self.ptrs: tuple[int, ...] = ()
+        self.views: tuple[np.ndarray, ...] = ()
         self.weight = f32(1 - ema_decay)  # the EMA's lerp weight, in float32 as torch uses it
         self.plan: tuple[float, ...] | None = None
+        self.plan_values: tuple[float, ...] = ()
+        self.key: tuple[int, ...] = ()
+        self.step: int | None = None
         self.learned_ready: bool | None = None
 
 
@@ -669,9 +686,11 @@ class _WeightQuantizer(nn.Module):
         raise NotImplementedError
 
     def _has_state(self) -> bool:
-        """The flag buffer's value, read once per identity and version of the buffer (a copy, a
-        load or an in-place write re-reads it)."""
+        """The flag buffer's value: read through a numpy view on the CPU (any write is seen), once
+        per identity and version of the buffer elsewhere (no device sync per step)."""
         flag = getattr(self, self._flag)
+        if flag.is_cpu:
+            return bool(flag.detach().numpy()[()])
         key = (flag.data_ptr(), flag._version)
         if self._ready is None or self._ready[0] != key:
             self._ready = (key, bool(flag.item()))
