@@ -2,7 +2,7 @@
 state after every step; two-process DDP (gloo, batch 8 per rank) or, with ``single``, one process
 with the same global batch of 16.
 
-    python tests/ddp_run.py OUT_DIR {ema,lsq,stack,adascale} [single]
+    python tests/ddp_run.py OUT_DIR {ema,lsq,stack,diffq,adascale} [single]
 """
 import sys
 import warnings
@@ -22,7 +22,21 @@ class SaveState(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        for callback in trainer.callbacks:  # the noise generator: the same seed and state on every rank
+            if isinstance(callback, DiffQ):
+                state.update({f"noise_rng/{k}": v.clone() for k, v in callback.quantizer.noise_rng_state().items()})
         torch.save(state, self.out / f"{self.tag or f'rank{trainer.global_rank}'}_step{trainer.global_step}.pt")
+
+
+class Reseed(pl.Callback):
+    """Lightning's DDP re-seeds every rank from ``seed_everything``'s seed when it sets up its
+    environment, after the model is built; the one-process run does the same here, so that
+    ``DiffQ(seed=None)`` draws its noise seed from the same global RNG state in both runs."""
+
+    def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
 
 
 class Interleaved(torch.utils.data.Sampler):
@@ -48,6 +62,8 @@ def callbacks(mode: str) -> list[pl.Callback]:
     if mode == "stack":  # every callback that trains: DiffQ weights, 8-bit activations, calibrated ranges, SmoothQuant
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0), EMAFakeQuant(weights=False, ema_decay=0.9),
                 Rescaling(num_batches=1), HistogramCalibration(method="max", num_batches=1, weights=False)]  # fmt: skip
+    if mode == "diffq":  # seed=None: the noise seed comes from the global seed, alike on every rank
+        return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05)]
     if mode == "adascale":  # post-training weights, then fine-tuning on the frozen grid with 8-bit activations
         return [AdaScale(bits=4, num_batches=2, num_iterations=5, progress=False), EMAFakeQuant(weights=False, ema_decay=0.9)]
     return [EMAFakeQuant(learned_step=mode == "lsq", ema_decay=0.9)]
@@ -61,7 +77,7 @@ def main() -> None:
     devices = {"devices": 1} if single else {"strategy": "ddp", "devices": 2}
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[*callbacks(mode), SaveState(out, "single" if single else "")],
+        enable_model_summary=False, callbacks=[*([Reseed()] if single else []), *callbacks(mode), SaveState(out, "single" if single else "")],
         use_distributed_sampler=False, **devices,
     )  # fmt: skip
     dataset = tiny_loader(n=64).dataset

@@ -215,27 +215,45 @@ def test_checkpoint_resume_restores_bits_weights_and_optimizer(tmp_path) -> None
     assert check.checked and trainer.current_epoch == 3
 
 
-def test_quantize_on_fit_end() -> None:
+def test_quantize_on_fit_end_leaves_the_true_quantized_weights() -> None:
+    class Floats(pl.Callback):
+        def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001 - runs before DiffQ's on_fit_end
+            self.floats = {k: v.detach().clone() for k, v in pl_module.named_parameters() if not k.endswith("_diffq")}
+
+    floats = Floats()
     diffq = DiffQ(quantize_on_fit_end=True, **SMALL)
     model = tiny_model()
-    tiny_trainer(callbacks=[diffq]).fit(model, tiny_loader())
+    tiny_trainer(callbacks=[floats, diffq]).fit(model, tiny_loader())
     q = diffq.quantizer
     assert q.is_quantized
-    qp = q.quantized_params()[0]
+    for qp in q.quantized_params():  # the parameters hold the quantization of the float weights...
+        w = floats.floats[qp.name].reshape(qp.num_groups, qp.group_size)
+        bits = q._true_bits(qp)[:, None]
+        unit = 1 / (2**bits - 1)
+        expected = (((w - w.min()) / (w.max() - w.min()) / unit).round() * unit * (w.max() - w.min()) + w.min()).view_as(qp.param)
+        assert torch.equal(qp.param.detach(), expected), qp.name
+        assert not torch.equal(qp.param.detach(), floats.floats[qp.name])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in floats.floats.items())  # ...the state dict the float ones
     q.restore()
-    assert torch.equal(q.quantized_weight(qp), q.quantized_weight(qp))
-    with q.quantized():
-        quantized = qp.param.detach().clone()
-    q.quantize()
-    assert torch.equal(qp.param.detach(), quantized)
+    assert all(torch.equal(p.detach(), floats.floats[n]) for n, p in model.named_parameters() if n in floats.floats)
 
 
 def test_trainer_test_alone_builds_the_quantizer_before_loading(tmp_path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[DiffQ(**SMALL), ckpt]).fit(tiny_model(), tiny_loader())
+    trained = DiffQ(**SMALL)
+    model = tiny_model()
+    trainer = tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[trained, ckpt])
+    trainer.fit(model, tiny_loader())
+    expected = trainer.test(model, tiny_loader(), verbose=False)[0]
     fresh = DiffQ(**SMALL)
-    results = tiny_trainer(callbacks=[fresh]).test(tiny_model(), tiny_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
-    assert "test/acc" in results[0] and fresh.quantizer is not None
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)  # nothing of this model's own weights may survive the load
+    results = tiny_trainer(callbacks=[fresh]).test(other, tiny_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert results[0] == expected  # the checkpoint's quantized model, evaluated quantized
+    for mine, theirs in zip(fresh.quantizer.parameters(), trained.quantizer.parameters()):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize(

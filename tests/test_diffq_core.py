@@ -125,11 +125,18 @@ def test_weight_gradient_is_the_float_gradient_of_the_noisy_forward() -> None:
 
 
 def test_accumulating_two_backwards_draws_new_noise() -> None:
-    model = mlp()
-    DiffQuantizer(model, min_size=0)
-    x = torch.randn(8, 40)
-    model(x).sum().backward()
-    model(x).sum().backward()  # would fail if the spent noisy graph were reused
+    """Two forward/backward pairs before a step: each sees its own noise, and the gradients add up
+    to the sum of the two noisy losses' gradients."""
+    layer = nn.Linear(16, 4, bias=False)
+    DiffQuantizer(layer, min_size=0)
+    seen: list[torch.Tensor] = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.weight.detach().clone()))
+    x = torch.randn(3, 16)
+    layer(x).square().sum().backward()
+    layer(x).square().sum().backward()  # would fail if the spent noisy graph were reused
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    expected = sum(torch.autograd.grad(F.linear(x, w.requires_grad_()).square().sum(), w)[0] for w in seen)
+    assert_close(layer.weight.grad, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_tied_parameter_one_logit_one_noisy_tensor_counted_once() -> None:

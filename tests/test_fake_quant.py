@@ -331,3 +331,29 @@ def test_weight_averaging_validation_runs_on_the_averaged_buffers() -> None:
     trainer = tiny_trainer(callbacks=[ema, WeightAveraging(), probe], max_epochs=3, limit_val_batches=2)
     trainer.fit(tiny_model(), tiny_loader(), tiny_loader())
     assert probe.checked == 6
+
+
+@pytest.mark.parametrize("learned_step", [False, True])
+def test_tied_weights_are_quantized_once_and_seen_quantized_by_every_module(learned_step: bool) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(32, 8)
+            self.out = nn.Linear(8, 32, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(self.embed(tokens))
+
+    torch.manual_seed(0)
+    model = Tied()
+    quantizer = EMAFakeQuantizer(model, weight_bits=4, activations=False, learned_step=learned_step).prepare()
+    assert list(quantizer.weight_quantizers()) == ["embed.weight"]  # one quantizer for the shared tensor
+    seen = {}
+    for name in ("embed", "out"):
+        getattr(model, name).register_forward_pre_hook(lambda m, i, name=name: seen.__setitem__(name, m.weight))
+    model(torch.randint(0, 32, (4, 6)))
+    expected = quantizer.weight_quantizers()["embed.weight"](model.embed.weight)
+    for name in ("embed", "out"):  # both modules see the fake-quantized tensor, not the float parameter
+        assert not isinstance(seen[name], nn.Parameter), name
+        assert torch.equal(seen[name], expected) and not torch.equal(seen[name], model.embed.weight), name

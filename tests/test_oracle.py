@@ -23,17 +23,37 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 16))
 
 
-def pair(config: dict):  # noqa: ANN201
+# logits uniform in (low, high): the whole range of bits, or narrow ranges whose widest rounded
+# width is min_bits + 1, + 2, + 4, + 8 (the per-group width term ceil(log2(1 + max - min)) of
+# the size then changes with an off-by-one)
+SPREADS = {"wide": None, "+1": (-8.0, -2.6), "+2": (-8.0, -1.6), "+4": (-8.0, -0.8), "+8": (-8.0, 0.45)}
+
+
+def pair(config: dict, spread: tuple[float, float] | None = None):  # noqa: ANN201
     ours_model, ref_model = model(), model()
     ours = DiffQuantizer(ours_model, **config)
     ref = diffq.DiffQuantizer(ref_model, **config)
     ref.no_optimizer()
     generator = torch.Generator().manual_seed(1)
     for a, b in zip(ours.parameters(), [qp.logit for qp in ref._qparams]):
-        values = 2 * torch.randn(a.shape, generator=generator)  # spread the bits over the whole range
+        if spread is None:
+            values = 2 * torch.randn(a.shape, generator=generator)  # spread the bits over the whole range
+        else:
+            values = torch.empty(a.shape).uniform_(*spread, generator=generator)
+            values[0] = spread[1]  # the widest width is reached in every tensor
         a.data.copy_(values)
         b.data.copy_(values)
     return ours_model, ours, ref_model, ref
+
+
+@pytest.mark.parametrize("spread", list(SPREADS))
+def test_sizes_equal_the_reference_for_every_width_spread(spread: str) -> None:
+    config = {"group_size": 8, "min_bits": 2, "max_bits": 15}
+    _, ours, _, ref = pair(config, SPREADS[spread])
+    widest = {int(ours._true_bits(qp).max()) - 2 for qp in ours.quantized_params()}
+    assert widest == ({int(spread[1:])} if spread != "wide" else {13})
+    assert_close(ours.model_size(), ref.model_size(), rtol=1e-6, atol=0)
+    assert ours.true_model_size() == pytest.approx(ref.true_model_size(), rel=1e-9)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

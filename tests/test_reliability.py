@@ -50,7 +50,8 @@ def test_activation_nan_names_the_layer_and_keeps_the_range() -> None:
         model(torch.full((8, 4), float("nan")))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "quant" in k or "tracked" in k)
-    assert quantizer is not None
+    model(torch.randn(8, 4))  # the next finite batch is tracked as if the bad one never came
+    assert int(quantizer.activation_quantizers()["0.output_fake_quant"].iter_count) == 2
 
 
 def test_device_path_skips_a_non_finite_batch() -> None:
@@ -75,6 +76,94 @@ def test_diffq_refuses_to_quantize_or_pack_nan_weights(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_lsq_stops_on_a_nan_loss_naming_the_quantizers() -> None:
+    class NanLoss(type(tiny_model())):
+        def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: ANN001
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 1 else loss
+
+    torch.manual_seed(0)
+    from qat_lightning.models import MLP
+
+    model = NanLoss(MLP(in_features=16, hidden=(32,), num_classes=8), num_classes=8)
+    with pytest.raises(FloatingPointError, match=r"(quantizer \(net\.0\.weight\)|output of net\.\d\)).*LSQ step size is NaN or Inf"):
+        tiny_trainer(callbacks=[EMAFakeQuant(learned_step=True)], max_steps=4).fit(model, tiny_loader())
+
+
+def test_lsq_check_on_other_devices_names_every_broken_quantizer() -> None:
+    from qat_lightning import EMAFakeQuantizer
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    quantizer = EMAFakeQuantizer(model, learned_step=True).prepare()
+    model(torch.randn(8, 4))
+    quantizer.check_finite()
+    with torch.no_grad():
+        model[2].weight_fake_quant.step[1] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"LSQ step sizes of \['2.weight'\]"):
+        quantizer.check_finite()
+
+
+def test_a_nan_bits_logit_is_named_before_it_reaches_the_weights(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantizer = DiffQuantizer(model, min_size=0, exclude=["*.bias"])
+    with torch.no_grad():
+        model[2].weight_diffq[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in \['2.weight \(its bits, 2.weight_diffq\)'\]"):
+        quantizer.quantize()
+    assert not quantizer.is_quantized
+    with pytest.raises(FloatingPointError, match=r"2.weight \(its bits.*nothing was written"):
+        save_quantized(quantizer, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_nan_weights_at_fit_end_are_named_not_a_conversion_error(tmp_path: Path) -> None:
+    class Diverging(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    pl_module.net[2].weight[0, 0] = float("nan")
+
+    diffq = DiffQ(min_size=0, exclude=["*.bias"], export_path="packed.safetensors")
+    with pytest.raises(FloatingPointError, match=r"end of fit.*NaN or Inf in \['net.2.weight'\].*packed.safetensors not written"):
+        tiny_trainer(tmp_path, callbacks=[diffq, Diverging()], max_epochs=1).fit(tiny_model(), tiny_loader())
+    assert not (tmp_path / "packed.safetensors").exists()
+
+
+def test_nan_in_a_calibration_batch_names_the_quantizer() -> None:
+    from qat_lightning import EMAFakeQuantizer, calibrate
+    from qat_lightning.core.histogram import HistogramCalibrator
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    EMAFakeQuantizer(model).prepare()
+    batch = torch.randn(8, 4)
+    batch[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"calibrate\(\): NaN or Inf reaches the activation quantizer '0.output_fake_quant' \(batch 1\)"):
+        calibrate(model, [torch.randn(8, 4).abs(), batch], method="max")  # the first quantizer to see it
+    with pytest.raises(FloatingPointError, match="nothing was collected"):
+        HistogramCalibrator().collect(torch.tensor([1.0, float("inf")]))
+
+
+def test_nan_statistics_are_refused_before_rescaling() -> None:
+    from qat_lightning import RescalingCalibrator
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    calibrator = RescalingCalibrator(model, inplace=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrator(torch.full((2, 4), float("nan")))
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in the inputs or weights of \['0', '2'\].*nothing was rescaled"):
+        calibrator.rescale(alpha=0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_nan_in_adascale_calibration_names_the_block() -> None:
+    from qat_lightning import apply_adascale
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = [torch.randn(8, 4), torch.full((8, 4), float("nan"))]
+    with pytest.raises(FloatingPointError, match=r"apply_adascale\(\): NaN or Inf in block '0'.*batches \[1\]"):
+        apply_adascale(model, data, num_iterations=2, progress=False)
+
+
 def test_diffq_validation_stops_on_a_diverged_model() -> None:
     class Diverging(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
@@ -97,19 +186,20 @@ def test_diffq_validation_stops_on_a_diverged_model() -> None:
     seed=st.integers(0, 2**16),
 )
 def test_quantize_dequantize_requantize_is_exact(groups: int, group_size: int, bits: list[int], scale: float, seed: int) -> None:
-    """Dequantized levels quantize back to the same levels, within [0, 2**bits - 1], for any shape,
-    widths and group size; the error of each weight is at most half a step."""
+    """Dequantized levels quantize back to the same levels over the same range, within
+    [0, 2**bits - 1], for any shape, widths and group size; each weight is at most half a step off."""
     g = torch.Generator().manual_seed(seed)
     p = torch.randn(groups, group_size, generator=g) * scale
     b = torch.tensor(bits[:groups], dtype=torch.float32)[:, None]
     levels, mn, mx = uniform_quantize(p, b)
     assert (levels >= 0).all() and (levels <= 2**b - 1).all()
     q = uniform_dequantize(levels, mn, mx, b)
-    again, mn2, mx2 = uniform_quantize(q, b) if q.numel() > 1 else (levels, mn, mx)
-    step = (mx - mn) / (2**b - 1)
-    assert (q - p).abs().le(step / 2 * (1 + 1e-5) + 1e-6 * scale).all()
-    if torch.equal(mn2, mn) and torch.equal(mx2, mx):  # same range: the levels come back exactly
-        assert torch.equal(again, levels)
+    step = (mx.double() - mn.double()) / (2 ** b.double() - 1)
+    assert (q.double() - p.double()).abs().le(step / 2 * (1 + 1e-5) + 1e-6 * scale).all()
+    # the inverse over the original range, in float64: the levels come back in every case
+    span = mx.double() - mn.double()
+    again = ((q.double() - mn.double()) / (span if span > 0 else 1.0) * (2 ** b.double() - 1)).round()
+    assert torch.equal(again.to(torch.int16), levels)
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,6 +263,32 @@ def _token_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=8)
 
 
+class QuantizedValidation(pl.Callback):
+    """Inside validation: DiffQ's true quantized weights are in the parameters (the float ones
+    kept aside), and EMA fake quantization changes the output of the head (not a no-op)."""
+
+    def __init__(self, callbacks: list) -> None:
+        self.callbacks, self.checked = callbacks, 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        tokens, _ = batch
+        for callback in self.callbacks:
+            quantizer = callback.quantizer
+            if isinstance(callback, DiffQ):
+                assert quantizer.is_quantized
+                for qp in quantizer.quantized_params():
+                    floats = quantizer._saved[id(qp.param)]
+                    assert not torch.equal(qp.param.detach(), floats), qp.name  # quantized values in place
+            elif callback.options["weights"] or callback.options["activations"]:
+                with torch.no_grad():
+                    quantized = pl_module(tokens)
+                    quantizer.set_state(enabled=False)
+                    plain = pl_module(tokens)
+                    quantizer.set_state(enabled=True)
+                assert not torch.equal(quantized, plain)
+        self.checked += 1
+
+
 @pytest.mark.parametrize(
     "callbacks",
     [
@@ -188,10 +304,11 @@ def test_awkward_model_trains_validates_and_restores(callbacks, precision: str) 
     torch.manual_seed(0)
     model = Awkward(recurrent=precision == "32-true")  # torch's CPU LSTM has no bf16 autocast kernel (oneDNN error)
     made = callbacks()
-    trainer = tiny_trainer(callbacks=made, max_epochs=2, precision=precision, gradient_clip_val=1.0,
+    probe = QuantizedValidation(made)
+    trainer = tiny_trainer(callbacks=[*made, probe], max_epochs=2, precision=precision, gradient_clip_val=1.0,
                            accumulate_grad_batches=2, limit_val_batches=1, val_check_interval=2)  # fmt: skip
     trainer.fit(model, _token_loader(), _token_loader())
-    assert trainer.global_step == 4
+    assert trainer.global_step == 4 and probe.checked == 4  # val_check_interval=2 batches: twice per epoch
     state = model.state_dict()
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     frozen_before = model.frozen.weight.detach().clone()

@@ -165,6 +165,8 @@ class DiffQ(pl.Callback):
         if _metrics_reach_loggers(trainer):  # self.log costs ~0.5 ms: skip steps Lightning would drop
             with torch.no_grad():
                 size = quantizer.model_size()
+            if not torch.isfinite(size):  # NaN bits: name them now, not at the next validation
+                quantizer.check_finite()
             pl_module.log("quant/model_size_mb", size, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/avg_bits", quantizer.average_bits(), prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/penalty", self.penalty * size, on_step=True, on_epoch=False)
@@ -223,6 +225,11 @@ class DiffQ(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
         quantizer.size_penalty = 0.0
+        try:
+            quantizer.check_finite()
+        except FloatingPointError as error:
+            where = f" ({self.export_path} not written; the last good checkpoint is the one to export)" if self.export_path else ""
+            raise FloatingPointError(f"DiffQ at the end of fit: {error}{where}") from None
         stats = quantizer.layer_stats()
         rank_zero_info("DiffQ: bits per layer at the end of fit\n" + format_layer_table(stats))
         if self.layer_report is not None and trainer.is_global_zero:

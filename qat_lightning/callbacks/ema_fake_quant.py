@@ -120,6 +120,10 @@ class EMAFakeQuant(pl.Callback):
         frozen = self.freeze_step is not None and step >= self.freeze_step
         self._require_quantizer().set_state(enabled=step >= self.start_step, observe=not frozen)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.options["learned_step"] and not pl_module.device.type == "cpu":  # the CPU forward checks them itself
+            self._require_quantizer().check_finite()
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self.freeze_step is not None and trainer.global_step >= self.freeze_step:
             for p in self._require_quantizer().parameters():  # frozen step sizes: no update

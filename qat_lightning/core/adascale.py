@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,7 +233,18 @@ def _apply_adascale(
                 bar.update(per_block)
                 continue
             bar.set_description(f"AdaScale {block_name or '<root>'}")
+            broken = [i for i, (x, y) in enumerate(zip(inputs, targets)) if not (torch.isfinite(x).all() and torch.isfinite(y).all())]
+            if broken or not all(torch.isfinite(m.weight).all() for m in layers):
+                raise FloatingPointError(
+                    f"apply_adascale(): NaN or Inf in block {block_name or '<root>'!r} ({'its inputs or outputs for batches ' + str(broken) if broken else 'its weights'}); "
+                    "no block from this one on was quantized. Check the calibration data and the model"
+                )
             report = _train_block(block, layers, inputs, targets, bits, num_epochs, num_iterations, lr, scale_lr, bar)
+            if not (math.isfinite(report["after"]) and all(torch.isfinite(p).all() for _, params in report["params"] for p in params.parameters())):
+                raise FloatingPointError(
+                    f"apply_adascale(): block {block_name or '<root>'!r} diverged (loss {report['before']:.4g} -> {report['after']:.4g}, "
+                    f"NaN/Inf scales); its weights were not changed. Lower lr / scale_lr"
+                )
             for layer, params in report.pop("params"):
                 _freeze(weight_quantizers[id(layer)], params, layer)
                 result.scales[f"{names[id(layer)]}.weight"] = weight_quantizers[id(layer)].step.detach().clone()

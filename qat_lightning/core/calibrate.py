@@ -81,6 +81,11 @@ def calibrate(
     for name, fq in activations.items():
         def hook(module: nn.Module, args: tuple, name: str = name) -> None:
             x = args[0].detach()
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"calibrate(): NaN or Inf reaches the activation quantizer {name!r} (batch {batches}); no range was set. "
+                    "Check the calibration data and the model (it may have diverged)"
+                )
             calibrators[name].collect(x)
             lo, hi = torch.aminmax(x)
             extremes[name][0] = min(extremes[name][0], lo.item())
@@ -175,6 +180,8 @@ def calibrate_weights(
         if not isinstance(quantizer, (WeightRange, LearnedStepWeight)):
             continue
         weight = module._parameters["weight"]
+        if not torch.isfinite(weight).all():
+            raise FloatingPointError(f"calibrate_weights(): NaN or Inf in {name + '.weight' if name else 'weight'}; no clipping was set")
         axis = quantizer.axis if perchannel else None
         calibrator = HistogramCalibrator(num_bits=quantizer.num_bits, axis=axis, num_bins=num_bins)
         calibrator.collect(weight)

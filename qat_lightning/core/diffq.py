@@ -513,8 +513,12 @@ class DiffQuantizer:
 
     @torch.no_grad()
     def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming every quantized tensor that holds NaN or Inf."""
+        """Raise ``FloatingPointError`` naming every quantized tensor, and every tensor's bits
+        logits, that holds NaN or Inf (a NaN logit has no number of bits: its weights would
+        quantize to NaN)."""
         broken = [qp.name for qp in self._qparams if not torch.isfinite(qp.param).all()]
+        broken += [f"{qp.name} (its bits, {qp.slots[0].qualified_name}{self.suffix})" for qp in self._qparams
+                   if not torch.isfinite(qp.logit).all()]  # fmt: skip
         if broken:
             raise FloatingPointError(
                 f"DiffQuantizer: NaN or Inf in {broken}; their quantized values would be meaningless. The model "

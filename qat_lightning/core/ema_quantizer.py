@@ -172,6 +172,7 @@ class EMAFakeQuantizer:
             channels = None if axis is None else param.shape[axis]
             kind = LearnedStepWeight if self.learned_step else WeightRange
             quantizer = kind(channels, self.weight_bits, self.weight_mode, axis).to(param.device)
+            quantizer.label = f"weight quantizer ({slot.qualified_name})"
             module.add_module(WEIGHT_NAME, quantizer)
             seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], quantizer=quantizer, axis=axis)
             if module not in self._owners:
@@ -216,6 +217,23 @@ class EMAFakeQuantizer:
             return []
         weights = [m.step for m in self.weight_quantizers().values() if isinstance(m, LearnedStepWeight)]
         return weights + [fq.step for fq in self._created]
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """``FloatingPointError`` naming every quantizer whose LSQ step sizes hold NaN or Inf (one
+        device sync for all of them)."""
+        named = [(n, m.step) for n, m in {**self.weight_quantizers(), **self.activation_quantizers()}.items()
+                 if isinstance(getattr(m, "step", None), nn.Parameter)]  # fmt: skip
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(step).all() for _, step in named]).tolist()
+        broken = [name for (name, _), ok in zip(named, finite) if not ok]
+        if broken:
+            raise FloatingPointError(
+                f"EMAFakeQuantizer: NaN or Inf in the LSQ step sizes of {broken} (an optimizer step from a NaN loss or "
+                "gradient). The model diverged: check the loss and the learning rates (Trainer(detect_anomaly=True) "
+                "finds the first op)"
+            )
 
     @torch.no_grad()
     def collapsed_steps(self) -> dict[str, int]:

@@ -546,6 +546,7 @@ class FakeLinearQuantization(nn.Module):
         self.step_initialized.fill_(1)
 
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite_step(self.step, self.label)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)  # an optimizer step must not make it zero or negative
         q_min, q_max = self.lsq_range
@@ -580,6 +581,17 @@ class FakeLinearQuantization(nn.Module):
 
 
 _MIN_STEP = 1e-8
+
+
+def check_finite_step(step: torch.Tensor, label: str) -> None:
+    """``FloatingPointError`` naming the quantizer when an LSQ step size is NaN / Inf (an update
+    from a NaN loss or gradient); read through a numpy view on the CPU (no dispatch), skipped on
+    other devices, where the Lightning callback checks every step instead (no sync per forward)."""
+    if step.is_cpu and not np.isfinite(step.detach().numpy()).all():
+        raise FloatingPointError(
+            f"{label}: its LSQ step size is NaN or Inf (an optimizer step from a NaN loss or gradient). The model "
+            "diverged: check the loss and the learning rates (Trainer(detect_anomaly=True) finds the first op)"
+        )
 
 
 def apply_keeping_float32(module: nn.Module, apply: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -669,6 +681,7 @@ class _WeightQuantizer(nn.Module):
         self.param_shape = () if channels is None else (channels,)
         self.register_buffer(self._flag, torch.zeros((), dtype=torch.float32))
         self.enabled = True  # False: the float weight passes through (e.g. during calibration)
+        self.label = type(self).__name__  # named in errors; EMAFakeQuantizer sets "weight quantizer (<weight>)"
         self._ready: tuple[tuple[int, int], bool] | None = None  # (flag buffer identity and version, value)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> _WeightQuantizer:
@@ -735,6 +748,7 @@ class LearnedStepWeight(_WeightQuantizer):
             if not self.training:
                 return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
             self.init_step(weight)
+        check_finite_step(self.step, self.label)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)
         q_min, q_max = self.lsq_range

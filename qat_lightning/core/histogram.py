@@ -90,6 +90,9 @@ class HistogramCalibrator:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"collect() expects a floating-point tensor; got {type(x).__name__}")
         x = x.detach()
+        if not torch.isfinite(x).all():  # histc would fail with its own message, numpy silently
+            raise FloatingPointError(f"HistogramCalibrator.collect(): the tensor holds NaN or Inf ({x.numel()} entries, "
+                                     f"{int((~torch.isfinite(x)).sum())} not finite); nothing was collected")  # fmt: skip
         if self.axis is not None:
             return self._collect_per_channel(x)
         x = x.abs().float().reshape(-1)

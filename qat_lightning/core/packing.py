@@ -147,6 +147,10 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
 def _state(source: nn.Module | DiffQuantizer) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor], set[str]]:
     """(float tensors, quantized tensors, fp16-kept names) of a model or of a quantizer's model."""
     if isinstance(source, DiffQuantizer):
+        try:
+            source.check_finite()  # names the tensor (or its bits) before anything is quantized
+        except FloatingPointError as error:
+            raise FloatingPointError(f"not writing the packed file: {error} (nothing was written)") from None
         model, quantized = source.model, quantized_tensors(source)
         half = {slot.qualified_name for k in source._kept if isinstance(k, KeptParam) and k.half for slot in k.slots}
         suffix = source.suffix

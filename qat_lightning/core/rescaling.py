@@ -203,6 +203,13 @@ class RescalingCalibrator:
         if dist.is_available() and dist.is_initialized():  # every rank saw its own shard: agree on the widest
             for name in sorted(self.input_max):
                 dist.all_reduce(self.input_max[name], op=dist.ReduceOp.MAX)
+        broken = [name for name, x_max in self.input_max.items() if not torch.isfinite(x_max).all()]
+        broken += [name for name, m in self.targets.items() if not torch.isfinite(m.weight).all()]
+        if broken:  # before anything is changed: NaN scales would turn into silently skipped layers
+            raise FloatingPointError(
+                f"RescalingCalibrator: NaN or Inf in the inputs or weights of {sorted(set(broken))} during calibration; "
+                "nothing was rescaled. Check the calibration data and the model (it may have diverged)"
+            )
         self.add_input_scales()
         modules = dict(self.model.named_modules())
         skipped = []
