@@ -75,13 +75,63 @@ def test_bad_argument_raises_value_error_naming_it(cls: type, argument: str) -> 
         (DiffQ, {"group_size": 7}, "group_size=7 does not divide"),
         (EMAFakeQuant, {"start_step": 10, "freeze_step": 5}, "freeze_step"),
         (EMAFakeQuant, {"weights": False, "activations": False, "quantize_inputs": False}, "nothing to quantize"),
+        (DiffQ, {"extra_bits": -100}, r"extra_bits must be a number > -2 and <= 13"),
+        (DiffQ, {"extra_bits": 1e300}, r"extra_bits must be a number > -2 and <= 13"),
+        (DiffQ, {"min_bits": 4, "init_bits": 8, "extra_bits": -4}, r"extra_bits must be a number > -4"),
+        (DiffQ, {"seed": 2**70}, r"seed must be an integer >= 0 and <= 9223372036854775807"),
+        (DiffQ, {"min_size": 1e308}, r"min_size must be a number >= 0 and <= 1048576"),
+        (DiffQ, {"suffix": ""}, r"suffix must be '_' followed by letters"),
+        (DiffQ, {"suffix": ".x"}, r"suffix must be '_' followed by letters"),
+        (DiffQ, {"suffix": "weight"}, r"suffix must be '_' followed by letters.*got 'weight'"),
+        (DiffQuantizer, {"suffix": "_x.y"}, r"suffix must be '_' followed by letters"),
+        (HistogramCalibration, {"num_bins": 10**12}, r"num_bins must be an integer >= 2 and <= 65536"),
+        (HistogramCalibrator, {"num_bins": 10**12}, r"num_bins must be an integer >= 2 and <= 65536"),
+        (AdaScale, {"block_types": nn.Linear}, r"block_types must be a list of nn.Module subclasses or None; got the single type Linear: write \[Linear\]"),
+        (EMAFakeQuantizer, {"activation_types": nn.ReLU}, r"activation_types must be a list.*write \[ReLU\]"),
     ],
 )
 def test_inconsistent_combinations_are_refused(cls: type, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        made = cls(**kwargs)
+        made = cls(**({"model": _model()} if cls in NEEDS_MODEL else {}), **kwargs)
         if isinstance(made, DiffQ):  # group sizes are checked against the model's tensors
-            DiffQuantizer(_model(), min_size=0, **{k: v for k, v in kwargs.items()})
+            DiffQuantizer(_model(), min_size=0, **{k: v for k, v in kwargs.items() if k != "seed"})
+
+
+def test_core_functions_refuse_what_their_callbacks_refuse() -> None:
+    from qat_lightning import apply_adascale, calibrate, calibrate_weights
+
+    model = _model()
+    EMAFakeQuantizer(model).prepare()
+    with pytest.raises(ValueError, match="num_bins must be an integer >= 2 and <= 65536"):
+        calibrate(model, [torch.randn(2, 16)], num_bins=10**12)
+    with pytest.raises(ValueError, match="num_bins must be an integer >= 2 and <= 65536"):
+        calibrate_weights(model, num_bins=10**9)
+    with pytest.raises(ValueError, match="block_types must be a list.*write \\[Linear\\]"):
+        apply_adascale(_model(), [torch.randn(2, 16)], block_types=nn.Linear, progress=False)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0 and <= 9223372036854775807"):
+        DiffQuantizer(_model(), min_size=0).seed_noise(2**64)
+
+
+def test_freezing_ranges_before_any_was_tracked_is_refused_at_the_first_frozen_step() -> None:
+    from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+    with pytest.raises(ValueError, match=r"EMAFakeQuant\(freeze_step=0\): the activation ranges are frozen at step 0 before.*HistogramCalibration"):
+        tiny_trainer(callbacks=[EMAFakeQuant(freeze_step=0)], max_steps=2).fit(tiny_model(), tiny_loader())
+    calibrated = [EMAFakeQuant(freeze_step=0), HistogramCalibration(num_batches=1, num_bins=64, start_bin=8)]
+    tiny_trainer(callbacks=calibrated, max_steps=2).fit(tiny_model(), tiny_loader())  # calibrated ranges may be frozen at once
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_an_empty_calibration_loader_is_refused_not_a_silent_no_op(stage: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .helpers import tiny_model, tiny_trainer
+
+    empty = DataLoader(TensorDataset(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    for callbacks, name in (([EMAFakeQuant(), HistogramCalibration(num_batches=1)], "HistogramCalibration"),
+                            ([AdaScale(num_batches=1, progress=False)], "AdaScale")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name}: trainer.{stage}\\(\\) ran no batch.*nothing was"):
+            getattr(tiny_trainer(callbacks=callbacks), stage)(tiny_model(), empty, verbose=False)
 
 
 def test_empty_calibration_loader_and_nothing_to_quantize_have_clear_messages() -> None:

@@ -312,7 +312,7 @@ def test_detach_removes_everything() -> None:
         ({"param": "logit"}, "param must be one of 'bits', 'noise'"),
         ({"noise": "laplace"}, "noise must be one of 'gaussian', 'uniform'"),
         ({"extra_bits": float("nan")}, "extra_bits must be a number"),
-        ({"suffix": ""}, "suffix must be a non-empty string"),
+        ({"suffix": ""}, "suffix must be '_' followed by letters"),
         ({"exclude": "bias"}, "exclude must be a list of fnmatch patterns"),
         ({"exclude": [1]}, "exclude must contain only strings"),
         ({"detect_bound": 1}, "detect_bound must be True or False"),

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_bool, check_forward_fn, check_number
+from ..core._validate import check_bool, check_forward_fn, check_module_types, check_number
 from ..core.adascale import AdaScaleResult, apply_adascale, frozen_weight_quantizer
 from ..core.ema_quantizer import EMAFakeQuantizer
 from .diffq import DiffQ
@@ -72,9 +72,7 @@ class AdaScale(pl.Callback):
         self.lr = check_number("lr", lr, low=0, low_open=True)
         self.scale_lr = check_number("scale_lr", scale_lr, low=0, low_open=True)
         self.fp_input_mix = check_number("fp_input_mix", fp_input_mix, low=0, high=1)
-        if block_types is not None and not all(isinstance(t, type) and issubclass(t, torch.nn.Module) for t in block_types):
-            raise ValueError(f"block_types must be a list of nn.Module subclasses or None; got {block_types!r}")
-        self.block_types = block_types
+        self.block_types = check_module_types("block_types", block_types)
         self.forward_fn = check_forward_fn(forward_fn)
         self.progress = check_bool("progress", progress)
         self.done = False
@@ -144,6 +142,14 @@ class AdaScale(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         lines = [f"  {b.name or '<root>'}: {b.loss_before:.4g} -> {b.loss_after:.4g}" for b in self.result.blocks]
         rank_zero_info("AdaScale block losses (round-to-nearest -> AdaScale):\n" + "\n".join(lines))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
+        if stage in ("validate", "test") and not self.done and not trainer.sanity_checking:
+            raise ValueError(
+                f"AdaScale: trainer.{stage}() ran no batch (an empty dataloader, or limit_{'val' if stage == 'validate' else 'test'}"
+                "_batches=0): nothing was quantized or evaluated. Pass calibration data"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "bits": self.bits, "num_batches": self.num_batches, "num_epochs": self.num_epochs,

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..core._validate import check_bool, check_choice, check_forward_fn, check_number
 from ..core.calibrate import WEIGHT_METHODS, calibrate
-from ..core.histogram import METHODS
+from ..core.histogram import MAX_BINS, METHODS
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams
@@ -63,7 +63,7 @@ class HistogramCalibration(pl.Callback):
         self.method = check_choice("method", method, (*METHODS, "max"))
         self.num_batches = check_number("num_batches", num_batches, low=1, integer=True)
         self.percentile = check_number("percentile", percentile, low=0, high=100, low_open=True)
-        self.num_bins = check_number("num_bins", num_bins, low=2, integer=True)
+        self.num_bins = check_number("num_bins", num_bins, low=2, high=MAX_BINS, integer=True)
         self.stride = check_number("stride", stride, low=1, integer=True)
         self.start_bin = check_number("start_bin", start_bin, low=0, integer=True)
         self.weights = check_bool("weights", weights)
@@ -108,6 +108,14 @@ class HistogramCalibration(pl.Callback):
             )  # fmt: skip
         self.calibrated = True
         rank_zero_info(f"HistogramCalibration: {len(self.ranges)} activation ranges by {self.method!r} over {self.num_batches} batches")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
+        if stage in ("validate", "test") and not self.calibrated and not trainer.sanity_checking:
+            raise ValueError(
+                f"HistogramCalibration: trainer.{stage}() ran no batch (an empty dataloader, or limit_"
+                f"{'val' if stage == 'validate' else 'test'}_batches=0): nothing was calibrated or evaluated. Pass calibration data"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"calibrated": self.calibrated, **self._options()}

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..core._validate import check_bool, check_number
-from ..core.diffq import DiffQConfig, DiffQuantizer
+from ..core.diffq import MAX_SEED, DiffQConfig, DiffQuantizer
 from ..core.packing import save_quantized
 from ..plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion
@@ -98,7 +98,7 @@ class DiffQ(pl.Callback):
         if layer_report is not None and not isinstance(layer_report, (str, PathLike)):
             raise ValueError(f"layer_report must be a file path (.png) or None; got {layer_report!r}")
         self.layer_report = layer_report
-        self.seed = None if seed is None else check_number("seed", seed, low=0, integer=True)
+        self.seed = None if seed is None else check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
         self._pending_rng: dict[str, torch.Tensor] | None = None
         self.exported: Path | None = None
         self.config = DiffQConfig(

@@ -79,6 +79,7 @@ class EMAFakeQuant(pl.Callback):
         self.step_lr = step_lr
         self.step_weight_decay = check_number("step_weight_decay", step_weight_decay, low=0)
         self._step_optimizer: torch.optim.Optimizer | None = None
+        self._frozen_checked = False
         self.evaluate_quantized = True  # False: validation / test / predict without fake quantization
         self.quantizer: EMAFakeQuantizer | None = None
 
@@ -90,7 +91,7 @@ class EMAFakeQuant(pl.Callback):
         check_trainer(trainer, pl_module, self)
         log_hparams(trainer, self)
         if attached_elsewhere(self, pl_module):  # a new model: prepare it, leave the previous one as it is
-            self.quantizer, self._step_optimizer = None, None
+            self.quantizer, self._step_optimizer, self._frozen_checked = None, None, False
         guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: "fake_quant." in key)
         if self.quantizer is not None:
             return
@@ -118,7 +119,18 @@ class EMAFakeQuant(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         frozen = self.freeze_step is not None and step >= self.freeze_step
-        self._require_quantizer().set_state(enabled=step >= self.start_step, observe=not frozen)
+        quantizer = self._require_quantizer()
+        if frozen and not self._frozen_checked:  # the first frozen step: every range must exist by now
+            self._frozen_checked = True
+            empty = [name for name, fq in quantizer.activation_quantizers().items() if not fq.has_range and not fq.learned_step]
+            if empty and self.options["activations"]:
+                raise ValueError(
+                    f"EMAFakeQuant(freeze_step={self.freeze_step}): the activation ranges are frozen at step {step} before "
+                    f"{empty[:3]}{'...' if len(empty) > 3 else ''} tracked one, so they would let activations through in "
+                    f"float, silently. Use freeze_step > start_step (={self.start_step}), or calibrate the ranges first "
+                    "(HistogramCalibration)"
+                )
+        quantizer.set_state(enabled=step >= self.start_step, observe=not frozen)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.options["learned_step"] and not pl_module.device.type == "cpu":  # the CPU forward checks them itself

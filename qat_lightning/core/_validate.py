@@ -52,6 +52,23 @@ def check_forward_fn(value: Any) -> Any:
     return value
 
 
+def check_module_types(name: str, value: Any, allow_none: bool = True) -> tuple[type, ...] | None:
+    """A list of ``nn.Module`` subclasses (or None); a bare class is refused with the fix."""
+    from torch import nn
+
+    if value is None and allow_none:
+        return None
+    if isinstance(value, type):
+        raise ValueError(f"{name} must be a list of nn.Module subclasses{' or None' if allow_none else ''}; got the single type "
+                         f"{value.__name__}: write [{value.__name__}]")  # fmt: skip
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of nn.Module subclasses{' or None' if allow_none else ''}; got {value!r}")
+    types = tuple(value)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise ValueError(f"{name} must be a non-empty list of nn.Module subclasses{' or None' if allow_none else ''}; got {value!r}")
+    return types
+
+
 def check_patterns(name: str, value: Any) -> list[str]:
     """A list of fnmatch patterns; a bare string is refused because it would iterate per character."""
     if isinstance(value, str) or not isinstance(value, Iterable):

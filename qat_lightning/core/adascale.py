@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_number
+from ._validate import check_bool, check_module_types, check_number
 from .calibrate import _to_device, default_forward, map_tensors
 from .ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
 from .fake_quant import LearnedStepWeight, learned_step_quantize
@@ -189,6 +189,7 @@ def _apply_adascale(
     check_number("scale_lr", scale_lr, low=0, low_open=True)
     check_number("fp_input_mix", fp_input_mix, low=0, high=1)
     check_bool("progress", progress)
+    block_types = check_module_types("block_types", block_types)
     forward_fn = forward_fn or default_forward
 
     names = {id(m): n for n, m in model.named_modules()}

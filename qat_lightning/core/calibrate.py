@@ -18,7 +18,7 @@ from torch import nn
 
 from ._validate import check_bool, check_choice, check_number
 from .fake_quant import FakeLinearQuantization, LearnedStepWeight, WeightRange, set_learned_step_from_amax
-from .histogram import METHODS, HistogramCalibrator
+from .histogram import MAX_BINS, METHODS, HistogramCalibrator
 
 WEIGHT_METHODS = ("max", "mse", "percentile")
 
@@ -64,6 +64,7 @@ def calibrate(
     if num_batches is not None:
         check_number("num_batches", num_batches, low=1, integer=True)
     check_number("percentile", percentile, low=0, high=100, low_open=True)
+    check_number("num_bins", num_bins, low=2, high=MAX_BINS, integer=True)
     check_bool("weights", weights)
     check_choice("weight_method", weight_method, WEIGHT_METHODS)
     forward_fn = forward_fn or default_forward
@@ -173,7 +174,7 @@ def calibrate_weights(
     check_choice("method", method, WEIGHT_METHODS)
     check_bool("perchannel", perchannel)
     check_number("percentile", percentile, low=0, high=100, low_open=True)
-    check_number("num_bins", num_bins, low=2, integer=True)
+    check_number("num_bins", num_bins, low=2, high=MAX_BINS, integer=True)
     results: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         quantizer = module._modules.get("weight_fake_quant")

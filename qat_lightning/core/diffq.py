@@ -6,6 +6,7 @@ Plain torch, usable without Lightning. Public API compatible with ``diffq.DiffQu
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ from .uniform import tensor_range, uniform_dequantize, uniform_quantize
 
 MEGABYTE_BITS = 8 * 2**20
 MAX_QUANT_BITS = 15
+MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
+MAX_SEED = 2**63 - 1  # torch.Generator seeds and the int64 tensor the checkpoint stores it in
 
 
 @dataclass(eq=False)
@@ -95,7 +98,7 @@ class DiffQConfig:
     detect_bound: bool = True
 
     def __post_init__(self) -> None:
-        check_number("min_size", self.min_size, low=0)
+        check_number("min_size", self.min_size, low=0, high=MAX_MIN_SIZE_MB)
         check_bool("float16", self.float16)
         check_number("group_size", self.group_size, low=0, integer=True)
         check_number("min_bits", self.min_bits, low=0, low_open=True, high=MAX_QUANT_BITS, high_open=True)
@@ -103,9 +106,13 @@ class DiffQConfig:
         check_number("init_bits", self.init_bits, low=self.min_bits, high=self.max_bits, low_open=True, high_open=True)
         check_choice("param", self.param, ("bits", "noise"))
         check_choice("noise", self.noise, ("gaussian", "uniform"))
-        check_number("extra_bits", self.extra_bits)
-        if not isinstance(self.suffix, str) or not self.suffix:
-            raise ValueError(f"suffix must be a non-empty string; got {self.suffix!r}")
+        # bits + extra_bits stays a positive width within the grid (the size estimate stays positive)
+        check_number("extra_bits", self.extra_bits, low=-self.min_bits, low_open=True, high=MAX_QUANT_BITS - self.min_bits)
+        if not isinstance(self.suffix, str) or not re.fullmatch(r"_[A-Za-z0-9_]+", self.suffix):
+            raise ValueError(
+                "suffix must be '_' followed by letters, digits or '_' (e.g. '_diffq'), so that '<param><suffix>' is a "
+                f"new parameter name that no ordinary name ends with; got {self.suffix!r}"
+            )
         self.exclude = check_patterns("exclude", self.exclude)
         check_bool("detect_bound", self.detect_bound)
 
@@ -174,7 +181,7 @@ class DiffQuantizer:
         )  # fmt: skip
         for key, value in asdict(self.config).items():
             setattr(self, key, value)
-        for name, _ in model.named_parameters():
+        for name, _ in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(suffix):
                 raise ValueError(
                     f"model already has a parameter named {name!r} ending with suffix {suffix!r}: "
@@ -351,7 +358,7 @@ class DiffQuantizer:
         random numbers, so it can be checkpointed (:meth:`noise_rng_state`) and is the same on
         every DDP rank. ``None``: back to the global RNG."""
         if seed is not None:
-            check_number("seed", seed, low=0, integer=True)
+            check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
         self._noise_seed = seed
         self._generators.clear()
 

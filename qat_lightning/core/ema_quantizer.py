@@ -10,7 +10,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_choice, check_number, check_patterns
+from ._validate import check_bool, check_choice, check_module_types, check_number, check_patterns
 from .rescaling import InputScale
 from .fake_quant import _MIN_STEP, MODES, FakeLinearQuantization, LearnedStepWeight, WeightRange, bias_fake_quantize
 from .swap import Slot, SwappedParam, WeightSwapper
@@ -110,10 +110,7 @@ class EMAFakeQuantizer:
         self.quantize_inputs = check_bool("quantize_inputs", quantize_inputs)
         if not (weights or activations or quantize_inputs):
             raise ValueError("weights, activations and quantize_inputs are all False: nothing to quantize; enable at least one")
-        types = tuple(activation_types)
-        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-            raise ValueError(f"activation_types must be a non-empty list of nn.Module subclasses; got {activation_types!r}")
-        self.activation_types = types
+        self.activation_types = check_module_types("activation_types", activation_types, allow_none=False)
         self.exclude = check_patterns("exclude", exclude)
         self.learned_step = check_bool("learned_step", learned_step)
         self.quantize_bias = check_bool("quantize_bias", quantize_bias)

@@ -19,6 +19,7 @@ import torch
 
 from ._validate import check_bool, check_choice, check_number
 
+MAX_BINS = 2**16  # per histogram (ModelOpt uses 2048); more costs memory per channel, not accuracy
 METHODS = ("entropy", "mse", "percentile")
 _CHUNK_ELEMENTS = 1 << 22  # candidates x bins per chunk of the vectorised searches (32 MB in float64)
 
@@ -63,7 +64,7 @@ class HistogramCalibrator:
             check_number("axis", axis, integer=True)
         self.axis = axis
         self.unsigned = check_bool("unsigned", unsigned)
-        self.num_bins = check_number("num_bins", num_bins, low=2, integer=True)
+        self.num_bins = check_number("num_bins", num_bins, low=2, high=MAX_BINS, integer=True)
         self.grow_method = check_choice("grow_method", grow_method, (None, "stretch", "append"))
         self.skip_zeros = check_bool("skip_zeros", skip_zeros)
         self.torch_hist = check_bool("torch_hist", torch_hist)
