@@ -81,3 +81,27 @@ def test_diffq_true_size_is_the_packed_payload(tmp_path: Path) -> None:
         total_bits += counted
     kept = sum(32 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     assert quantizer.true_model_size() * MB_BITS == pytest.approx(total_bits + kept, abs=1e-6)
+
+
+@pytest.mark.parametrize("widest", [1, 2, 4, 8, 13])
+def test_diffq_sizes_per_tensor_by_hand_for_every_width_spread(widest: int) -> None:
+    """Per tensor: every group's width times its size, ``ceil(log2(1 + max - min_bits))`` bits per
+    group for the widths, 64 bits for min / max and 8 more (the reference's accounting); the
+    spreads make ``1 + max - min_bits`` a power of two plus one, where an off-by-one shows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 16))
+    quantizer = DiffQuantizer(model, min_size=0, group_size=8, min_bits=2, max_bits=15, exclude=["*.bias"])
+    with torch.no_grad():
+        for qp in quantizer.quantized_params():
+            t = torch.rand(qp.logit.shape) * min((widest + 0.49) / 13, 0.999)  # bits = 2 + 13 t, rounded: 2 .. 2 + widest
+            t[0] = min((widest + 0.2) / 13, 0.999)
+            qp.logit.copy_(torch.log(t / (1 - t)))
+    stats = {s["name"]: s for s in quantizer.layer_stats()}
+    total = sum(32 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    for qp in quantizer.quantized_params():
+        bits = quantizer._true_bits(qp)
+        assert int(bits.max()) == 2 + widest
+        expected = int(bits.sum()) * 8 + math.ceil(math.log2(1 + widest)) * qp.num_groups + 72
+        assert stats[qp.name]["size_mb"] * MB_BITS == expected, qp.name
+        total += expected
+    assert quantizer.true_model_size() * MB_BITS == pytest.approx(total, rel=1e-9)
