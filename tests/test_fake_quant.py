@@ -65,14 +65,33 @@ def test_fused_kernel_equals_distiller_math_exactly(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["symmetric", "symmetric_restricted", "asymmetric_unsigned", "asymmetric_signed"])
 def test_composite_and_fused_kernels_agree_per_channel(mode: str) -> None:
+    """Per channel, our composite op is Distiller's ``round(scale * x - zp)``; torch's kernel is
+    ``round(x * (1 / (1 / scale)) + zp)``. Both equal Distiller's formula computed in float64 but
+    where ``scale * x - zp`` lies within float32 rounding of a tie (.5): there one level apart."""
     w = torch.randn(16, 64) * torch.logspace(-2, 0, 16)[:, None]
     mn, mx = torch.aminmax(w, dim=1)
     params = linear_quant_params(4, mode, mn, mx)
-    composite = fake_quantize(w, *params, 4, mode, axis=0)
-    fused = fused_fake_quantize(w, *params, 4, mode, axis=0)
-    step = (1 / params[0])[:, None]
-    assert ((composite - fused).abs() <= step * 1e-3).float().mean() > 0.99  # differ only at rounding ties
-    assert ((composite - fused).abs() <= step * 1.001).all()
+    scale, zero_point, low, high = (t[:, None].double() for t in params)
+    levels = scale * torch.clamp(w.double(), low, high) - zero_point
+    reference = ((levels.round() + zero_point) / scale).float()  # Distiller in float64
+    near_tie = (levels - levels.floor() - 0.5).abs() < 1e-5
+    expected_levels = levels.round() + zero_point
+    for ours in (fake_quantize(w, *params, 4, mode, axis=0), fused_fake_quantize(w, *params, 4, mode, axis=0)):
+        ours_levels = (ours.double() * scale).round()
+        assert torch.equal(ours_levels[~near_tie], expected_levels[~near_tie])
+        assert ((ours_levels - expected_levels).abs()[near_tie] <= 1).all()
+        eps = torch.finfo(torch.float32).eps
+        assert ((ours - reference).abs()[~near_tie] <= 2 * eps * reference.abs()[~near_tie]).all()  # rounded once
+
+
+def test_composite_and_fused_kernels_are_bit_identical_on_power_of_two_scales() -> None:
+    """With scales that are powers of two every product and inverse is exact: no tie can split them."""
+    w = torch.randn(8, 64)
+    max_abs = 7.5 / 2.0 ** torch.arange(2, 10, dtype=torch.float32)  # Distiller's 4-bit symmetric n = 7.5
+    w = w / w.abs().amax(1, keepdim=True) * max_abs[:, None]
+    params = linear_quant_params(4, "symmetric", -max_abs, max_abs)
+    assert torch.equal(params[0], 2.0 ** torch.arange(2, 10, dtype=torch.float32))
+    assert torch.equal(fake_quantize(w, *params, 4, "symmetric", axis=0), fused_fake_quantize(w, *params, 4, "symmetric", axis=0))
 
 
 def test_straight_through_gradient_inside_and_zero_outside() -> None:
