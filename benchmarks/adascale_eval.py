@@ -17,8 +17,8 @@ import lightning.pytorch as pl
 import torch
 
 from qat_lightning import apply_adascale, round_to_nearest
-from qat_lightning.data import MNIST1DDataModule
-from qat_lightning.models import CNN1D, MLP, Classifier, TinyTransformer
+from qat_lightning.demo import MNIST1DDataModule
+from qat_lightning.demo import CNN1D, MLP, Classifier, TinyTransformer
 
 NETS = {"mlp": MLP, "cnn": CNN1D, "transformer": TinyTransformer}
 

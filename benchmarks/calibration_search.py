@@ -85,7 +85,7 @@ def sample_histogram(bins: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    from qat_lightning.core.histogram import amax_entropy, amax_mse, amax_percentile
+    from qat_lightning.calibration.histogram import amax_entropy, amax_mse, amax_percentile
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bins", type=int, default=2048)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from qat_lightning import DiffQ, EMAFakeQuant
-from qat_lightning.core.onnx_export import export_onnx
-from qat_lightning.data import MNIST1DDataModule
-from qat_lightning.models import MLP, Classifier
+from qat_lightning.export.onnx import export_onnx
+from qat_lightning.demo import MNIST1DDataModule
+from qat_lightning.demo import MLP, Classifier
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 import torch
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant
-from qat_lightning.data import MNIST1DDataModule
-from qat_lightning.models import MLP, Classifier
+from qat_lightning.demo import MNIST1DDataModule
+from qat_lightning.demo import MLP, Classifier
 
 
 class StepTimer(pl.Callback):

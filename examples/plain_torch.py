@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from qat_lightning import DiffQuantizer
-from qat_lightning.core.packing import load_quantized, save_quantized
-from qat_lightning.data import MNIST1DDataModule
-from qat_lightning.models import MLP
+from qat_lightning.export.packing import load_quantized, save_quantized
+from qat_lightning.demo import MNIST1DDataModule
+from qat_lightning.demo import MLP
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:  # noqa: ANN001

@@ -1,13 +1,12 @@
 """qat_lightning: quantization-aware training as PyTorch Lightning callbacks."""
+from .calibration import HistogramCalibrator, RescalingCalibrator, apply_adascale, calibrate, calibrate_weights, round_to_nearest
 from .callbacks import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
-from .core import (
-    DiffQConfig, DiffQuantizer, EMAFakeQuantizer, FakeLinearQuantization, HistogramCalibrator, RescalingCalibrator,
-    apply_adascale, calibrate, calibrate_weights, round_to_nearest,
-)  # fmt: skip
+from .export import load_quantized, save_quantized
+from .quantizers import DiffQConfig, DiffQuantizer, EMAFakeQuantizer, FakeLinearQuantization
 
 __all__ = [
     "AdaScale", "DiffQ", "DiffQConfig", "DiffQuantizer", "EMAFakeQuant", "EMAFakeQuantizer", "FakeLinearQuantization",
     "HistogramCalibration", "HistogramCalibrator", "Rescaling", "RescalingCalibrator", "apply_adascale", "calibrate",
-    "calibrate_weights", "round_to_nearest",
+    "calibrate_weights", "load_quantized", "round_to_nearest", "save_quantized",
 ]  # fmt: skip
 __version__ = "0.1.0"

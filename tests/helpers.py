@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from qat_lightning.models import MLP, Classifier
+from qat_lightning.demo import MLP, Classifier
 
 
 def tiny_model(**kwargs: Any) -> Classifier:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, apply_adascale, round_to_nearest
-from qat_lightning.core.adascale import AdaScaleParams, _freeze, find_blocks
-from qat_lightning.core.fake_quant import LearnedStepWeight
-from qat_lightning.models import CNN1D, MLP, TinyTransformer
+from qat_lightning.calibration.adascale import AdaScaleParams, _freeze, find_blocks
+from qat_lightning.quantizers.weight import LearnedStepWeight
+from qat_lightning.demo import CNN1D, MLP, TinyTransformer
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 

@@ -11,10 +11,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, HistogramCalibration, Rescaling
-from qat_lightning.train import instantiate_group, objective
+from qat_lightning.app.train import instantiate_group, objective
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "qat_lightning" / "conf"
+CONF = ROOT / "qat_lightning" / "app" / "conf"
 SWEEP_PLUGINS = {"joblib": "hydra_plugins.hydra_joblib_launcher", "optuna_size_accuracy": "hydra_plugins.hydra_optuna_sweeper"}
 SUMMARY_KEYS = {"float_size_mb", "quantized_size_mb", "compression", "avg_bits", "float_test_acc", "quantized_test_acc"}
 

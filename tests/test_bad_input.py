@@ -12,8 +12,8 @@ from torch import nn
 from qat_lightning import (
     AdaScale, DiffQ, DiffQuantizer, EMAFakeQuant, EMAFakeQuantizer, FakeLinearQuantization, HistogramCalibration, Rescaling,
 )  # fmt: skip
-from qat_lightning.core.histogram import HistogramCalibrator
-from qat_lightning.core.rescaling import RescalingCalibrator
+from qat_lightning.calibration.histogram import HistogramCalibrator
+from qat_lightning.calibration.rescaling import RescalingCalibrator
 
 
 def _model() -> nn.Module:
@@ -135,7 +135,7 @@ def test_an_empty_calibration_loader_is_refused_not_a_silent_no_op(stage: str) -
 
 
 def test_empty_calibration_loader_and_nothing_to_quantize_have_clear_messages() -> None:
-    from qat_lightning.core.calibrate import calibrate
+    from qat_lightning.calibration.calibrate import calibrate
 
     model = _model()
     EMAFakeQuantizer(model).prepare()

@@ -6,7 +6,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from qat_lightning import EMAFakeQuant, EMAFakeQuantizer, HistogramCalibration, HistogramCalibrator, calibrate, calibrate_weights
-from qat_lightning.core.fake_quant import FakeLinearQuantization, WeightRange
+from qat_lightning.quantizers.activation import FakeLinearQuantization
+from qat_lightning.quantizers.weight import WeightRange
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 

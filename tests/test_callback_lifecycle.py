@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qat_lightning import AdaScale, DiffQ, EMAFakeQuant, FakeLinearQuantization, HistogramCalibration, Rescaling
-from qat_lightning.core.fake_quant import LearnedStepWeight
+from qat_lightning.quantizers.weight import LearnedStepWeight
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from qat_lightning import DiffQ
-from qat_lightning.data import MNIST1DDataModule
-from qat_lightning.models import CNN1D, MLP, Classifier
+from qat_lightning.demo import MNIST1DDataModule
+from qat_lightning.demo import CNN1D, MLP, Classifier
 
 
 def test_mnist1d_is_generated_cached_without_pickle_and_deterministic(tmp_path) -> None:

@@ -6,7 +6,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from qat_lightning import DiffQ, EMAFakeQuant, EMAFakeQuantizer, FakeLinearQuantization
-from qat_lightning.core.fake_quant import fake_quantize, fused_fake_quantize, linear_quant_params, update_ema, weight_fake_quantize
+from qat_lightning.formats.distiller import fake_quantize, fused_fake_quantize, linear_quant_params, update_ema, weight_fake_quantize
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 

@@ -101,7 +101,7 @@ def test_ema_fake_quant_cuda_fused_path_agrees_with_cpu() -> None:
 
 @pytest.mark.parametrize("axis", [None, 0])
 def test_learned_step_cuda_kernels_agree_with_the_cpu_op(axis) -> None:  # noqa: ANN001
-    from qat_lightning.core.fake_quant import learned_step_quantize
+    from qat_lightning.formats.lsq import learned_step_quantize
 
     x = torch.randn(32, 64) * 2
     step = torch.full((32,) if axis == 0 else (), 0.05)

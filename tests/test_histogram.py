@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qat_lightning.core.histogram import HistogramCalibrator, amax_entropy, amax_mse, amax_percentile
+from qat_lightning.calibration.histogram import HistogramCalibrator, amax_entropy, amax_mse, amax_percentile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from calibration_search import loop_entropy, loop_mse, loop_percentile  # noqa: E402

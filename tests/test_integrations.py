@@ -26,9 +26,9 @@ def _cli(tmp_path: Path, callbacks: list[dict], max_steps: int = 0):  # noqa: AN
     from lightning.pytorch.cli import LightningCLI
 
     config = {
-        "model": {"class_path": "qat_lightning.models.Classifier",
-                  "init_args": {"net": {"class_path": "qat_lightning.models.MLP", "init_args": {"hidden": [32]}}}},
-        "data": {"class_path": "qat_lightning.data.MNIST1DDataModule", "init_args": {"num_samples": 500, "batch_size": 50}},
+        "model": {"class_path": "qat_lightning.demo.Classifier",
+                  "init_args": {"net": {"class_path": "qat_lightning.demo.MLP", "init_args": {"hidden": [32]}}}},
+        "data": {"class_path": "qat_lightning.demo.MNIST1DDataModule", "init_args": {"num_samples": 500, "batch_size": 50}},
         "trainer": {"max_steps": max_steps, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                     "default_root_dir": str(tmp_path), "callbacks": callbacks, "limit_val_batches": 2},
     }  # fmt: skip

@@ -9,9 +9,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from qat_lightning import EMAFakeQuant, EMAFakeQuantizer, FakeLinearQuantization
-from qat_lightning.core.fake_quant import (
-    LearnedStepWeight, bias_fake_quantize, learned_step_quantize, lsq_grad_factor, lsq_range, weight_fake_quantize,
-)  # fmt: skip
+from qat_lightning.quantizers.weight import LearnedStepWeight
+from qat_lightning.formats.distiller import bias_fake_quantize, weight_fake_quantize
+from qat_lightning.formats.lsq import learned_step_quantize, lsq_grad_factor, lsq_range
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 

@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from qat_lightning import DiffQuantizer, EMAFakeQuantizer, FakeLinearQuantization, calibrate  # noqa: E402
-from qat_lightning.core.onnx_export import export_onnx, qdq_mode  # noqa: E402
+from qat_lightning.export.onnx import export_onnx, qdq_mode
 
 
 def _prepared(**kwargs: object) -> tuple[nn.Module, torch.Tensor]:

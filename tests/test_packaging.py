@@ -1,5 +1,6 @@
 """The built wheel is complete: installed outside the checkout, the app finds its configs and runs."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -8,15 +9,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "qat_lightning" / "conf"
+CONF = ROOT / "qat_lightning" / "app" / "conf"
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools (dev extra)")
     out = tmp_path_factory.mktemp("wheel")
+    source = tmp_path_factory.mktemp("source") / "qat_lightning"  # a clean copy: no stale build/ of an older layout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "outputs",
+                                                                "multirun", "lightning_logs", ".pytest_cache"))  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -26,7 +30,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_ships_every_config(wheel: Path) -> None:
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
-    expected = {f"qat_lightning/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
+    expected = {f"qat_lightning/app/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
     assert expected and shipped == expected
 
 

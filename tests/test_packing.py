@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qat_lightning import DiffQuantizer
-from qat_lightning.core.packing import load_quantized, pack_uint, quantize_state_dict, read_quantized, save_quantized, unpack_uint
-from qat_lightning.models import MLP
+from qat_lightning.export.packing import load_quantized, pack_uint, quantize_state_dict, read_quantized, save_quantized, unpack_uint
+from qat_lightning.demo import MLP
 
 
 @pytest.mark.parametrize("width", range(1, 16))
@@ -271,7 +271,7 @@ def _resigned(path: Path, out: Path, layout_edit=None, tensor_edit=None, sign: b
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from qat_lightning.core.packing import _digest
+    from qat_lightning.export.packing import _digest
 
     with safe_open(str(path), framework="pt") as f:
         header = dict(f.metadata())

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from qat_lightning import AdaScale, DiffQ, DiffQuantizer, EMAFakeQuant, FakeLinearQuantization, HistogramCalibration, Rescaling
-from qat_lightning.core.fake_quant import LearnedStepWeight, WeightRange
-from qat_lightning.models import MLP, Classifier
+from qat_lightning.quantizers.weight import LearnedStepWeight, WeightRange
+from qat_lightning.demo import MLP, Classifier
 
 from .helpers import tiny_loader, tiny_trainer
 

@@ -15,9 +15,9 @@ from torch import nn
 
 from qat_lightning import AdaScale, DiffQ, DiffQuantizer, EMAFakeQuant, HistogramCalibration, Rescaling
 from qat_lightning.callbacks._param_groups import check_trainer
-from qat_lightning.core.fake_quant import FakeLinearQuantization
-from qat_lightning.core.packing import pack_levels, save_quantized, unpack_levels
-from qat_lightning.core.uniform import uniform_dequantize, uniform_quantize
+from qat_lightning.quantizers.activation import FakeLinearQuantization
+from qat_lightning.export.packing import pack_levels, save_quantized, unpack_levels
+from qat_lightning.formats.uniform import uniform_dequantize, uniform_quantize
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 
@@ -83,7 +83,7 @@ def test_lsq_stops_on_a_nan_loss_naming_the_quantizers() -> None:
             return loss * float("nan") if self.global_step == 1 else loss
 
     torch.manual_seed(0)
-    from qat_lightning.models import MLP
+    from qat_lightning.demo import MLP
 
     model = NanLoss(MLP(in_features=16, hidden=(32,), num_classes=8), num_classes=8)
     with pytest.raises(FloatingPointError, match=r"(quantizer \(net\.0\.weight\)|output of net\.\d\)).*LSQ step size is NaN or Inf"):
@@ -131,7 +131,7 @@ def test_nan_weights_at_fit_end_are_named_not_a_conversion_error(tmp_path: Path)
 
 def test_nan_in_a_calibration_batch_names_the_quantizer() -> None:
     from qat_lightning import EMAFakeQuantizer, calibrate
-    from qat_lightning.core.histogram import HistogramCalibrator
+    from qat_lightning.calibration.histogram import HistogramCalibrator
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     EMAFakeQuantizer(model).prepare()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qat_lightning import DiffQuantizer
-from qat_lightning.models import MLP
-from qat_lightning.plots import format_layer_table, plot_layer_bits
-from qat_lightning.report import collect, main, mark_pareto
+from qat_lightning.demo import MLP
+from qat_lightning.app.plots import format_layer_table, plot_layer_bits
+from qat_lightning.app.report import collect, main, mark_pareto
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

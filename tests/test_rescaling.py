@@ -5,7 +5,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from qat_lightning import EMAFakeQuant, EMAFakeQuantizer, HistogramCalibration, Rescaling, RescalingCalibrator, calibrate
-from qat_lightning.core.rescaling import InputScale
+from qat_lightning.quantizers.input_scale import InputScale
 
 from .helpers import tiny_loader, tiny_model, tiny_trainer
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qat_lightning import DiffQuantizer, EMAFakeQuantizer
-from qat_lightning.core.packing import save_quantized
+from qat_lightning.export.packing import save_quantized
 
 MB_BITS = 8 * 2**20
 MODES = list(itertools.product([True, False], ["symmetric", "asymmetric_unsigned"], [False, True], [False, True]))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from qat_lightning.core import uniform_dequantize, uniform_quantize
+from qat_lightning.formats.uniform import uniform_dequantize, uniform_quantize
 
 
 def test_hand_computed_two_bits() -> None:

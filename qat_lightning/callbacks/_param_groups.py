@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..core._optim import fused_options
+from .._optim import fused_options
 
 
 def move_to_own_group(
@@ -16,7 +16,7 @@ def move_to_own_group(
 ) -> torch.optim.Optimizer | None:
     """Move ``params`` out of every optimizer's groups into a new group of the optimizer that held
     them (else the first), with ``lr`` (None: that optimizer's first group's lr) and ``weight_decay``;
-    with Adam / AdamW the group uses the fused kernel (:func:`~qat_lightning.core._optim.fused_options`).
+    with Adam / AdamW the group uses the fused kernel (:func:`~qat_lightning._optim.fused_options`).
 
     LR schedulers built in ``configure_optimizers`` know only the user's groups: they are extended
     so that the new group follows the same schedule, as if it had been there from the start with

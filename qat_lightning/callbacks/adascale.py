@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_bool, check_forward_fn, check_module_types, check_number
-from ..core.adascale import AdaScaleResult, apply_adascale, frozen_weight_quantizer
-from ..core.ema_quantizer import EMAFakeQuantizer
+from .._validate import check_bool, check_forward_fn, check_module_types, check_number
+from ..calibration.adascale import AdaScaleResult, apply_adascale, frozen_weight_quantizer
+from ..quantizers.fake_quantizer import EMAFakeQuantizer
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 
@@ -30,7 +30,7 @@ class AdaScale(pl.Callback):
     * ``setup``: installs the weight quantizers (one frozen step size per output channel of every
       Linear / Conv1d / Conv2d) so that checkpoints load into the same structure.
     * ``on_train_start`` (fit) or the start of ``validate`` / ``test`` without a fit: runs
-      :func:`~qat_lightning.core.apply_adascale` on ``num_batches`` training batches (validation /
+      :func:`~qat_lightning.calibration.adascale.apply_adascale` on ``num_batches`` training batches (validation /
       test batches if the datamodule has no training data), once; the flag is checkpointed. The
       weights are changed in place and the scales frozen; a following fine-tune trains the weights
       on that fixed grid. Logs ``adascale/<block>/loss_before`` and ``.../loss_after``.

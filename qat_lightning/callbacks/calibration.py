@@ -7,9 +7,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_bool, check_choice, check_forward_fn, check_number
-from ..core.calibrate import WEIGHT_METHODS, calibrate
-from ..core.histogram import MAX_BINS, METHODS
+from .._validate import check_bool, check_choice, check_forward_fn, check_number
+from ..calibration.calibrate import WEIGHT_METHODS, calibrate
+from ..calibration.histogram import MAX_BINS, METHODS
 from .ema_fake_quant import EMAFakeQuant
 
 from ._param_groups import check_trainer, init_arguments, log_hparams

@@ -1,4 +1,4 @@
-"""Lightning callback ``DiffQ``: a thin adapter that drives :class:`~qat_lightning.core.DiffQuantizer`."""
+"""Lightning callback ``DiffQ``: a thin adapter that drives :class:`~qat_lightning.quantizers.diffq.DiffQuantizer`."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -10,10 +10,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_bool, check_number
-from ..core.diffq import MAX_SEED, DiffQConfig, DiffQuantizer
-from ..core.packing import save_quantized
-from ..plots import format_layer_table, plot_layer_bits
+from .._validate import check_bool, check_number
+from ..quantizers.diffq import MAX_SEED, DiffQConfig, DiffQuantizer
+from ..export.packing import save_quantized
+from ..app.plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion
 from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
@@ -43,7 +43,7 @@ class DiffQ(pl.Callback):
       stage starts and restored bit-identically when it ends (``quantize_eval=False`` keeps float).
     * ``quantize_on_fit_end=True`` leaves the model holding its quantized weights after ``fit``.
     * ``export_path``: at the end of ``fit`` the bit-packed model is written there (safetensors, see
-      :func:`~qat_lightning.core.packing.save_quantized`); a relative path is taken inside the
+      :func:`~qat_lightning.export.packing.save_quantized`); a relative path is taken inside the
       trainer's ``log_dir`` (or ``default_root_dir``).
 
     Args:

@@ -1,4 +1,4 @@
-"""Lightning callback ``EMAFakeQuant``: a thin adapter over :class:`~qat_lightning.core.EMAFakeQuantizer`."""
+"""Lightning callback ``EMAFakeQuant``: a thin adapter over :class:`~qat_lightning.quantizers.fake_quantizer.EMAFakeQuantizer`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..core._validate import check_number, check_patterns
-from ..core.ema_quantizer import EMAFakeQuantizer
+from .._validate import check_number, check_patterns
+from ..quantizers.fake_quantizer import EMAFakeQuantizer
 from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 from .diffq import DiffQ
@@ -40,7 +40,7 @@ class EMAFakeQuant(pl.Callback):
         step_lr: learning rate of the LSQ step sizes (None: 0.1 x the optimizer's first group's lr;
             under Adam the step sizes need a smaller lr than the weights, see the README).
         step_weight_decay: weight decay of the LSQ step sizes.
-        Other arguments: see :class:`~qat_lightning.core.EMAFakeQuantizer`.
+        Other arguments: see :class:`~qat_lightning.quantizers.fake_quantizer.EMAFakeQuantizer`.
     """
 
     def __init__(

@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core._validate import check_forward_fn, check_number, check_patterns
-from ..core.calibrate import default_forward
-from ..core.rescaling import RescalingCalibrator
+from .._validate import check_forward_fn, check_number, check_patterns
+from ..calibration.calibrate import default_forward
+from ..calibration.rescaling import RescalingCalibrator
 from .diffq import DiffQ
 from .ema_fake_quant import EMAFakeQuant
 

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._optim import fused_options
-from ._validate import check_bool, check_choice, check_number, check_patterns
+from .._optim import fused_options
+from .._validate import check_bool, check_choice, check_number, check_patterns
 from .noise import inject_noise
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
-from .uniform import tensor_range, uniform_dequantize, uniform_quantize
+from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
 
 MEGABYTE_BITS = 8 * 2**20
 MAX_QUANT_BITS = 15

@@ -10,9 +10,12 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_choice, check_module_types, check_number, check_patterns
-from .rescaling import InputScale
-from .fake_quant import _MIN_STEP, MODES, FakeLinearQuantization, LearnedStepWeight, WeightRange, bias_fake_quantize
+from .._validate import check_bool, check_choice, check_module_types, check_number, check_patterns
+from .input_scale import InputScale
+from ._common import _MIN_STEP
+from ..formats.distiller import MODES, bias_fake_quantize
+from .activation import FakeLinearQuantization
+from .weight import LearnedStepWeight, WeightRange
 from .swap import Slot, SwappedParam, WeightSwapper
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (

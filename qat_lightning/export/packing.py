@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diffq import DiffQuantizer, KeptParam
-from .uniform import compute_dtype, uniform_dequantize, uniform_quantize
+from ..quantizers.diffq import DiffQuantizer, KeptParam
+from ..formats.uniform import compute_dtype, uniform_dequantize, uniform_quantize
 
 FORMAT = "qat_lightning.packed"
 VERSION = 2
@@ -117,7 +117,7 @@ def unpack_levels(data: torch.Tensor, group_bits: torch.Tensor, group_size: int)
 @dataclass
 class QuantizedTensor:
     """One quantized tensor: integer levels per group, each group's width, one min/max per tensor
-    (in :func:`~qat_lightning.core.uniform.compute_dtype` of ``dtype``)."""
+    (in :func:`~qat_lightning.formats.uniform.compute_dtype` of ``dtype``)."""
 
     levels: torch.Tensor  # (groups, group_size), int
     group_bits: torch.Tensor  # (groups,), int 1..15

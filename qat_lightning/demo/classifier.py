@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..core._validate import check_number
+from .._validate import check_number
 
 
 class Classifier(pl.LightningModule):

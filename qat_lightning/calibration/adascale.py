@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_module_types, check_number
+from .._validate import check_bool, check_module_types, check_number
 from .calibrate import _to_device, default_forward, map_tensors
-from .ema_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
-from .fake_quant import LearnedStepWeight, learned_step_quantize
-from .uniform import compute_dtype
-from .swap import Slot, SwappedParam, WeightSwapper
+from ..quantizers.fake_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
+from ..quantizers.weight import LearnedStepWeight
+from ..formats.lsq import learned_step_quantize
+from ..formats.uniform import compute_dtype
+from ..quantizers.swap import Slot, SwappedParam, WeightSwapper
 
 log = logging.getLogger(__name__)
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..core._validate import check_number
+from .._validate import check_number
 
 
 def default_cache_dir() -> Path:

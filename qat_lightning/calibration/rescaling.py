@@ -19,34 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._validate import check_bool, check_number
+from .._validate import check_bool, check_number
+from ..quantizers.input_scale import SCALE_NAME, InputScale, _scale_input
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.BatchNorm1d, nn.BatchNorm2d) if t is not None)
 FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (*_NORMS, nn.Linear, nn.Conv1d, nn.Conv2d)
-SCALE_NAME = "input_scale"
 MIN_SCALE = 1e-5
-
-
-class InputScale(nn.Module):
-    """Multiplies a layer's input by ``scale`` along the channel dimension (last for Linear, 1 for Conv)."""
-
-    def __init__(self, channels: int, channel_dim: int) -> None:
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.register_buffer("scale", torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
-        return x * self.scale.reshape(shape).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.scale.numel()}, channel_dim={self.channel_dim}"
-
-
-def _scale_input(module: nn.Module, args: tuple) -> tuple:
-    return (module._modules[SCALE_NAME](args[0]), *args[1:])
 
 
 def _channel_dim(module: nn.Module) -> int:

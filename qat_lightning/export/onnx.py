@@ -24,9 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diffq import DiffQuantizer
-from .uniform import uniform_quantize
-from .fake_quant import _MIN_STEP, FakeLinearQuantization, LearnedStepWeight, LinearQuantMode, WeightRange, channel_min_max, linear_quant_params
+from ..quantizers.diffq import DiffQuantizer
+from ..formats.uniform import uniform_quantize
+from ..quantizers._common import _MIN_STEP
+from ..quantizers.activation import FakeLinearQuantization
+from ..quantizers.weight import LearnedStepWeight, WeightRange
+from ..formats.distiller import LinearQuantMode, channel_min_max, linear_quant_params
 
 ONNX_RANGES = {LinearQuantMode.ASYMMETRIC_UNSIGNED: (0, 255), LinearQuantMode.ASYMMETRIC_SIGNED: (-128, 127),
                LinearQuantMode.SYMMETRIC_RESTRICTED: (-127, 127)}  # fmt: skip

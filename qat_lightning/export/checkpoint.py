@@ -4,7 +4,7 @@
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (no pickled code runs); the bits come
 from the ``*_diffq`` logits in its state dict and the options from the ``DiffQ`` callback's state.
-Load the result with ``qat_lightning.core.packing.load_quantized(path, model)``.
+Load the result with ``qat_lightning.export.packing.load_quantized(path, model)``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .core.packing import quantized_from_checkpoint, write_packed
+from .packing import quantized_from_checkpoint, write_packed
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._validate import check_bool, check_choice, check_number
-from .fake_quant import FakeLinearQuantization, LearnedStepWeight, WeightRange, set_learned_step_from_amax
+from .._validate import check_bool, check_choice, check_number
+from ..quantizers.activation import FakeLinearQuantization
+from ..quantizers.weight import LearnedStepWeight, WeightRange, set_learned_step_from_amax
 from .histogram import MAX_BINS, METHODS, HistogramCalibrator
 
 WEIGHT_METHODS = ("max", "mse", "percentile")

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ._validate import check_bool, check_choice, check_number
+from .._validate import check_bool, check_choice, check_number
 
 MAX_BINS = 2**16  # per histogram (ModelOpt uses 2048); more costs memory per channel, not accuracy
 METHODS = ("entropy", "mse", "percentile")
