@@ -12,9 +12,13 @@ The host helpers compute one range's parameters in float32, op for op as the ten
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 import torch
+
+from .base import NumberFormat
 
 class LinearQuantMode(str, Enum):
     SYMMETRIC = "symmetric"
@@ -267,3 +271,71 @@ class _BiasSTE(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
         return grad, None
 
+
+
+# ------------------------------------------------------------------------------------------- as a format
+@dataclass(frozen=True)
+class DistillerFormat(NumberFormat):
+    """Distiller's grid as a registered format: spec ``distiller{B}_{mode}[_per_channel][_ema|_lsq]``.
+
+    Without a range method the range is the tensor's current min / max (per tensor, or per slice of
+    dim 0 with ``_per_channel``): the weight quantizer of :class:`~qat_lightning.EMAFakeQuant`.
+    ``_ema`` tracks an activation's range with a bias-corrected EMA of batch min / max (Distiller's
+    ``QuantAwareTrainRangeLinearQuantizer``), ``_lsq`` learns the step size (LSQ); those two keep
+    state and are built as modules by the quantizers (``fake_quantize`` here uses the current range).
+    Gradient: 1 inside the range, 0 outside (the current range clips nothing). Levels: ``2^B + 1``
+    (``symmetric``: ``n = (2^B - 1) / 2`` rounds out), ``2^B - 1`` (restricted), ``2^B`` (asymmetric).
+    Storage: ``B`` bits per element, a float32 scale per tensor (channel), a ``B``-bit zero point in
+    the asymmetric modes."""
+
+    spec: str
+    bits: int
+    mode: str = "symmetric"
+    per_channel: bool = False
+    range_method: str = "current"  # "current", "ema" or "lsq"
+    family: ClassVar[str] = "distiller"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"{self.spec}: Distiller's grids have 2 to 16 bits; got {self.bits}")
+        if self.mode not in MODES:
+            raise ValueError(f"{self.spec}: the mode must be one of {MODES}; got {self.mode!r}")
+        if self.range_method not in ("current", "ema", "lsq"):
+            raise ValueError(f"{self.spec}: the range method must be 'current', 'ema' or 'lsq'; got {self.range_method!r}")
+        if self.per_channel and self.range_method == "ema":
+            raise ValueError(f"{self.spec}: EMA-tracked ranges are per tensor (activations); drop '_per_channel'")
+
+    @property
+    def dynamic(self) -> bool:  # type: ignore[override]
+        return self.range_method == "current"
+
+    def choose_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mn, mx = channel_min_max(x, 0 if self.per_channel and x.dim() else None)
+        return linear_quant_params(self.bits, self.mode, mn.float(), mx.float())
+
+    def quantize_dequantize(self, x: torch.Tensor, scales: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        axis = 0 if self.per_channel and x.dim() else None
+        scale, zero_point, low, high = scales
+        shape = _broadcast_shape(x, axis)
+        low, high = low.reshape(shape), high.reshape(shape)
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float32 math, rounded once
+        if torch.compiler.is_compiling():  # the CPU kernel's host scalars do not trace: the same formula in tensor ops
+            scale, zero_point = scale.reshape(shape).to(wide.dtype), zero_point.reshape(shape).to(wide.dtype)
+            values = ((torch.clamp(wide, low, high) * scale - zero_point).round() + zero_point) / scale
+        else:
+            values = fake_quantize(wide, scale, zero_point, low, high, self.bits, self.mode, axis)
+        return values.to(x.dtype), (wide >= low) & (wide <= high)
+
+    def storage_bits(self, shape: tuple[int, ...]) -> int:
+        numel = 1
+        for size in shape:
+            numel *= size
+        channels = shape[0] if self.per_channel and shape else 1
+        return self.bits * numel + channels * (32 + (self.bits if self.mode.startswith("asymmetric") else 0))
+
+    def levels(self) -> int:
+        if self.mode == LinearQuantMode.SYMMETRIC:
+            return 2**self.bits + 1
+        if self.mode == LinearQuantMode.SYMMETRIC_RESTRICTED:
+            return 2**self.bits - 1
+        return 2**self.bits
