@@ -18,6 +18,7 @@ from torch import nn
 
 from .._validate import check_bool, check_choice, check_number
 from ..quantizers.activation import FakeLinearQuantization
+from ..quantizers.factory import FormatQuantizer
 from ..quantizers.weight import LearnedStepWeight, WeightRange, set_learned_step_from_amax
 from .histogram import MAX_BINS, METHODS, HistogramCalibrator
 
@@ -72,7 +73,11 @@ def calibrate(
     activations = {name: m for name, m in model.named_modules() if isinstance(m, FakeLinearQuantization)}
     weight_quantizers = [m for m in model.modules() if isinstance(m, (WeightRange, LearnedStepWeight))]
     if not activations and not weight_quantizers:
-        raise ValueError("calibrate(): the model has no fake quantizers; prepare it with EMAFakeQuantizer(...).prepare() (or EMAFakeQuant) first")
+        dynamic = any(isinstance(m, FormatQuantizer) for m in model.modules())
+        raise ValueError(
+            "calibrate(): the model's quantizers use formats whose scales come from each tensor: there is no range to calibrate"
+            if dynamic else "calibrate(): the model has no fake quantizers; prepare it with EMAFakeQuantizer(...).prepare() (or EMAFakeQuant) first"
+        )
 
     calibrators = {name: HistogramCalibrator(num_bits=fq.num_bits, num_bins=num_bins) for name, fq in activations.items()}
     extremes: dict[str, list[float]] = {name: [float("inf"), -float("inf")] for name in activations}

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .._validate import check_number, check_patterns
+from ..quantizers.activation import FakeLinearQuantization
 from ..quantizers.fake_quantizer import EMAFakeQuantizer
 from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
@@ -22,6 +23,8 @@ class EMAFakeQuant(pl.Callback):
 
         Trainer(callbacks=[EMAFakeQuant(weight_bits=8, activation_bits=8)])
         Trainer(callbacks=[DiffQ(...), EMAFakeQuant(weights=False)])   # learned weight bits + 8-bit activations
+        Trainer(callbacks=[EMAFakeQuant(weight_format="int4_g32", activation_format="int8_per_token",
+                                        activation_position="inputs")])  # torchao's int8-dynamic / int4 QAT
 
     * ``setup``: prepares the LightningModule (before checkpoint weights load, so EMA buffers resume).
     * training steps update the activation ranges; validation, test, predict and the sanity check
@@ -40,6 +43,11 @@ class EMAFakeQuant(pl.Callback):
         step_lr: learning rate of the LSQ step sizes (None: 0.1 x the optimizer's first group's lr;
             under Adam the step sizes need a smaller lr than the weights, see the README).
         step_weight_decay: weight decay of the LSQ step sizes.
+        weight_format, activation_format: number format specs (``"int4_g32"``, ``"int8_per_token"``,
+            ``"fp8_e4m3"``, ``"mxfp4"``, ``"nvfp4"``, ...; see :mod:`qat_lightning.formats`) instead of
+            Distiller's grid of ``weight_bits`` / ``activation_bits`` / modes.
+        activation_position: ``"outputs"`` of the ``activation_types`` layers (Distiller) or
+            ``"inputs"`` of the layers with weights (deployable W8A8 graphs).
         Other arguments: see :class:`~qat_lightning.quantizers.fake_quantizer.EMAFakeQuantizer`.
     """
 
@@ -61,13 +69,20 @@ class EMAFakeQuant(pl.Callback):
         quantize_bias: bool = False,
         step_lr: float | None = None,
         step_weight_decay: float = 0.0,
+        weight_format: str | None = None,
+        activation_format: str | None = None,
+        activation_position: str = "outputs",
     ) -> None:
         self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
+        for name, value in (("weight_format", weight_format), ("activation_format", activation_format)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a format spec string such as 'int4_g32' or None; got {value!r}")
         self.options = dict(
             weight_bits=weight_bits, activation_bits=activation_bits, weight_mode=weight_mode,
             activation_mode=activation_mode, per_channel=per_channel, ema_decay=ema_decay, weights=weights,
             activations=activations, quantize_inputs=quantize_inputs, exclude=check_patterns("exclude", exclude),
-            learned_step=learned_step, quantize_bias=quantize_bias,
+            learned_step=learned_step, quantize_bias=quantize_bias, weight_format=weight_format,
+            activation_format=activation_format, activation_position=activation_position,
         )  # fmt: skip
         EMAFakeQuantizer(torch.nn.Identity(), **self.options)  # validates every option now
         self.start_step = check_number("start_step", start_step, low=0, integer=True)
@@ -85,7 +100,8 @@ class EMAFakeQuant(pl.Callback):
 
     # options that define the quantizers and their grids: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("weight_bits", "activation_bits", "weight_mode", "activation_mode", "per_channel", "weights",
-                          "activations", "quantize_inputs", "exclude", "learned_step", "quantize_bias")  # fmt: skip
+                          "activations", "quantize_inputs", "exclude", "learned_step", "quantize_bias", "weight_format",
+                          "activation_format", "activation_position")  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self)
@@ -122,7 +138,8 @@ class EMAFakeQuant(pl.Callback):
         quantizer = self._require_quantizer()
         if frozen and not self._frozen_checked:  # the first frozen step: every range must exist by now
             self._frozen_checked = True
-            empty = [name for name, fq in quantizer.activation_quantizers().items() if not fq.has_range and not fq.learned_step]
+            empty = [name for name, fq in quantizer.activation_quantizers().items()
+                     if isinstance(fq, FakeLinearQuantization) and not fq.has_range and not fq.learned_step]  # fmt: skip
             if empty and self.options["activations"]:
                 raise ValueError(
                     f"EMAFakeQuant(freeze_step={self.freeze_step}): the activation ranges are frozen at step {step} before "
@@ -164,7 +181,8 @@ class EMAFakeQuant(pl.Callback):
                 f"those channels quantize to about zero and get no gradient, and an int8 runtime cannot hold their "
                 f"biases. The step sizes' learning rate ({group}) is too high: lower step_lr"
             )
-        quantizers = [q for q in self._require_quantizer().activation_quantizers().values() if q.iter_count > 0]
+        quantizers = [q for q in self._require_quantizer().activation_quantizers().values()
+                      if isinstance(q, FakeLinearQuantization) and q.iter_count > 0]  # tracked or learned ranges
         if not quantizers:
             return
         with torch.no_grad():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..quantizers.diffq import DiffQuantizer
+from ..quantizers.factory import FormatQuantizer
 from ..formats.uniform import uniform_quantize
 from ..quantizers._common import _MIN_STEP
 from ..quantizers.activation import FakeLinearQuantization
@@ -127,6 +128,13 @@ def _weight_forward(name: str, quantizer: nn.Module, weight: torch.Tensor) -> Ca
 def qdq_mode(model: nn.Module) -> Iterator[None]:
     """Inside: every fake quantizer of ``model`` runs torch's fused fake-quant ops with constant,
     ONNX-legal parameters (what the exporter turns into QDQ pairs). Restored on exit."""
+    unexportable = [name for name, m in model.named_modules() if isinstance(m, FormatQuantizer)]
+    if unexportable:
+        raise ValueError(
+            f"ONNX QDQ export holds the 8-bit Distiller / LSQ grids of EMAFakeQuant; {unexportable[:3]} use number formats "
+            f"({model.get_submodule(unexportable[0]).format.spec}, ...) with scales computed from each tensor, which QDQ's "
+            "static scales cannot express: deploy those with their runtime (torchao)"
+        )
     replaced: list[nn.Module] = []
     try:
         for name, module in model.named_modules():

@@ -1,4 +1,5 @@
-"""Prepare a model for EMA fake-quant QAT (Distiller's ``QuantAwareTrainRangeLinearQuantizer``) and undo it."""
+"""The fake-quant transform: prepare a model so that its weights and activations are fake-quantized
+in any registered number format (Distiller's EMA-tracked grids by default), and undo it."""
 from __future__ import annotations
 
 import warnings
@@ -11,12 +12,14 @@ import torch
 from torch import nn
 
 from .._validate import check_bool, check_choice, check_module_types, check_number, check_patterns
-from .input_scale import InputScale
+from ..formats import NumberFormat, parse_format
+from ..formats.distiller import MODES, DistillerFormat, bias_fake_quantize
 from ._common import _MIN_STEP
-from ..formats.distiller import MODES, bias_fake_quantize
 from .activation import FakeLinearQuantization
-from .weight import LearnedStepWeight, WeightRange
+from .factory import FormatQuantizer, activation_quantizer, weight_quantizer
+from .input_scale import InputScale
 from .swap import Slot, SwappedParam, WeightSwapper
+from .weight import LearnedStepWeight, WeightRange
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -30,7 +33,9 @@ WEIGHT_AXIS: dict[type[nn.Module], int] = {
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 OUTPUT_NAME = "output_fake_quant"
 INPUT_NAME = "input_fake_quant"
-WEIGHT_NAME = "weight_fake_quant"  # a layer's weight quantizer: WeightRange, or LearnedStepWeight (LSQ)
+WEIGHT_NAME = "weight_fake_quant"  # a layer's weight quantizer: WeightRange, LearnedStepWeight (LSQ) or FormatQuantizer
+POSITIONS = ("outputs", "inputs")
+ActivationQuantizer = FakeLinearQuantization | FormatQuantizer
 
 
 @dataclass(eq=False)
@@ -40,44 +45,49 @@ class QuantizedSlot(SwappedParam):
     The quantizer is found through the entry, not through ``id(param)``: a ``copy.deepcopy`` of
     the model copies hooks, entries and modules together, and the copy quantizes its own weights."""
 
-    quantizer: WeightRange | LearnedStepWeight | None = None
+    quantizer: nn.Module | None = None
     axis: int | None = None
     bias: bool = False
 
 
 class EMAFakeQuantizer:
-    """Fake-quantizes weights (per output channel, current range) and activations (EMA-tracked ranges).
+    """Fake-quantizes weights and activations in any registered number format.
 
-    ``prepare()`` registers a :class:`FakeLinearQuantization` as child ``output_fake_quant`` of every
-    module of ``activation_types`` (its buffers land in the state dict, so checkpoints keep the
-    ranges) with a forward hook on that module's output, and swaps fake-quantized weights into
-    Linear / Conv / ConvTranspose / Embedding layers during their forward; each such weight gets a
-    child ``weight_fake_quant`` (a :class:`WeightRange`: the weight's current range, optionally
-    clipped by a calibrated ``amax``). ``remove()`` undoes it all.
+    By default Distiller's ``QuantAwareTrainRangeLinearQuantizer``: weights per output channel over
+    their current range, activations over a range tracked with a bias-corrected EMA (formats
+    ``distiller{weight_bits}_{weight_mode}_per_channel`` and
+    ``distiller{activation_bits}_{activation_mode}_ema``); ``learned_step=True`` learns the step
+    sizes instead (LSQ, the ``..._lsq`` formats). ``weight_format`` / ``activation_format`` name any
+    other format (``"int4_g32"``, ``"int8_per_token"``, ``"fp8_e4m3"``, ``"mxfp4"``, ``"nvfp4"``;
+    see :mod:`qat_lightning.formats`): formats whose scales come from the tensor need no range
+    tracking and no calibration.
 
-    ``learned_step=True`` switches weights and activations to LSQ: each activation quantizer learns
-    its step size from the EMA range it tracked until quantization starts, and each weight gets a
-    :class:`LearnedStepWeight` as ``weight_fake_quant`` instead (a step per output channel). The step
-    sizes are parameters of the model; :meth:`parameters` lists them for an optimizer group.
+    ``prepare()`` gives every Linear / Conv / ConvTranspose / Embedding weight a child
+    ``weight_fake_quant`` swapped in during its forward, and every activation point a quantizer:
+    with ``activation_position="outputs"`` (Distiller) the output of each module of
+    ``activation_types`` (child ``output_fake_quant``), with ``"inputs"`` the input of each layer
+    with a weight (child ``input_fake_quant``: the convention of deployable W8A8 graphs in
+    TensorRT, ModelOpt and torchao). ``remove()`` undoes it all.
 
     Example::
 
-        fq = EMAFakeQuantizer(model, weight_bits=8, activation_bits=8).prepare()
-        train(model)                       # ranges tracked in training, frozen in eval
+        fq = EMAFakeQuantizer(model, weight_format="int4_g32", activation_format="int8_per_token",
+                              activation_position="inputs").prepare()
+        train(model)
         fq.remove()
 
     Args:
-        weight_bits, activation_bits: bit widths (2..16).
-        weight_mode, activation_mode: one of ``symmetric``, ``symmetric_restricted``,
-            ``asymmetric_unsigned``, ``asymmetric_signed``.
-        per_channel: weights per output channel (else per tensor).
-        ema_decay: decay of the activation-range EMA.
+        weight_bits, activation_bits, weight_mode, activation_mode, per_channel: Distiller's grid
+            (bits 2..16; modes ``symmetric``, ``symmetric_restricted``, ``asymmetric_unsigned``,
+            ``asymmetric_signed``) when no format is given.
+        weight_format, activation_format: a format spec (or object); None: the Distiller grid above.
+        activation_position: ``"outputs"`` or ``"inputs"``.
+        ema_decay: decay of EMA-tracked activation ranges.
         weights, activations: what to fake-quantize (``weights=False`` to combine with DiffQ).
         quantize_inputs: also fake-quantize the model's first input.
-        activation_types: module types whose outputs are fake-quantized.
+        activation_types: module types whose outputs are fake-quantized (``"outputs"``).
         exclude: fnmatch patterns on module names left alone.
-        learned_step: LSQ step sizes (trainable, started from the tracked ranges) instead of
-            EMA-tracked activation ranges and per-step weight ranges.
+        learned_step: LSQ step sizes for the Distiller grids.
         quantize_bias: fake-quantize the biases of quantized layers to 32 bits (symmetric, per
             tensor), as an integer accumulator would hold them; False leaves them float.
     """
@@ -98,6 +108,9 @@ class EMAFakeQuantizer:
         exclude: Sequence[str] = (),
         learned_step: bool = False,
         quantize_bias: bool = False,
+        weight_format: str | NumberFormat | None = None,
+        activation_format: str | NumberFormat | None = None,
+        activation_position: str = "outputs",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -117,11 +130,17 @@ class EMAFakeQuantizer:
         self.exclude = check_patterns("exclude", exclude)
         self.learned_step = check_bool("learned_step", learned_step)
         self.quantize_bias = check_bool("quantize_bias", quantize_bias)
+        self.activation_position = check_choice("activation_position", activation_position, POSITIONS)
+        self.weight_format, self.activation_format = resolve_formats(
+            weight_format, activation_format, weight_bits=weight_bits, weight_mode=weight_mode, per_channel=per_channel,
+            activation_bits=activation_bits, activation_mode=activation_mode, learned_step=learned_step,
+        )  # fmt: skip
         self.weights_enabled = True
+        self.left_float: dict[str, str] = {}  # weights the format cannot hold, with the reason
         self._swapper = WeightSwapper(self._substitute)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owners: list[nn.Module] = []
-        self._created: list[FakeLinearQuantization] = []
+        self._created: list[ActivationQuantizer] = []
         self._entries: list[QuantizedSlot] = []
 
     # ----------------------------------------------------------------------------- prepare / remove
@@ -133,21 +152,26 @@ class EMAFakeQuantizer:
         for name, module in self.model.named_modules():
             if any(fnmatch(name, pattern) for pattern in self.exclude):
                 continue
-            if self.activations and isinstance(module, self.activation_types) and module is not self.model:
+            if self.activations and self.activation_position == "outputs" and isinstance(module, self.activation_types) and module is not self.model:
                 if isinstance(module, CONTAINERS):
                     raise ValueError(f"activation_types includes container {type(module).__name__} ({name!r}): pick leaf layers")
                 self._attach(module, OUTPUT_NAME, f"output of {name}")
                 self._handles.append(module.register_forward_hook(_quantize_output))
+            if self.activations and self.activation_position == "inputs" and type(module) in WEIGHT_AXIS and not isinstance(module, nn.Embedding):
+                self._attach(module, INPUT_NAME, f"input of {name or type(module).__name__}")
+                self._handles.append(module.register_forward_pre_hook(_quantize_first_input))
             if self.weights and type(module) in WEIGHT_AXIS:
                 self._add_weight(module, name, seen)
         self._entries = list(seen.values())
         for entry in self._entries:
             self._swapper.add(entry)
-        if self.quantize_inputs:
+        if self.quantize_inputs and INPUT_NAME not in self.model._modules:
             if isinstance(self.model, CONTAINERS):
                 raise ValueError("quantize_inputs needs a model that is not an nn.Sequential/ModuleList/ModuleDict")
             self._attach(self.model, INPUT_NAME, "model input")
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
+        if self.left_float:
+            warnings.warn(f"EMAFakeQuantizer: {self.weight_format.spec} cannot hold these weights, left float: {self.left_float}", stacklevel=2)
         if not self._created and not self._entries:
             warnings.warn(
                 f"EMAFakeQuantizer found nothing to quantize in {type(self.model).__name__}: no layer of "
@@ -168,18 +192,21 @@ class EMAFakeQuantizer:
             if attr == "bias":
                 seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], bias=True)
                 continue
-            axis = WEIGHT_AXIS[type(module)] if self.per_channel else None
-            channels = None if axis is None else param.shape[axis]
-            kind = LearnedStepWeight if self.learned_step else WeightRange
-            quantizer = kind(channels, self.weight_bits, self.weight_mode, axis).to(param.device)
+            axis = WEIGHT_AXIS[type(module)]
+            try:
+                quantizer = weight_quantizer(self.weight_format, param, axis)
+            except ValueError as error:  # e.g. a block size that does not divide the input features
+                self.left_float[slot.qualified_name] = str(error)
+                continue
             quantizer.label = f"weight quantizer ({slot.qualified_name})"
             module.add_module(WEIGHT_NAME, quantizer)
-            seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], quantizer=quantizer, axis=axis)
+            per_channel = not isinstance(self.weight_format, DistillerFormat) or self.weight_format.per_channel
+            seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], quantizer=quantizer, axis=axis if per_channel else None)
             if module not in self._owners:
                 self._owners.append(module)
 
     def _attach(self, module: nn.Module, name: str, label: str) -> None:
-        fq = FakeLinearQuantization(self.activation_bits, self.activation_mode, self.ema_decay, learned_step=self.learned_step)
+        fq = activation_quantizer(self.activation_format, self.ema_decay)
         fq.label = f"activation quantizer ({label})"
         reference = next(iter(module.parameters(recurse=False)), None)
         if reference is not None:
@@ -201,23 +228,22 @@ class EMAFakeQuantizer:
         self._owners.clear()
         self._created.clear()
         self._entries.clear()
+        self.left_float.clear()
 
     # ----------------------------------------------------------------------------- control
-    def weight_quantizers(self) -> dict[str, WeightRange | LearnedStepWeight]:
+    def weight_quantizers(self) -> dict[str, nn.Module]:
         """Every weight quantizer, by the qualified name of the weight."""
         return {e.name: e.quantizer for e in self._entries if e.quantizer is not None}
 
-    def activation_quantizers(self) -> dict[str, FakeLinearQuantization]:
-        """Every activation fake quantizer, by qualified name."""
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, FakeLinearQuantization)}
+    def activation_quantizers(self) -> dict[str, ActivationQuantizer]:
+        """Every activation quantizer (tracked or learned ranges, or a dynamic format), by qualified name."""
+        created = {id(q) for q in self._created}
+        return {name: m for name, m in self.model.named_modules() if id(m) in created}
 
     def parameters(self) -> list[nn.Parameter]:
-        """The learned step sizes (``learned_step=True``), weights' then activations'; else empty."""
-        if not self.learned_step:
-            return []
+        """The learned step sizes (LSQ), weights' then activations'; empty for other formats."""
         weights = [m.step for m in self.weight_quantizers().values() if isinstance(m, LearnedStepWeight)]
-        return weights + [fq.step for fq in self._created]
-
+        return weights + [fq.step for fq in self._created if isinstance(fq, FakeLinearQuantization) and fq.learned_step]
     @torch.no_grad()
     def check_finite(self) -> None:
         """``FloatingPointError`` naming every quantizer whose LSQ step sizes hold NaN or Inf (one
@@ -258,7 +284,7 @@ class EMAFakeQuantizer:
         for fq in self._created:
             if enabled is not None:
                 fq.enabled = enabled
-            if observe is not None:
+            if observe is not None and isinstance(fq, FakeLinearQuantization):
                 fq.observe = observe
         if enabled is not None:
             self.weights_enabled = enabled
@@ -267,12 +293,14 @@ class EMAFakeQuantizer:
         """Size in MB of the deployed model: what a file holding the integer weights and their
         quantization parameters needs.
 
-        * a quantized weight: ``weight_bits`` per entry, and per output channel (or per tensor) one
-          float32 scale, plus a zero point of ``weight_bits`` in the asymmetric modes; LSQ step
-          sizes are those scales (counted once, not again as parameters);
+        * a quantized weight: what its format stores (``storage_bits``: elements at the format's
+          width, one scale per channel / group / block, zero points in the asymmetric modes); for
+          Distiller's grids one float32 scale per output channel (or tensor) and a zero point of the
+          weight width in the asymmetric modes; LSQ step sizes are those scales (counted once);
         * a quantized bias: 32 bits per entry and one float32 scale;
-        * an activation quantizer: one float32 scale, plus a zero point of ``activation_bits`` in
-          the asymmetric modes;
+        * an activation quantizer with a tracked or learned range: one float32 scale, plus a zero
+          point of its width in the asymmetric modes (dynamic formats store nothing: their scales
+          come from each activation);
         * every other parameter of the model at its own width (tied tensors once); buffers (such as
           BatchNorm statistics) are not counted, as in DiffQ's size.
         """
@@ -283,11 +311,16 @@ class EMAFakeQuantizer:
             if entry.bias:
                 bits += 32 * entry.param.numel() + 32
                 continue
+            if isinstance(entry.quantizer, FormatQuantizer):
+                bits += entry.quantizer.storage_bits(tuple(entry.param.shape))
+                continue
             channels = 1 if entry.axis is None else entry.param.shape[entry.axis]
-            zero_point = 0 if self.weight_mode.startswith("symmetric") else self.weight_bits
-            bits += self.weight_bits * entry.param.numel() + (32 + zero_point) * channels
+            fmt = self.weight_format
+            zero_point = 0 if fmt.mode.startswith("symmetric") else fmt.bits
+            bits += fmt.bits * entry.param.numel() + (32 + zero_point) * channels
         for fq in self._created:
-            bits += 32 + (0 if fq.mode.value.startswith("symmetric") else fq.num_bits)
+            if isinstance(fq, FakeLinearQuantization):
+                bits += 32 + (0 if fq.mode.value.startswith("symmetric") else fq.num_bits)
         unique = {id(p): p for p in self.model.parameters()}
         bits += sum(8 * p.element_size() * p.numel() for key, p in unique.items() if key not in counted)
         return bits / (8 * 2**20)
@@ -313,3 +346,39 @@ def _quantize_first_input(module: nn.Module, args: tuple) -> tuple | None:
     if fq is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
     return (fq(args[0]), *args[1:])
+
+
+def resolve_formats(
+    weight_format: str | NumberFormat | None, activation_format: str | NumberFormat | None, *, weight_bits: int,
+    weight_mode: str, per_channel: bool, activation_bits: int, activation_mode: str, learned_step: bool,
+) -> tuple[NumberFormat, NumberFormat]:  # fmt: skip
+    """The weight and activation formats: the ones named, or Distiller's grids from the bit widths and
+    modes. A named format with a Distiller argument that is not its default is refused (one of the
+    two would be ignored)."""
+    defaults = {"weight_bits": 8, "weight_mode": "symmetric", "per_channel": True, "activation_bits": 8,
+                "activation_mode": "asymmetric_unsigned", "learned_step": False}  # fmt: skip
+    given = {"weight_bits": weight_bits, "weight_mode": weight_mode, "per_channel": per_channel, "activation_bits": activation_bits,
+             "activation_mode": activation_mode, "learned_step": learned_step}  # fmt: skip
+    sides = {"weight_format": (weight_format, ("weight_bits", "weight_mode", "per_channel")),
+             "activation_format": (activation_format, ("activation_bits", "activation_mode"))}  # fmt: skip
+    for name, (fmt, arguments) in sides.items():
+        if fmt is None:
+            continue
+        clash = [a for a in (*arguments, "learned_step") if given[a] != defaults[a]]
+        if clash and not (clash == ["learned_step"] and (weight_format is None or activation_format is None)):
+            raise ValueError(f"{name}={fmt!s} and {', '.join(f'{a}={given[a]!r}' for a in clash)} both say how to quantize: name "
+                             f"the grid in the format (e.g. 'distiller4_symmetric_per_channel_lsq'), or drop {name}")  # fmt: skip
+    lsq = "_lsq" if learned_step else ""
+    weights = _named_format("weight_format", weight_format or f"distiller{weight_bits}_{weight_mode}{'_per_channel' if per_channel else ''}{lsq}")
+    activations = _named_format("activation_format", activation_format or f"distiller{activation_bits}_{activation_mode}{lsq or '_ema'}")
+    if isinstance(weights, DistillerFormat) and weights.range_method == "ema":
+        raise ValueError(f"weight_format={weights.spec}: an EMA-tracked range is for activations; weights use their current "
+                         f"range ({weights.spec.removesuffix('_ema')}) or a learned step (..._lsq)")  # fmt: skip
+    return weights, activations
+
+
+def _named_format(argument: str, spec: str | NumberFormat) -> NumberFormat:
+    try:
+        return parse_format(spec)
+    except ValueError as error:
+        raise ValueError(f"{argument}: {error}") from None
