@@ -1,25 +1,26 @@
 """Lightning callback ``AdaScale``: AdaScale post-training weight quantization at fit start or before eval."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from .._validate import check_bool, check_forward_fn, check_module_types, check_number
 from ..calibration.adascale import AdaScaleResult, apply_adascale, frozen_weight_quantizer
 from ..quantizers.fake_quantizer import EMAFakeQuantizer
-from .diffq import DiffQ
-from .ema_fake_quant import EMAFakeQuant
 
-from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._param_groups import init_arguments
+from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 from ._precision import converted_batches, forward_context
 
 
-class AdaScale(pl.Callback):
+class AdaScale(QuantizationCallback):
     """Post-training quantization of the weights with AdaScale (FlexRound + learnable clipping).
 
     ::
@@ -79,12 +80,28 @@ class AdaScale(pl.Callback):
         self.result: AdaScaleResult | None = None
         self.quantizer: EMAFakeQuantizer | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_trainer(trainer, pl_module, self)
-        log_hparams(trainer, self)
-        for callback in trainer.callbacks:
-            if isinstance(callback, DiffQ) or (isinstance(callback, EMAFakeQuant) and callback.options["weights"]):
-                raise ValueError(f"AdaScale quantizes the weights; {type(callback).__name__} would too: use EMAFakeQuant(weights=False) for activations")
+    order = 20  # after rescaling, before the calibration of activation ranges
+    conflict_hint = "AdaScale quantizes the weights after the fact: use EMAFakeQuant(weights=False) for activations"
+
+    @override
+    def quantizes(self) -> frozenset[str]:
+        return frozenset({"weights"})
+
+    @override
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        quantizers = list(self.quantizer.weight_quantizers().values()) if self.quantizer is not None else []
+        states = [(q, q.enabled) for q in quantizers]
+        for q in quantizers:
+            q.enabled = False
+        try:
+            yield
+        finally:
+            for q, enabled in states:
+                q.enabled = enabled
+
+    @override
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if attached_elsewhere(self, pl_module):  # a new model: quantize it too
             self.quantizer, self.result, self.done = None, None, False
         guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: "weight_fake_quant." in key)
@@ -93,15 +110,13 @@ class AdaScale(pl.Callback):
             for p in self.quantizer.parameters():
                 p.requires_grad_(False)  # frozen encodings
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def _on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module, trainer.train_dataloader)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._run(trainer, pl_module, self._eval_data(trainer, "val_dataloaders"))
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run(trainer, pl_module, self._eval_data(trainer, "test_dataloaders"))
+    @override
+    def _on_evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._run(trainer, pl_module, self._eval_data(trainer, "val_dataloaders" if stage == "validate" else "test_dataloaders"))
 
     def _eval_data(self, trainer: pl.Trainer, attribute: str) -> Any:
         datamodule = getattr(trainer, "datamodule", None)
@@ -143,6 +158,7 @@ class AdaScale(pl.Callback):
         lines = [f"  {b.name or '<root>'}: {b.loss_before:.4g} -> {b.loss_after:.4g}" for b in self.result.blocks]
         rank_zero_info("AdaScale block losses (round-to-nearest -> AdaScale):\n" + "\n".join(lines))
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
         if stage in ("validate", "test") and not self.done and not trainer.sanity_checking:
@@ -151,6 +167,7 @@ class AdaScale(pl.Callback):
                 "_batches=0): nothing was quantized or evaluated. Pass calibration data"
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "bits": self.bits, "num_batches": self.num_batches, "num_epochs": self.num_epochs,
                 "num_iterations": self.num_iterations, "lr": self.lr, "scale_lr": self.scale_lr, "fp_input_mix": self.fp_input_mix}  # fmt: skip
@@ -162,6 +179,7 @@ class AdaScale(pl.Callback):
         if warn and state.get("done"):  # optimised already: the checkpoint's weights and scales stay
             check_resumed_options("AdaScale", {k: v for k, v in options.items() if k != "bits"}, current, ())
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_checkpoint_options(state_dict, warn=True)
         self.done = bool(state_dict.get("done", False))

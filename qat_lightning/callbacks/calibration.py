@@ -6,18 +6,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from .._validate import check_bool, check_choice, check_forward_fn, check_number
 from ..calibration.calibrate import WEIGHT_METHODS, calibrate
 from ..calibration.histogram import MAX_BINS, METHODS
-from .ema_fake_quant import EMAFakeQuant
 
-from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._param_groups import init_arguments
+from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options
 from ._precision import converted_batches, forward_context
 
 
-class HistogramCalibration(pl.Callback):
+class HistogramCalibration(QuantizationCallback):
     """Sets the fake-quant ranges of :class:`EMAFakeQuant` from histograms before training starts.
 
     ::
@@ -72,28 +73,25 @@ class HistogramCalibration(pl.Callback):
         self.calibrated = False
         self.ranges: dict[str, tuple[float, float]] = {}
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_trainer(trainer, pl_module, self)
-        log_hparams(trainer, self)
-        if not any(isinstance(c, EMAFakeQuant) for c in trainer.callbacks):
-            raise ValueError("HistogramCalibration sets the ranges of EMAFakeQuant: add EMAFakeQuant(...) to the Trainer's callbacks too")
+    order = 30  # last: the ranges of the model as rescaling and post-training quantization left it
+
+    @override
+    def requires(self) -> dict[str, str]:
+        return {"ranges": "HistogramCalibration sets the ranges of EMAFakeQuant's Distiller / LSQ grids: add EMAFakeQuant(...) "
+                          "to the Trainer's callbacks (formats whose scales come from each tensor have no range to calibrate)"}  # fmt: skip
+
+    @override
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if attached_elsewhere(self, pl_module):  # a new model: calibrate it too
             self.calibrated, self.ranges = False, {}
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from .rescaling import Rescaling
-
-        for callback in trainer.callbacks:  # calibrate the rescaled model, whatever the callback order
-            if isinstance(callback, Rescaling) and not self.calibrated:
-                callback.rescale(trainer, pl_module)
+    @override
+    def _on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibrate(trainer, pl_module, trainer.train_dataloader)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._calibrate(trainer, pl_module, _first(trainer.val_dataloaders))
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._calibrate(trainer, pl_module, _first(trainer.test_dataloaders))
+    @override
+    def _on_evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._calibrate(trainer, pl_module, _first(trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders))
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> None:
         if self.calibrated:
@@ -109,6 +107,7 @@ class HistogramCalibration(pl.Callback):
         self.calibrated = True
         rank_zero_info(f"HistogramCalibration: {len(self.ranges)} activation ranges by {self.method!r} over {self.num_batches} batches")
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
         if stage in ("validate", "test") and not self.calibrated and not trainer.sanity_checking:
@@ -117,6 +116,7 @@ class HistogramCalibration(pl.Callback):
                 f"{'val' if stage == 'validate' else 'test'}_batches=0): nothing was calibrated or evaluated. Pass calibration data"
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"calibrated": self.calibrated, **self._options()}
 
@@ -124,6 +124,7 @@ class HistogramCalibration(pl.Callback):
         return {"method": self.method, "num_batches": self.num_batches, "percentile": self.percentile, "num_bins": self.num_bins,
                 "stride": self.stride, "start_bin": self.start_bin, "weights": self.weights, "weight_method": self.weight_method}  # fmt: skip
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.calibrated = bool(state_dict.get("calibrated", False))
         if self.calibrated:  # the checkpoint's ranges stay: other options are not applied

@@ -1,6 +1,8 @@
 """Lightning callback ``DiffQ``: a thin adapter that drives :class:`~qat_lightning.quantizers.diffq.DiffQuantizer`."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict
 from os import PathLike
 from pathlib import Path
@@ -9,17 +11,19 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from .._validate import check_bool, check_number
 from ..quantizers.diffq import MAX_SEED, DiffQConfig, DiffQuantizer
 from ..export.packing import save_quantized
 from ..app.plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion
-from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
+from ._param_groups import init_arguments, move_to_own_group
+from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 
 
-class DiffQ(pl.Callback):
+class DiffQ(QuantizationCallback):
     """Quantization-aware training with DiffQ: learned bits, a model-size penalty, quantized eval.
 
     Add it to the ``Trainer``; the LightningModule stays as it is::
@@ -114,10 +118,28 @@ class DiffQ(pl.Callback):
     # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "min_bits", "max_bits", "param", "extra_bits", "suffix",
                           "exclude", "detect_bound")  # fmt: skip
+    order = 10
+    conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ (DiffQ's weights, fake-quantized activations)"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_trainer(trainer, pl_module, self)
-        log_hparams(trainer, self)
+    @override
+    def quantizes(self) -> frozenset[str]:
+        return frozenset({"weights"})
+
+    @override
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        quantizer = self.quantizer
+        if quantizer is None:
+            yield
+            return
+        enabled, quantizer.enabled = quantizer.enabled, False
+        try:
+            yield
+        finally:
+            quantizer.enabled = enabled
+
+    @override
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if attached_elsewhere(self, pl_module):  # a new model: quantize it, leave the previous one as it is
             self.quantizer, self._bits_optimizer, self._pending_rng, self.exported = None, None, None, None
             self._swapped_for_stage = False
@@ -136,6 +158,7 @@ class DiffQ(pl.Callback):
         """Create the quantizer; override to quantize only part of the module."""
         return DiffQuantizer(pl_module, **asdict(self.config))
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending_rng is not None:
             self._require_quantizer().set_noise_rng_state(self._pending_rng)
@@ -151,9 +174,11 @@ class DiffQ(pl.Callback):
         self._bits_optimizer = move_to_own_group(trainer, quantizer.parameters(), self.bits_lr, self.bits_weight_decay)
 
     # ----------------------------------------------------------------------------- training
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._require_quantizer().new_noise()
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -182,6 +207,7 @@ class DiffQ(pl.Callback):
             else:
                 logit.grad.add_(grad, alpha=self.penalty)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
         true_size = quantizer.true_model_size()
@@ -190,21 +216,29 @@ class DiffQ(pl.Callback):
         pl_module.log("quant/true_avg_bits", quantizer.average_bits(exact=True), on_step=False, on_epoch=True)
 
     # ----------------------------------------------------------------------------- evaluation
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
         self._enter_eval()
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._leave_eval()
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
         self._enter_eval()
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._leave_eval()
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter_eval()
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._leave_eval()
 
@@ -222,6 +256,7 @@ class DiffQ(pl.Callback):
             self._swapped_for_stage = False
         quantizer.enabled = True
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
         quantizer.size_penalty = 0.0
@@ -255,6 +290,7 @@ class DiffQ(pl.Callback):
         return target if target.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / target
 
     # ----------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         config = asdict(self.config)
         config["exclude"] = list(config["exclude"])
@@ -277,6 +313,7 @@ class DiffQ(pl.Callback):
             training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay") if k in state})
             check_resumed_options("DiffQ", training, {**current["config"], **current}, ())
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_checkpoint_options(state_dict, warn=True)
         rng = state_dict.get("noise_rng")

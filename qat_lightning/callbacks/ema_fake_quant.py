@@ -1,22 +1,25 @@
 """Lightning callback ``EMAFakeQuant``: a thin adapter over :class:`~qat_lightning.quantizers.fake_quantizer.EMAFakeQuantizer`."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from .._validate import check_number, check_patterns
+from ..formats.distiller import DistillerFormat
 from ..quantizers.activation import FakeLinearQuantization
 from ..quantizers.fake_quantizer import EMAFakeQuantizer
-from ._param_groups import check_trainer, init_arguments, log_hparams, move_to_own_group
+from ._param_groups import init_arguments, move_to_own_group
+from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
-from .diffq import DiffQ
 
 
-class EMAFakeQuant(pl.Callback):
+class EMAFakeQuant(QuantizationCallback):
     """Distiller-style QAT: fake-quantized weights (per channel) and activations (EMA-tracked ranges).
 
     ::
@@ -84,7 +87,8 @@ class EMAFakeQuant(pl.Callback):
             learned_step=learned_step, quantize_bias=quantize_bias, weight_format=weight_format,
             activation_format=activation_format, activation_position=activation_position,
         )  # fmt: skip
-        EMAFakeQuantizer(torch.nn.Identity(), **self.options)  # validates every option now
+        probe = EMAFakeQuantizer(torch.nn.Identity(), **self.options)  # validates every option now
+        self.weight_format, self.activation_format = probe.weight_format, probe.activation_format
         self.start_step = check_number("start_step", start_step, low=0, integer=True)
         if freeze_step is not None:
             check_number("freeze_step", freeze_step, low=start_step, integer=True)
@@ -103,27 +107,54 @@ class EMAFakeQuant(pl.Callback):
                           "activations", "quantize_inputs", "exclude", "learned_step", "quantize_bias", "weight_format",
                           "activation_format", "activation_position")  # fmt: skip
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_trainer(trainer, pl_module, self)
-        log_hparams(trainer, self)
+    order = 10
+    conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ or AdaScale (their weights, fake-quantized activations)"
+
+    @override
+    def quantizes(self) -> frozenset[str]:
+        options = self.options
+        return frozenset({"weights"} if options["weights"] else set()) | frozenset(
+            {"activations"} if options["activations"] or options["quantize_inputs"] else set()
+        )
+
+    @override
+    def provides(self) -> frozenset[str]:
+        """``"ranges"``: Distiller's grids have ranges a calibration can set (dynamic formats do not)."""
+        ranged = (self.options["weights"] and isinstance(self.weight_format, DistillerFormat)) or (
+            self.options["activations"] and isinstance(self.activation_format, DistillerFormat) and not self.activation_format.dynamic
+        )
+        return frozenset({"ranges"}) if ranged else frozenset()
+
+    @override
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        quantizer = self.quantizer
+        if quantizer is None:
+            yield
+            return
+        states = [(fq, fq.enabled, getattr(fq, "observe", None)) for fq in quantizer.activation_quantizers().values()]
+        weights = quantizer.weights_enabled
+        quantizer.set_state(enabled=False, observe=False)
+        try:
+            yield
+        finally:
+            for fq, enabled, observe in states:
+                fq.enabled = enabled
+                if observe is not None:
+                    fq.observe = observe
+            quantizer.weights_enabled = weights
+
+    @override
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if attached_elsewhere(self, pl_module):  # a new model: prepare it, leave the previous one as it is
             self.quantizer, self._step_optimizer, self._frozen_checked = None, None, False
         guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: "fake_quant." in key)
         if self.quantizer is not None:
             return
-        if self.options["weights"] and any(isinstance(c, DiffQ) for c in trainer.callbacks):
-            raise ValueError(
-                "EMAFakeQuant(weights=True) and DiffQ would both quantize the weights: "
-                "use EMAFakeQuant(weights=False) next to DiffQ (DiffQ weights + EMA activations)"
-            )
-        from .rescaling import Rescaling
-
-        for callback in trainer.callbacks:  # its input_scale modules are activation quantization points
-            if isinstance(callback, Rescaling):
-                callback.setup(trainer, pl_module, stage)
         self.quantizer = EMAFakeQuantizer(pl_module, **self.options).prepare()
         rank_zero_info(f"EMAFakeQuant: {len(self.quantizer.activation_quantizers())} activation quantizers")
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         steps = self._require_quantizer().parameters()
         lr = self.step_lr
@@ -132,6 +163,7 @@ class EMAFakeQuant(pl.Callback):
             lr = 0.1 * (holders or trainer.optimizers)[0].param_groups[0]["lr"]
         self._step_optimizer = move_to_own_group(trainer, steps, lr, self.step_weight_decay)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         frozen = self.freeze_step is not None and step >= self.freeze_step
@@ -149,21 +181,28 @@ class EMAFakeQuant(pl.Callback):
                 )
         quantizer.set_state(enabled=step >= self.start_step, observe=not frozen)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.options["learned_step"] and not pl_module.device.type == "cpu":  # the CPU forward checks them itself
             self._require_quantizer().check_finite()
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self.freeze_step is not None and trainer.global_step >= self.freeze_step:
             for p in self._require_quantizer().parameters():  # frozen step sizes: no update
                 p.grad = None
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
         self._evaluation_state(trainer)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
         self._evaluation_state(trainer)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluation_state(trainer)
 
@@ -172,6 +211,7 @@ class EMAFakeQuant(pl.Callback):
         enabled = self.evaluate_quantized and trainer.global_step >= self.start_step
         self._require_quantizer().set_state(enabled=enabled)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         collapsed = self._require_quantizer().collapsed_steps() if self.options["learned_step"] else {}
         if collapsed:
@@ -191,6 +231,7 @@ class EMAFakeQuant(pl.Callback):
             scales = [1 / q.step if q.learned_step and q.step_initialized > 0 else q.scale for q in quantizers]
             pl_module.log("quant/act_scale_mean", torch.stack(scales).mean(), on_epoch=True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"options": dict(self.options), "start_step": self.start_step, "freeze_step": self.freeze_step,
                 "step_lr": self.step_lr, "step_weight_decay": self.step_weight_decay}  # fmt: skip
@@ -205,6 +246,7 @@ class EMAFakeQuant(pl.Callback):
             training.update({k: state[k] for k in ("start_step", "freeze_step", "step_lr", "step_weight_decay") if k in state})
             check_resumed_options("EMAFakeQuant", training, current, ())
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_checkpoint_options(state_dict, warn=True)
 

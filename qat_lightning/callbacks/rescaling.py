@@ -8,19 +8,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from .._validate import check_forward_fn, check_number, check_patterns
 from ..calibration.calibrate import default_forward
 from ..calibration.rescaling import RescalingCalibrator
-from .diffq import DiffQ
-from .ema_fake_quant import EMAFakeQuant
-
-from ._param_groups import check_trainer, init_arguments, log_hparams
+from ._param_groups import init_arguments
+from .base import QuantizationCallback, of
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 from ._precision import converted_batches, forward_context
 
 
-class Rescaling(pl.Callback):
+class Rescaling(QuantizationCallback):
     """SmoothQuant: moves activation outliers into the weights before (or during) QAT.
 
     ::
@@ -31,9 +30,9 @@ class Rescaling(pl.Callback):
       RMSNorm / BatchNorm / Linear / Conv output feeds which layers) and adds the ``input_scale``
       submodules of layers whose scale cannot be folded, so checkpoints load into the same structure.
     * ``on_train_start``: runs ``num_batches`` training batches in eval mode without gradients and
-      with every quantizer off, then rescales in place (weights and norms changed, the float
-      function unchanged). ``HistogramCalibration`` runs it first if it comes earlier in the
-      callbacks list, so that it calibrates the rescaled model.
+      with every other callback's quantization off (their ``disabled()``), then rescales in place
+      (weights and norms changed, the float function unchanged); first in the stack, so that
+      calibration and post-training quantization see the rescaled model.
     * Rescales once; the flag is saved in checkpoints, so a resumed run does not rescale again.
 
     Args:
@@ -58,9 +57,14 @@ class Rescaling(pl.Callback):
         self.calibrator: RescalingCalibrator | None = None
         self.rescaled = False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_trainer(trainer, pl_module, self)
-        log_hparams(trainer, self)
+    order = 0  # its input_scale modules exist before quantizers attach (they are quantization points)
+
+    @override
+    def provides(self) -> frozenset[str]:
+        return frozenset({"input_scales"})
+
+    @override
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if attached_elsewhere(self, pl_module):  # a new model: plan and rescale it too
             self.calibrator, self.rescaled = None, False
         guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: ".input_scale." in key)
@@ -69,7 +73,8 @@ class Rescaling(pl.Callback):
             self.calibrator = RescalingCalibrator(pl_module, excluded_modules=excluded, inplace=True)
             self.calibrator.add_input_scales()
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def _on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.rescale(trainer, pl_module)
 
     def rescale(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -80,11 +85,10 @@ class Rescaling(pl.Callback):
         if self.rescaled:  # done, or resumed: the checkpoint holds the rescaled weights and scales
             calibrator.close()
             return
-        restore = _quantizers_off(trainer)
         modes = {m: m.training for m in pl_module.modules()}
         try:
             pl_module.eval()
-            with torch.no_grad(), forward_context(trainer):
+            with torch.no_grad(), forward_context(trainer), of(trainer).disabled(but=self):  # statistics of the float model
                 for index, batch in enumerate(converted_batches(trainer, trainer.train_dataloader)):
                     if index >= self.num_batches:
                         break
@@ -92,11 +96,11 @@ class Rescaling(pl.Callback):
         finally:
             for module, training in modes.items():
                 module.training = training
-            restore()
         calibrator.rescale(alpha=self.alpha)
         self.rescaled = True
         rank_zero_info(f"Rescaling: alpha={self.alpha}, folded into {sorted(calibrator.folded())}")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"rescaled": self.rescaled, "alpha": self.alpha, "num_batches": self.num_batches, "exclude": list(self.exclude)}
 
@@ -107,36 +111,7 @@ class Rescaling(pl.Callback):
         if warn and state.get("rescaled"):  # rescaled already: the checkpoint's alpha stays
             check_resumed_options("Rescaling", {k: v for k, v in options.items() if k != "exclude"}, current, ())
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_checkpoint_options(state_dict, warn=True)
         self.rescaled = bool(state_dict.get("rescaled", False))
-
-
-def _quantizers_off(trainer: pl.Trainer) -> Callable[[], None]:
-    """Switch off every quantizer the other callbacks installed; returns the function that restores them."""
-    undo: list[Callable[[], None]] = []
-    for callback in trainer.callbacks:
-        quantizer = getattr(callback, "quantizer", None)
-        if quantizer is None:
-            continue
-        if isinstance(callback, EMAFakeQuant):
-            states = [(fq, fq.enabled, fq.observe) for fq in quantizer.activation_quantizers().values()]
-            weights = quantizer.weights_enabled
-            quantizer.set_state(enabled=False, observe=False)
-
-            def restore_ema(states=states, quantizer=quantizer, weights=weights) -> None:  # noqa: ANN001
-                for fq, enabled, observe in states:
-                    fq.enabled, fq.observe = enabled, observe
-                quantizer.weights_enabled = weights
-
-            undo.append(restore_ema)
-        elif isinstance(callback, DiffQ):
-            enabled = quantizer.enabled
-            quantizer.enabled = False
-            undo.append(lambda quantizer=quantizer, enabled=enabled: setattr(quantizer, "enabled", enabled))
-
-    def restore() -> None:
-        for fn in undo:
-            fn()
-
-    return restore

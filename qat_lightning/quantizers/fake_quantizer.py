@@ -19,7 +19,7 @@ from .activation import FakeLinearQuantization
 from .factory import FormatQuantizer, activation_quantizer, weight_quantizer
 from .input_scale import InputScale
 from .swap import Slot, SwappedParam, WeightSwapper
-from .weight import LearnedStepWeight, WeightRange
+from .weight import LearnedStepWeight
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
