@@ -12,7 +12,10 @@ from torch import nn
 from qat_lightning import (
     AdaScale, DiffQ, DiffQuantizer, EMAFakeQuant, EMAFakeQuantizer, FakeLinearQuantization, HistogramCalibration, Rescaling,
 )  # fmt: skip
+from qat_lightning import DiffQConfig
+from qat_lightning._options import declared
 from qat_lightning.calibration.histogram import HistogramCalibrator
+from qat_lightning.quantizers.fake_quantizer import FakeQuantConfig
 from qat_lightning.calibration.rescaling import RescalingCalibrator
 
 
@@ -50,6 +53,10 @@ NEEDS_MODEL = {DiffQuantizer, EMAFakeQuantizer, RescalingCalibrator}
 
 
 def _params(cls: type) -> list[str]:
+    """The arguments a class takes: its signature's, or the options of its config (``**options``)."""
+    configs = {DiffQuantizer: DiffQConfig, EMAFakeQuantizer: FakeQuantConfig}
+    if cls in configs:
+        return ["model", *declared(configs[cls])]
     return [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
 
 

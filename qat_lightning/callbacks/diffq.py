@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from .._options import args_doc, declared
 from .._validate import check_bool, check_number
 from ..quantizers.diffq import MAX_SEED, DiffQConfig, DiffQuantizer
 from ..export.packing import save_quantized
@@ -50,21 +51,13 @@ class DiffQ(QuantizationCallback):
       :func:`~qat_lightning.export.packing.save_quantized`); a relative path is taken inside the
       trainer's ``log_dir`` (or ``default_root_dir``).
 
-    Args:
-        penalty: weight of the model size (in MB) in the training objective.
-        bits_lr: learning rate of the bits param group.
-        bits_weight_decay: weight decay of the bits param group.
-        quantize_eval: run validation / test / predict on the true quantized weights.
-        quantize_on_fit_end: keep the true quantized weights in the model after ``fit``.
-        export_path: where to write the bit-packed model at the end of ``fit`` (None: nowhere).
-        layer_report: where to draw the bits per layer and each layer's share of the size at the end
-            of ``fit`` (PNG; relative: inside the log dir; None: no picture). The table is logged always.
-        seed: seed of the training noise's own generator (its state is saved in checkpoints, so a
-            resumed run draws the noise an uninterrupted one would have). None: drawn from torch's
-            global RNG at setup, so ``seed_everything`` governs it (and every DDP rank, seeded
-            alike, draws the same noise).
-        min_size, float16, group_size, min_bits, max_bits, param, noise, init_bits, extra_bits,
-        suffix, exclude, detect_bound: passed to :class:`DiffQuantizer`.
+    Args (the callback's own; default in the signature):
+
+    {callback_options}
+
+    The quantizer's options (declared once in :class:`~qat_lightning.DiffQConfig`):
+
+    {options}
     """
 
     def __init__(
@@ -90,7 +83,8 @@ class DiffQ(QuantizationCallback):
         layer_report: str | None = None,
         seed: int | None = None,
     ) -> None:
-        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
+        arguments = locals()
+        self.hparams = init_arguments(arguments)  # logged once to the Trainer's loggers
         self.penalty = check_number("penalty", penalty, low=0)
         self.bits_lr = check_number("bits_lr", bits_lr, low=0, low_open=True)
         self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
@@ -105,11 +99,7 @@ class DiffQ(QuantizationCallback):
         self.seed = None if seed is None else check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
         self._pending_rng: dict[str, torch.Tensor] | None = None
         self.exported: Path | None = None
-        self.config = DiffQConfig(
-            min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
-            param=param, noise=noise, init_bits=init_bits, extra_bits=extra_bits, suffix=suffix,
-            exclude=exclude, detect_bound=detect_bound,
-        )  # fmt: skip
+        self.config = DiffQConfig(**{name: arguments[name] for name in declared(DiffQConfig)})
         self.quantizer: DiffQuantizer | None = None
         self._bits_optimizer: torch.optim.Optimizer | None = None
         self._swapped_for_stage = False
@@ -327,6 +317,24 @@ class DiffQ(QuantizationCallback):
         if self.quantizer is None:
             raise RuntimeError("DiffQ has no quantizer yet: it is attached in setup(); use it through a Trainer")
         return self.quantizer
+
+
+CALLBACK_OPTIONS = {
+    "penalty": "weight of the model size (MB) in the training objective",
+    "bits_lr": "learning rate of the bits param group (the demo uses 1e-2)",
+    "bits_weight_decay": "weight decay of the bits param group",
+    "quantize_eval": "validate / test / predict on the true quantized weights",
+    "quantize_on_fit_end": "leave the true quantized weights in the model after fit",
+    "export_path": "write the bit-packed model there at the end of fit (relative: inside the log dir; None: nowhere)",
+    "layer_report": "draw the bits per layer and each layer's share of the size there (PNG) at the end of fit (relative: "
+                    "inside the log dir; None: no picture; the table is logged always)",
+    "seed": "seed of the training noise's own generator, whose state is checkpointed (exact resume); None: drawn from "
+            "torch's global RNG at setup, so seed_everything governs it (alike on every DDP rank); 0 .. 2**63 - 1",
+}  # fmt: skip
+DiffQ.__doc__ = (
+    DiffQ.__doc__.replace("{options}", args_doc(DiffQConfig).lstrip())
+    .replace("{callback_options}", "\n".join(f"        {k}: {v}" for k, v in CALLBACK_OPTIONS.items()).lstrip())
+)
 
 
 def _metrics_reach_loggers(trainer: pl.Trainer) -> bool:

@@ -10,10 +10,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from .._options import args_doc, declared
 from .._validate import check_number, check_patterns
 from ..formats.distiller import DistillerFormat
 from ..quantizers.activation import FakeLinearQuantization
-from ..quantizers.fake_quantizer import EMAFakeQuantizer
+from ..quantizers.fake_quantizer import EMAFakeQuantizer, FakeQuantConfig
 from ._param_groups import init_arguments, move_to_own_group
 from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
@@ -39,19 +40,14 @@ class EMAFakeQuant(QuantizationCallback):
     * ``learned_step=True`` (LSQ): the step sizes are parameters; ``on_fit_start`` moves them into
       their own param group (``step_lr``, ``step_weight_decay``) like ``DiffQ`` does with its bits.
 
-    Args:
-        start_step: first global step with quantization on (0: from the start).
-        freeze_step: global step from which the ranges are frozen (None: never). With LSQ the
-            step sizes are frozen from then on (their gradient is dropped).
-        step_lr: learning rate of the LSQ step sizes (None: 0.1 x the optimizer's first group's lr;
-            under Adam the step sizes need a smaller lr than the weights, see the README).
-        step_weight_decay: weight decay of the LSQ step sizes.
-        weight_format, activation_format: number format specs (``"int4_g32"``, ``"int8_per_token"``,
-            ``"fp8_e4m3"``, ``"mxfp4"``, ``"nvfp4"``, ...; see :mod:`qat_lightning.formats`) instead of
-            Distiller's grid of ``weight_bits`` / ``activation_bits`` / modes.
-        activation_position: ``"outputs"`` of the ``activation_types`` layers (Distiller) or
-            ``"inputs"`` of the layers with weights (deployable W8A8 graphs).
-        Other arguments: see :class:`~qat_lightning.quantizers.fake_quantizer.EMAFakeQuantizer`.
+    Args (the callback's own; default in the signature):
+
+    {callback_options}
+
+    The quantizer's options (declared once in :class:`~qat_lightning.quantizers.fake_quantizer.FakeQuantConfig`;
+    ``activation_types`` stays the default here):
+
+    {options}
     """
 
     def __init__(
@@ -76,17 +72,10 @@ class EMAFakeQuant(QuantizationCallback):
         activation_format: str | None = None,
         activation_position: str = "outputs",
     ) -> None:
-        self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
-        for name, value in (("weight_format", weight_format), ("activation_format", activation_format)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a format spec string such as 'int4_g32' or None; got {value!r}")
-        self.options = dict(
-            weight_bits=weight_bits, activation_bits=activation_bits, weight_mode=weight_mode,
-            activation_mode=activation_mode, per_channel=per_channel, ema_decay=ema_decay, weights=weights,
-            activations=activations, quantize_inputs=quantize_inputs, exclude=check_patterns("exclude", exclude),
-            learned_step=learned_step, quantize_bias=quantize_bias, weight_format=weight_format,
-            activation_format=activation_format, activation_position=activation_position,
-        )  # fmt: skip
+        arguments = locals()
+        self.hparams = init_arguments(arguments)  # logged once to the Trainer's loggers
+        self.options = {name: arguments[name] for name in declared(FakeQuantConfig) if name in arguments}
+        self.options["exclude"] = check_patterns("exclude", exclude)
         probe = EMAFakeQuantizer(torch.nn.Identity(), **self.options)  # validates every option now
         self.weight_format, self.activation_format = probe.weight_format, probe.activation_format
         self.start_step = check_number("start_step", start_step, low=0, integer=True)
@@ -254,3 +243,16 @@ class EMAFakeQuant(QuantizationCallback):
         if self.quantizer is None:
             raise RuntimeError("EMAFakeQuant has no quantizer yet: it is attached in setup(); use it through a Trainer")
         return self.quantizer
+
+
+CALLBACK_OPTIONS = {
+    "start_step": "first global step with quantization on (the ranges warm up before it)",
+    "freeze_step": "global step from which the ranges (LSQ: the step sizes) are frozen; None: never; refused at that step "
+                   "if a range was never tracked (calibrate first, or freeze later)",
+    "step_lr": "learning rate of the LSQ step sizes (None: 0.1 x the optimizer's first group's lr)",
+    "step_weight_decay": "weight decay of the LSQ step sizes",
+}  # fmt: skip
+EMAFakeQuant.__doc__ = (
+    EMAFakeQuant.__doc__.replace("{options}", args_doc(FakeQuantConfig).lstrip())
+    .replace("{callback_options}", "\n".join(f"        {k}: {v}" for k, v in CALLBACK_OPTIONS.items()).lstrip())
+)

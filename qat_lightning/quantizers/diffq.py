@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._optim import fused_options
+from .._options import args_doc, make_config, option
 from .._validate import check_bool, check_choice, check_number, check_patterns
 from .noise import inject_noise
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
@@ -82,20 +83,23 @@ class KeptParam(SwappedParam):
 
 @dataclass
 class DiffQConfig:
-    """Options of :class:`DiffQuantizer`, validated on construction (see its docstring)."""
+    """Options of :class:`DiffQuantizer` (and of the :class:`~qat_lightning.DiffQ` callback), each
+    declared once here with its default and documentation, validated on construction."""
 
-    min_size: float = 0.01
-    float16: bool = False
-    group_size: int = 8
-    min_bits: float = 2
-    max_bits: float = 15
-    param: str = "bits"
-    noise: str = "gaussian"
-    init_bits: float = 8
-    extra_bits: float = 0
-    suffix: str = "_diffq"
-    exclude: Sequence[str] = ()
-    detect_bound: bool = True
+    min_size: float = option(0.01, "tensors of at most this many MB (fp32) stay unquantized (0 .. 2**20)")
+    float16: bool = option(False, "keep the unquantized tensors in fp16 (counted as 16 bits, rounded in eval)")
+    group_size: int = option(8, "weights sharing one learned bit width; must divide each quantized tensor's size; 0: one per "
+                                "tensor (the reference's default 1 doubles parameter memory)")
+    min_bits: float = option(2, "lower bound of the learned bits, 0 < min_bits < init_bits < max_bits <= 15")
+    max_bits: float = option(15, "upper bound of the learned bits (at most 15)")
+    param: str = option("bits", "'bits': sigmoid interpolation of the bits; 'noise': of the log noise scale")
+    noise: str = option("gaussian", "training noise: randn / 2 ('gaussian') or rand - 0.5 ('uniform')")
+    init_bits: float = option(8, "starting number of bits")
+    extra_bits: float = option(0, "added to the bits before rounding, for true quantization and size "
+                                  "(-min_bits < extra_bits <= 15 - min_bits)")
+    suffix: str = option("_diffq", "name suffix of the bits parameters registered on the model: '_' then letters, digits or '_'")
+    exclude: Sequence[str] = option((), "fnmatch patterns ('module.param' or the bare name) of parameters kept float, e.g. ['*.bias']")
+    detect_bound: bool = option(True, "tied parameters share one bits logit and one noisy tensor, and count once")
 
     def __post_init__(self) -> None:
         check_number("min_size", self.min_size, low=0, high=MAX_MIN_SIZE_MB)
@@ -140,47 +144,22 @@ class DiffQuantizer:
 
     Args:
         model: the model to quantize; bits logits are registered on it as ``<param><suffix>``.
-        min_size: parameters of at most ``min_size`` MB (in fp32) are not quantized.
-        float16: keep the unquantized parameters in fp16 (counted as 16 bits, rounded in eval).
-        group_size: weights sharing one number of bits; must divide every quantized tensor's
-            size; 0 means one number of bits per tensor. The reference default is 1, which
-            doubles parameter memory; ours is 8.
-        min_bits, max_bits: range of the learned bits, ``0 < min_bits < init_bits < max_bits <= 15``.
-        param: ``"bits"`` (sigmoid interpolation of the bits) or ``"noise"`` (log-space
-            interpolation of the noise scale).
-        noise: ``"gaussian"`` (``randn / 2``, the default) or ``"uniform"`` (``rand - 0.5``).
-        init_bits: initial number of bits.
-        extra_bits: added to the bits before rounding for true quantization and size.
-        suffix: name suffix of the registered bits logits.
-        exclude: fnmatch patterns on ``"module.param"`` or the bare parameter name.
-        detect_bound: tied parameters share one logit and one noisy tensor and count once.
+        config: a :class:`DiffQConfig`, or the same options as keywords (``**options``):
+
+    {options}
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        min_size: float = 0.01,
-        float16: bool = False,
-        group_size: int = 8,
-        min_bits: float = 2,
-        max_bits: float = 15,
-        param: str = "bits",
-        noise: str = "gaussian",
-        init_bits: float = 8,
-        extra_bits: float = 0,
-        suffix: str = "_diffq",
-        exclude: Sequence[str] = (),
-        detect_bound: bool = True,
-    ) -> None:
+    def __init__(self, model: nn.Module, config: DiffQConfig | None = None, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        self.config = DiffQConfig(
-            min_size=min_size, float16=float16, group_size=group_size, min_bits=min_bits, max_bits=max_bits,
-            param=param, noise=noise, init_bits=init_bits, extra_bits=extra_bits, suffix=suffix,
-            exclude=exclude, detect_bound=detect_bound,
-        )  # fmt: skip
+        if config is not None and options:
+            raise ValueError(f"DiffQuantizer: pass a config or options, not both; got config and {sorted(options)}")
+        if config is not None and not isinstance(config, DiffQConfig):
+            raise ValueError(f"config must be a DiffQConfig or None; got {type(config).__name__}")
+        self.config = config if config is not None else make_config(DiffQConfig, "DiffQuantizer", options)
         for key, value in asdict(self.config).items():
             setattr(self, key, value)
+        suffix = self.suffix
         for name, _ in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(suffix):
                 raise ValueError(
@@ -708,3 +687,6 @@ class DiffQuantizer:
             f"group_size={self.group_size}, bits=[{self.min_bits}, {self.max_bits}], param={self.param!r}, "
             f"noise={self.noise!r})"
         )
+
+
+DiffQuantizer.__doc__ = DiffQuantizer.__doc__.replace("{options}", args_doc(DiffQConfig).lstrip())

@@ -6,11 +6,13 @@ import warnings
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from fnmatch import fnmatch
 
 import torch
 from torch import nn
 
+from .._options import args_doc, declared, make_config, option
 from .._validate import check_bool, check_choice, check_module_types, check_number, check_patterns
 from ..formats import NumberFormat, parse_format
 from ..formats.distiller import MODES, DistillerFormat, bias_fake_quantize
@@ -50,6 +52,62 @@ class QuantizedSlot(SwappedParam):
     bias: bool = False
 
 
+@dataclass
+class FakeQuantConfig:
+    """Options of :class:`EMAFakeQuantizer` (and of the :class:`~qat_lightning.EMAFakeQuant`
+    callback), each declared once here with its default and documentation, validated on
+    construction."""
+
+    weight_bits: int = option(8, "weight bit width of Distiller's grid (2..16)")
+    activation_bits: int = option(8, "activation bit width of Distiller's grid (2..16)")
+    weight_mode: str = option("symmetric", "symmetric | symmetric_restricted | asymmetric_unsigned | asymmetric_signed")
+    activation_mode: str = option("asymmetric_unsigned", "the same choices; asymmetric uses every level for ReLU outputs")
+    per_channel: bool = option(True, "weights per output channel (axis 1 for transposed convolutions), else per tensor")
+    ema_decay: float = option(0.999, "decay of the EMA-tracked activation ranges (bias-corrected), in [0, 1)")
+    weights: bool = option(True, "fake-quantize the weights (False next to DiffQ or AdaScale)")
+    activations: bool = option(True, "fake-quantize the activations")
+    quantize_inputs: bool = option(False, "also fake-quantize the model input")
+    activation_types: Sequence[type[nn.Module]] = option(DEFAULT_ACTIVATION_TYPES, "module types whose outputs are "
+                                                         "fake-quantized with activation_position='outputs'")  # fmt: skip
+    exclude: Sequence[str] = option((), "fnmatch patterns of module names left float")
+    learned_step: bool = option(False, "LSQ: learn the step sizes of Distiller's grids instead of tracking ranges")
+    quantize_bias: bool = option(False, "fake-quantize the biases of quantized layers to a symmetric 32-bit grid")
+    weight_format: str | None = option(None, "a number format instead of Distiller's grid: int4_g32, int8_per_channel, "
+                                             "fp8_e4m3, mxfp4, nvfp4, ...")  # fmt: skip
+    activation_format: str | None = option(None, "a number format for the activations: int8_per_token (dynamic), "
+                                                 "fp8_e4m3_per_row, mxfp8, ...; None: Distiller's EMA-tracked grid")  # fmt: skip
+    activation_position: str = option("outputs", "outputs (Distiller: of the activation_types layers) | inputs (of the "
+                                                 "layers with weights: deployable W8A8 graphs)")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_number("weight_bits", self.weight_bits, low=2, high=16, integer=True)
+        check_number("activation_bits", self.activation_bits, low=2, high=16, integer=True)
+        check_choice("weight_mode", self.weight_mode, MODES)
+        check_choice("activation_mode", self.activation_mode, MODES)
+        check_bool("per_channel", self.per_channel)
+        check_number("ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        for name in ("weights", "activations", "quantize_inputs", "learned_step", "quantize_bias"):
+            check_bool(name, getattr(self, name))
+        if not (self.weights or self.activations or self.quantize_inputs):
+            raise ValueError("weights, activations and quantize_inputs are all False: nothing to quantize; enable at least one")
+        self.activation_types = check_module_types("activation_types", self.activation_types, allow_none=False)
+        self.exclude = check_patterns("exclude", self.exclude)
+        check_choice("activation_position", self.activation_position, POSITIONS)
+        for name in ("weight_format", "activation_format"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, NumberFormat)):
+                raise ValueError(f"{name} must be a format spec such as 'int4_g32' or None; got {value!r}")
+        self.formats()  # named formats parse, and do not clash with Distiller's arguments
+
+    def formats(self) -> tuple[NumberFormat, NumberFormat]:
+        """The weight and activation formats these options name."""
+        return resolve_formats(
+            self.weight_format, self.activation_format, weight_bits=self.weight_bits, weight_mode=self.weight_mode,
+            per_channel=self.per_channel, activation_bits=self.activation_bits, activation_mode=self.activation_mode,
+            learned_step=self.learned_step,
+        )  # fmt: skip
+
+
 class EMAFakeQuantizer:
     """Fake-quantizes weights and activations in any registered number format.
 
@@ -77,64 +135,24 @@ class EMAFakeQuantizer:
         fq.remove()
 
     Args:
-        weight_bits, activation_bits, weight_mode, activation_mode, per_channel: Distiller's grid
-            (bits 2..16; modes ``symmetric``, ``symmetric_restricted``, ``asymmetric_unsigned``,
-            ``asymmetric_signed``) when no format is given.
-        weight_format, activation_format: a format spec (or object); None: the Distiller grid above.
-        activation_position: ``"outputs"`` or ``"inputs"``.
-        ema_decay: decay of EMA-tracked activation ranges.
-        weights, activations: what to fake-quantize (``weights=False`` to combine with DiffQ).
-        quantize_inputs: also fake-quantize the model's first input.
-        activation_types: module types whose outputs are fake-quantized (``"outputs"``).
-        exclude: fnmatch patterns on module names left alone.
-        learned_step: LSQ step sizes for the Distiller grids.
-        quantize_bias: fake-quantize the biases of quantized layers to 32 bits (symmetric, per
-            tensor), as an integer accumulator would hold them; False leaves them float.
+        model: the model to prepare.
+        config: a :class:`FakeQuantConfig`, or the same options as keywords (``**options``):
+
+    {options}
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        weight_bits: int = 8,
-        activation_bits: int = 8,
-        weight_mode: str = "symmetric",
-        activation_mode: str = "asymmetric_unsigned",
-        per_channel: bool = True,
-        ema_decay: float = 0.999,
-        weights: bool = True,
-        activations: bool = True,
-        quantize_inputs: bool = False,
-        activation_types: Sequence[type[nn.Module]] = DEFAULT_ACTIVATION_TYPES,
-        exclude: Sequence[str] = (),
-        learned_step: bool = False,
-        quantize_bias: bool = False,
-        weight_format: str | NumberFormat | None = None,
-        activation_format: str | NumberFormat | None = None,
-        activation_position: str = "outputs",
-    ) -> None:
+    def __init__(self, model: nn.Module, config: FakeQuantConfig | None = None, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if config is not None and options:
+            raise ValueError(f"EMAFakeQuantizer: pass a config or options, not both; got config and {sorted(options)}")
+        if config is not None and not isinstance(config, FakeQuantConfig):
+            raise ValueError(f"config must be a FakeQuantConfig or None; got {type(config).__name__}")
         self.model = model
-        self.weight_bits = check_number("weight_bits", weight_bits, low=2, high=16, integer=True)
-        self.activation_bits = check_number("activation_bits", activation_bits, low=2, high=16, integer=True)
-        self.weight_mode = check_choice("weight_mode", weight_mode, MODES)
-        self.activation_mode = check_choice("activation_mode", activation_mode, MODES)
-        self.per_channel = check_bool("per_channel", per_channel)
-        self.ema_decay = check_number("ema_decay", ema_decay, low=0, high=1, high_open=True)
-        self.weights = check_bool("weights", weights)
-        self.activations = check_bool("activations", activations)
-        self.quantize_inputs = check_bool("quantize_inputs", quantize_inputs)
-        if not (weights or activations or quantize_inputs):
-            raise ValueError("weights, activations and quantize_inputs are all False: nothing to quantize; enable at least one")
-        self.activation_types = check_module_types("activation_types", activation_types, allow_none=False)
-        self.exclude = check_patterns("exclude", exclude)
-        self.learned_step = check_bool("learned_step", learned_step)
-        self.quantize_bias = check_bool("quantize_bias", quantize_bias)
-        self.activation_position = check_choice("activation_position", activation_position, POSITIONS)
-        self.weight_format, self.activation_format = resolve_formats(
-            weight_format, activation_format, weight_bits=weight_bits, weight_mode=weight_mode, per_channel=per_channel,
-            activation_bits=activation_bits, activation_mode=activation_mode, learned_step=learned_step,
-        )  # fmt: skip
+        self.config = config if config is not None else make_config(FakeQuantConfig, "EMAFakeQuantizer", options)
+        for name in declared(FakeQuantConfig):
+            setattr(self, name, getattr(self.config, name))
+        self.weight_format, self.activation_format = self.config.formats()
         self.weights_enabled = True
         self.left_float: dict[str, str] = {}  # weights the format cannot hold, with the reason
         self._swapper = WeightSwapper(self._substitute)
@@ -382,3 +400,6 @@ def _named_format(argument: str, spec: str | NumberFormat) -> NumberFormat:
         return parse_format(spec)
     except ValueError as error:
         raise ValueError(f"{argument}: {error}") from None
+
+
+EMAFakeQuantizer.__doc__ = EMAFakeQuantizer.__doc__.replace("{options}", args_doc(FakeQuantConfig).lstrip())
