@@ -15,7 +15,8 @@ from typing_extensions import override
 
 from .._options import args_doc, declared
 from .._validate import check_bool, check_number
-from ..quantizers.diffq import MAX_SEED, DiffQConfig, DiffQuantizer
+from ..quantizers.diffq import DiffQConfig, DiffQuantizer
+from ..quantizers.noise_rng import MAX_SEED
 from ..export.packing import save_quantized
 from ..app.plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion

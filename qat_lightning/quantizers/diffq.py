@@ -20,14 +20,15 @@ from torch import nn
 from .._optim import fused_options
 from .._options import args_doc, make_config, option
 from .._validate import check_bool, check_choice, check_number, check_patterns
+from .diffq_bits import BitsParameterization
 from .noise import inject_noise
+from .noise_rng import NoiseGenerators
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
 from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
 
 MEGABYTE_BITS = 8 * 2**20
 MAX_QUANT_BITS = 15
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
-MAX_SEED = 2**63 - 1  # torch.Generator seeds and the int64 tensor the checkpoint stores it in
 
 
 @dataclass(eq=False)
@@ -169,15 +170,13 @@ class DiffQuantizer:
 
         self.model = model
         self.enabled = True  # False: modules see their float weights in training and eval
-        self._min_noise = 1 / (2**self.max_bits - 1)
-        self._max_noise = 1 / (2**self.min_bits - 1)
+        self._bits = BitsParameterization(self.min_bits, self.max_bits, self.param)
         self._qparams: list[QuantizedParam] = []
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
         self._layout_cache: _Layout | None = None
         self._constants: tuple[tuple, dict] | None = None
-        self._noise_seed: int | None = None  # None: noise from torch's global RNG (as the reference)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._rng = NoiseGenerators()  # unseeded: noise from torch's global RNG (as the reference)
         self._size_penalty = 0.0
         self._find_params()
 
@@ -247,55 +246,18 @@ class DiffQuantizer:
                 f"(shape {tuple(param.shape)}, {param.numel()} entries): pick a group_size that divides it, "
                 f"group_size=0 (one group per tensor), or exclude it with exclude=[{qualified!r}]"
             )
-        logit = nn.Parameter(torch.full((param.numel() // group_size,), self._init_logit(), dtype=torch.float32, device=param.device))
+        logit = nn.Parameter(torch.full((param.numel() // group_size,), self._bits.init_logit(self.init_bits), dtype=torch.float32, device=param.device))
         slot.module.register_parameter(slot.attr + self.suffix, logit)
         return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size)
-
-    def _init_logit(self) -> float:
-        if self.param == "noise":
-            t = (math.log(1 / (2**self.init_bits - 1)) - math.log(self._max_noise)) / (
-                math.log(self._min_noise) - math.log(self._max_noise)
-            )
-        else:
-            t = (self.init_bits - self.min_bits) / (self.max_bits - self.min_bits)
-        return math.log(t / (1 - t))
 
     # ----------------------------------------------------------------------------- bits
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
         """Bits per group (before ``extra_bits`` and rounding) for a logit tensor."""
-        if self.param == "noise":
-            return torch.log2(1 + 1 / self._noise_unit(logit))
-        t = torch.sigmoid(logit)
-        return self.max_bits * t + (1 - t) * self.min_bits
+        return self._bits.bits(logit)
 
     def bits_derivative(self, logit: torch.Tensor) -> torch.Tensor:
         """``d bits / d logit``, in closed form (used for the size penalty's gradient)."""
-        t = torch.sigmoid(logit)
-        slope = t * (1 - t)
-        if self.param == "bits":
-            return (self.max_bits - self.min_bits) * slope
-        # bits = log2(1 + 1/noise), log(noise) = t log(min_noise) + (1 - t) log(max_noise)
-        log_ratio = math.log(self._min_noise) - math.log(self._max_noise)
-        return -log_ratio * slope / ((1 + self._noise_unit(logit)) * math.log(2))
-
-    def _noise_unit(self, logit: torch.Tensor) -> torch.Tensor:
-        """Quantization step relative to the tensor's range, ``1 / (2**bits - 1)``."""
-        if self.param == "noise":
-            t = torch.sigmoid(logit)
-            return torch.exp(t * math.log(self._min_noise) + (1 - t) * math.log(self._max_noise))
-        return 1 / (torch.exp2(self.get_bits(logit)) - 1)  # exp2: 10x faster than 2 ** tensor on CPU
-
-    def _noise_unit_and_slope(self, logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``unit = 1 / (2**bits - 1)`` and ``d unit / d logit``, in closed form."""
-        t = torch.sigmoid(logit)
-        slope = t * (1 - t)
-        if self.param == "noise":
-            log_ratio = math.log(self._min_noise) - math.log(self._max_noise)
-            unit = torch.exp(t * log_ratio + math.log(self._max_noise))
-            return unit, unit * slope * log_ratio
-        unit = 1 / (torch.exp2(self.min_bits + (self.max_bits - self.min_bits) * t) - 1)
-        # d unit / d bits = -ln 2 * 2**bits / (2**bits - 1)**2 = -ln 2 * unit * (1 + unit)
-        return unit, unit * (1 + unit) * slope * (-math.log(2) * (self.max_bits - self.min_bits))
+        return self._bits.derivative(logit)
 
     def _true_bits(self, qp: QuantizedParam) -> torch.Tensor:
         return (self.extra_bits + self.get_bits(qp.logit.detach())).round().clamp(1, MAX_QUANT_BITS)
@@ -320,9 +282,9 @@ class DiffQuantizer:
         _, _, span = tensor_range(p)
         noise = qp.noise_buffer()
         if self.noise == "gaussian":
-            noise, half = noise.normal_(generator=self._generator_for(p.device)), 0.5
+            noise, half = noise.normal_(generator=self._rng.generator(p.device)), 0.5
         else:
-            noise, half = noise.uniform_(-0.5, 0.5, generator=self._generator_for(p.device)), 1.0
+            noise, half = noise.uniform_(-0.5, 0.5, generator=self._rng.generator(p.device)), 1.0
         unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
             std = (unit * (span * half)).to(p.dtype)
@@ -336,39 +298,16 @@ class DiffQuantizer:
         device), instead of torch's global RNG: the noise no longer depends on what else draws
         random numbers, so it can be checkpointed (:meth:`noise_rng_state`) and is the same on
         every DDP rank. ``None``: back to the global RNG."""
-        if seed is not None:
-            check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
-        self._noise_seed = seed
-        self._generators.clear()
-
-    def _generator_for(self, device: torch.device) -> torch.Generator | None:
-        if self._noise_seed is None:
-            return None
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device).manual_seed(self._noise_seed)
-        return generator
+        self._rng.reseed(seed)
 
     def noise_rng_state(self) -> dict[str, torch.Tensor]:
         """The noise seed (key ``"seed"``) and each generator's state by device name; empty without
         :meth:`seed_noise`. Tensors only, so checkpoints load with ``weights_only=True``."""
-        if self._noise_seed is None:
-            return {}
-        return {"seed": torch.tensor(self._noise_seed), **{str(d): g.get_state() for d, g in self._generators.items()}}
+        return self._rng.state()
 
     def set_noise_rng_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`noise_rng_state` returned: the seed, then each generator's state."""
-        if "seed" in state:
-            self.seed_noise(int(state["seed"]))
-        if self._noise_seed is None:
-            raise RuntimeError("set_noise_rng_state: no seed in the state and seed_noise(seed) not called")
-        for name, value in state.items():
-            if name == "seed":
-                continue
-            device = torch.device(name)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                continue  # resumed without the GPU it was saved on: that device's stream starts anew
-            self._generator_for(device).set_state(value.cpu())
+        self._rng.load_state(state)
 
     def _backward_done(self, qp: QuantizedParam) -> None:
         qp.backward_done()
@@ -398,20 +337,8 @@ class DiffQuantizer:
     def _constants_of(
         self, logit: torch.Tensor, qp: QuantizedParam | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``unit``, ``d log(unit) / d logit`` and the penalty's gradient, in place where possible:
-        the logits are an eighth of the weights, and each temporary of theirs costs page faults."""
-        t = torch.sigmoid(logit)
-        slope = torch.addcmul(t, t, t, value=-1)  # d t / d logit = t (1 - t)
-        if self.param == "noise":  # log unit = t log(min_noise) + (1 - t) log(max_noise)
-            log_ratio = math.log(self._min_noise) - math.log(self._max_noise)
-            unit = t.mul_(log_ratio).add_(math.log(self._max_noise)).exp_()
-            log_slope = slope * log_ratio
-            bits_slope = slope.mul_(-log_ratio / math.log(2)).div_(unit + 1)  # bits = log2(1 + 1 / unit)
-        else:  # unit = 1 / (2**bits - 1), d log unit / d bits = -ln 2 (1 + unit)
-            span = self.max_bits - self.min_bits
-            unit = t.mul_(span).add_(self.min_bits).exp2_().sub_(1).reciprocal_()
-            log_slope = torch.add(unit, 1).mul_(slope).mul_(-math.log(2) * span)
-            bits_slope = slope.mul_(span)
+        """``unit``, ``d log(unit) / d logit`` and the penalty's gradient of ``logit``."""
+        unit, log_slope, bits_slope = self._bits.step_constants(logit)
         if not self.size_penalty:
             return unit, log_slope, None
         group_sizes = self._layout().group_sizes if qp is None else qp.group_size
