@@ -17,8 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from qat_lightning import apply_adascale, round_to_nearest
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import CNN1D, MLP, Classifier, TinyTransformer
+from qat_lightning.demo import CNN1D, Classifier, MLP, MNIST1DDataModule, TinyTransformer
 
 NETS = {"mlp": MLP, "cnn": CNN1D, "transformer": TinyTransformer}
 

@@ -17,8 +17,7 @@ import torch
 
 from qat_lightning import DiffQ, EMAFakeQuant
 from qat_lightning.export.onnx import export_onnx
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import MLP, Classifier
+from qat_lightning.demo import Classifier, MLP, MNIST1DDataModule
 
 
 def main() -> None:

@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import StepTimer, callbacks_for, module_noise_time  # noqa: E402
 
 from qat_lightning import DiffQuantizer  # noqa: E402
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import MLP, Classifier, TinyTransformer
+from qat_lightning.demo import Classifier, MLP, MNIST1DDataModule, TinyTransformer
 
 MODELS = {
     "mlp": lambda smoke: MLP(hidden=(64, 64) if smoke else (512, 512)),

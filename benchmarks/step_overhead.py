@@ -23,8 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import MLP, Classifier
+from qat_lightning.demo import Classifier, MLP, MNIST1DDataModule
 
 
 class StepTimer(pl.Callback):

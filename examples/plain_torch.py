@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from qat_lightning import DiffQuantizer
 from qat_lightning.export.packing import load_quantized, save_quantized
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import MLP
+from qat_lightning.demo import MLP, MNIST1DDataModule
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:  # noqa: ANN001

@@ -7,8 +7,7 @@ import argparse
 import lightning.pytorch as pl
 
 from qat_lightning import DiffQ
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import MLP, Classifier
+from qat_lightning.demo import MLP, Classifier, MNIST1DDataModule
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=30)

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from qat_lightning import DiffQ
-from qat_lightning.demo import MNIST1DDataModule
-from qat_lightning.demo import CNN1D, MLP, Classifier
+from qat_lightning.demo import CNN1D, Classifier, MLP, MNIST1DDataModule
 
 
 def test_mnist1d_is_generated_cached_without_pickle_and_deterministic(tmp_path) -> None:
