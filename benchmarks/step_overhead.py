@@ -1,8 +1,10 @@
 """Training-step time with each callback vs the same Lightning loop without it.
 
 MNIST-1D MLP 40-512-512-10, batch 100, one thread. Float, DiffQ, EMAFakeQuant (W8A8), both
-together, torch.ao eager QAT (W8A8) and, when ``diffq-fixed`` is installed, the reference diffq
-driven by an equivalent callback alternate in one process; each
+together, the number formats ``int4_g32`` weights and ``int8_per_token`` + ``int4_g32`` next to
+torchao's QAT of the same formats (when torchao is installed; both keep the 40-feature input layer
+float: 32 does not divide 40), torch.ao eager QAT (W8A8) and, when ``diffq-fixed`` is installed,
+the reference diffq driven by an equivalent callback alternate in one process; each
 reports the median time between ``on_train_batch_start`` and ``on_train_batch_end`` after
 warm-up. Also prints the noise floor: the time to draw one gaussian number per quantized weight,
 ``floor = (fp32 step + noise) / fp32 step``.
@@ -72,6 +74,22 @@ class TorchAOEagerQAT(pl.Callback):
         tq.prepare_qat(pl_module, inplace=True)
 
 
+class TorchAOQAT(pl.Callback):
+    """torchao's QAT (``quantize_(model, QATConfig(..., step="prepare"))``) of the same formats."""
+
+    def __init__(self, activations: bool) -> None:
+        self.activations = activations
+
+    def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+        weight = IntxFakeQuantizeConfig(torch.int4, group_size=32)
+        activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if self.activations else None
+        fits = lambda module, name: isinstance(module, torch.nn.Linear) and module.in_features % 32 == 0  # noqa: E731
+        quantize_(pl_module, QATConfig(activation_config=activation, weight_config=weight, step="prepare"), filter_fn=fits)
+
+
 def callbacks_for(variant: str) -> list[pl.Callback]:
     """The callbacks of one benchmarked variant (fresh instances)."""
     return {
@@ -80,6 +98,11 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
         "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
         "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
         "torch_ao": [TorchAOEagerQAT()],
+        "int4_g32": [EMAFakeQuant(weight_format="int4_g32", activations=False)],
+        "int8tok_int4_g32": [EMAFakeQuant(weight_format="int4_g32", activation_format="int8_per_token", activation_position="inputs",
+                                          exclude=["net.0"])],  # as torchao's filter: the 40-feature layer stays float
+        "torchao_int4_g32": [TorchAOQAT(activations=False)],
+        "torchao_int8tok_int4_g32": [TorchAOQAT(activations=True)],
         "reference": [ReferenceDiffQ(penalty=1.0)],  # its defaults: group_size=1
         "reference_g8": [ReferenceDiffQ(penalty=1.0, group_size=8)],
     }[variant]
@@ -130,9 +153,11 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     hidden = tuple(args.hidden)
 
-    variants = ["fp32", "diffq", "ema", "diffq_ema"]
+    variants = ["fp32", "diffq", "ema", "diffq_ema", "int4_g32", "int8tok_int4_g32"]
     if args.reference:
         variants += ["torch_ao"]
+        if importlib.util.find_spec("torchao") is not None:
+            variants += ["torchao_int4_g32", "torchao_int8tok_int4_g32"]
         if importlib.util.find_spec("diffq") is not None:
             variants += ["reference", "reference_g8"]
     if args.variants:
@@ -154,13 +179,15 @@ def main() -> None:
     labels = {
         "diffq": "qat_lightning DiffQ", "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
         "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 1)",
+        "int4_g32": "ours int4_g32 weights", "int8tok_int4_g32": "ours int8_per_token + int4_g32",
+        "torchao_int4_g32": "torchao QAT int4_g32", "torchao_int8tok_int4_g32": "torchao QAT int8 token + int4_g32",
         "reference_g8": "reference diffq (group 8)",
     }  # fmt: skip
     print(result["model"])
-    print(f"  {'fp32 step':28s} {result['fp32_step_ms']:8.3f} ms")
+    print(f"  {'fp32 step':34s} {result['fp32_step_ms']:8.3f} ms")
     for v in variants[1:]:
-        print(f"  {labels[v]:28s} {result[f'{v}_step_ms']:8.3f} ms   ratio {result[f'{v}_ratio']:.2f}x")
-    print(f"  {'noise alone (normal_)':28s} {result['noise_ms']:8.3f} ms   floor {result['noise_floor_ratio']:.2f}x")
+        print(f"  {labels[v]:34s} {result[f'{v}_step_ms']:8.3f} ms   ratio {result[f'{v}_ratio']:.2f}x")
+    print(f"  {'noise alone (normal_)':34s} {result['noise_ms']:8.3f} ms   floor {result['noise_floor_ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -71,10 +71,8 @@ class IntFormat(NumberFormat):
         self.rows.check(self.spec, shape)
 
     def choose_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.rows.view(x.detach())
-        low = torch.amin(rows, dim=1, keepdim=True)
-        high = torch.amax(rows, dim=1, keepdim=True)
-        low_neg, high_pos = torch.min(low, torch.zeros_like(low)), torch.max(high, torch.zeros_like(high))
+        low, high = torch.aminmax(self.rows.view(x.detach()), dim=1, keepdim=True)  # one pass for both
+        low_neg, high_pos = torch.clamp(low, max=0), torch.clamp(high, min=0)
         eps = torch.finfo(x.dtype).smallest_normal
         if self.symmetric:
             scale = torch.max(-low_neg, high_pos) / (float(self.q_max - self.q_min) / 2)
@@ -85,12 +83,15 @@ class IntFormat(NumberFormat):
 
     def quantize_dequantize(self, x: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero_point = scales
-        rows = self.rows.view(x)
-        unclamped = torch.round(rows * (1.0 / scale)) + zero_point
-        q = torch.clamp(unclamped, self.q_min, self.q_max)
-        values = (q.to(x.dtype) - zero_point.to(x.dtype)) * scale
-        mask = (unclamped >= self.q_min) & (unclamped <= self.q_max)
-        return values.to(x.dtype).view_as(x), mask.view_as(x)
+        levels = torch.mul(self.rows.view(x), 1.0 / scale).round_()
+        if not self.symmetric:
+            levels.add_(zero_point)
+        clamped = torch.clamp(levels, self.q_min, self.q_max)
+        mask = clamped == levels  # inside the levels: the gradient passes
+        values = clamped.to(x.dtype)
+        if not self.symmetric:
+            values = values - zero_point.to(x.dtype)
+        return (values * scale).to(x.dtype).view_as(x), mask.view_as(x)
 
     def storage_bits(self, shape: tuple[int, ...]) -> int:
         numel = 1
