@@ -133,3 +133,21 @@ def test_dynamic_formats_are_refused_by_the_onnx_export_and_need_no_calibration(
     with pytest.raises(ValueError, match="no range to calibrate"):
         calibrate(model, [torch.randn(4, 64)])
     assert not [m for m in model.modules() if isinstance(m, FakeLinearQuantization)]
+
+
+def test_the_callback_logs_the_deployed_size_of_any_format(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model = Classifier(MLP(in_features=16, hidden=(64,), num_classes=8), num_classes=8)
+    logger = CSVLogger(tmp_path, name="csv")
+    ema = EMAFakeQuant(weight_format="nvfp4", activation_format="int8_per_token", activation_position="inputs")
+    tiny_trainer(tmp_path, callbacks=[ema], max_epochs=1, logger=logger).fit(model, tiny_loader())
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header, row = metrics[0].split(","), metrics[-1].split(",")
+    size = float(row[header.index("quant/true_model_size_mb")])
+    assert size == pytest.approx(ema.quantizer.model_size(), rel=1e-6)
+    bits = float(row[header.index("quant/true_avg_bits")])
+    weights = [model.net[0].weight, model.net[2].weight]
+    expected = sum(4 * w.numel() + 8 * w.numel() / 16 + 32 for w in weights) / sum(w.numel() for w in weights)  # nvfp4
+    assert bits == pytest.approx(expected, rel=1e-6)

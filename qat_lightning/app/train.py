@@ -52,14 +52,14 @@ def summarize(
     quantized_acc = test_accuracy(trainer, model, datamodule, metric)
     with _float_evaluation(diffq, ema):
         float_acc = test_accuracy(trainer, model, datamodule, metric) if diffq or ema else quantized_acc
-    float_size = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_diffq")) / MEGABYTE
+    float_size = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_diffq") and "fake_quant." not in n) / MEGABYTE
     summary: dict[str, Any] = dict(float_size_mb=float_size, quantized_size_mb=float_size, avg_bits=32.0)
     if diffq is not None:
         q = diffq.quantizer
         summary.update(quantized_size_mb=q.true_model_size(), avg_bits=float(q.average_bits(exact=True)),
                        estimated_size_mb=float(q.model_size().detach()))  # fmt: skip
     elif ema is not None and ema.options["weights"]:
-        summary.update(quantized_size_mb=ema.quantizer.model_size(), avg_bits=float(ema.options["weight_bits"]))
+        summary.update(quantized_size_mb=ema.quantizer.model_size(), avg_bits=ema.quantizer.bits_per_weight())
     summary.update(compression=float_size / summary["quantized_size_mb"], float_test_acc=float_acc, quantized_test_acc=quantized_acc)
     return summary
 

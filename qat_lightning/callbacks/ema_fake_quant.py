@@ -202,6 +202,14 @@ class EMAFakeQuant(QuantizationCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.options["weights"]:  # the deployed size, every format's scales included
+            quantizer = self._require_quantizer()
+            size = quantizer.model_size()
+            model_params = {id(p): p for n, p in pl_module.named_parameters() if "fake_quant." not in n}  # tied: once
+            float_size = 4 * sum(p.numel() for p in model_params.values()) / 2**20
+            pl_module.log("quant/true_model_size_mb", size, on_step=False, on_epoch=True)
+            pl_module.log("quant/compression", float_size / size, on_step=False, on_epoch=True)
+            pl_module.log("quant/true_avg_bits", quantizer.bits_per_weight(), on_step=False, on_epoch=True)
         collapsed = self._require_quantizer().collapsed_steps() if self.options["learned_step"] else {}
         if collapsed:
             group = self._step_optimizer.param_groups[-1]["lr"] if self._step_optimizer is not None else None

@@ -329,19 +329,32 @@ class EMAFakeQuantizer:
             if entry.bias:
                 bits += 32 * entry.param.numel() + 32
                 continue
-            if isinstance(entry.quantizer, FormatQuantizer):
-                bits += entry.quantizer.storage_bits(tuple(entry.param.shape))
-                continue
-            channels = 1 if entry.axis is None else entry.param.shape[entry.axis]
-            fmt = self.weight_format
-            zero_point = 0 if fmt.mode.startswith("symmetric") else fmt.bits
-            bits += fmt.bits * entry.param.numel() + (32 + zero_point) * channels
+            bits += self._weight_bits(entry)
         for fq in self._created:
             if isinstance(fq, FakeLinearQuantization):
                 bits += 32 + (0 if fq.mode.value.startswith("symmetric") else fq.num_bits)
         unique = {id(p): p for p in self.model.parameters()}
         bits += sum(8 * p.element_size() * p.numel() for key, p in unique.items() if key not in counted)
         return bits / (8 * 2**20)
+
+    def bits_per_weight(self) -> float:
+        """Storage per quantized weight, scales and zero points included (``int4_g32``: 5.0); NaN
+        when no weight is quantized."""
+        bits, numel = 0, 0
+        for entry in self._entries:
+            if entry.bias:
+                continue
+            numel += entry.param.numel()
+            bits += self._weight_bits(entry)
+        return bits / numel if numel else float("nan")
+
+    def _weight_bits(self, entry: QuantizedSlot) -> int:
+        """What one quantized weight stores: its format's elements, scales and zero points."""
+        if isinstance(entry.quantizer, FormatQuantizer):
+            return entry.quantizer.storage_bits(tuple(entry.param.shape))
+        fmt = self.weight_format  # Distiller's grid: a float32 scale (and a zero point) per channel
+        channels = 1 if entry.axis is None else entry.param.shape[entry.axis]
+        return fmt.bits * entry.param.numel() + (32 + (0 if fmt.mode.startswith("symmetric") else fmt.bits)) * channels
 
     def _quantizer_modules(self) -> list[nn.Module]:
         return [*self._created, *self.weight_quantizers().values()]
