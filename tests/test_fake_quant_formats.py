@@ -151,3 +151,12 @@ def test_the_callback_logs_the_deployed_size_of_any_format(tmp_path) -> None:
     weights = [model.net[0].weight, model.net[2].weight]
     expected = sum(4 * w.numel() + 8 * w.numel() / 16 + 32 for w in weights) / sum(w.numel() for w in weights)  # nvfp4
     assert bits == pytest.approx(expected, rel=1e-6)
+
+
+def test_activations_a_block_format_cannot_hold_are_left_float_and_named() -> None:
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8))
+    with pytest.warns(UserWarning, match=r"left float: \{'0 input'.*'0.weight'"):
+        quantizer = EMAFakeQuantizer(model, weight_format="mxfp4", activation_format="mxfp4", activation_position="inputs").prepare()
+    assert sorted(quantizer.activation_quantizers()) == ["2.input_fake_quant"]
+    assert set(quantizer.left_float) == {"0.weight", "0 input"} and "block size 32" in quantizer.left_float["0 input"]
+    model(torch.randn(4, 40))

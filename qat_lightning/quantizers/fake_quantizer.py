@@ -173,11 +173,13 @@ class EMAFakeQuantizer:
             if self.activations and self.activation_position == "outputs" and isinstance(module, self.activation_types) and module is not self.model:
                 if isinstance(module, CONTAINERS):
                     raise ValueError(f"activation_types includes container {type(module).__name__} ({name!r}): pick leaf layers")
-                self._attach(module, OUTPUT_NAME, f"output of {name}")
-                self._handles.append(module.register_forward_hook(_quantize_output))
+                if self._activation_fits(module, f"{name} output", "out_features"):
+                    self._attach(module, OUTPUT_NAME, f"output of {name}")
+                    self._handles.append(module.register_forward_hook(_quantize_output))
             if self.activations and self.activation_position == "inputs" and type(module) in WEIGHT_AXIS and not isinstance(module, nn.Embedding):
-                self._attach(module, INPUT_NAME, f"input of {name or type(module).__name__}")
-                self._handles.append(module.register_forward_pre_hook(_quantize_first_input))
+                if self._activation_fits(module, f"{name} input", "in_features"):
+                    self._attach(module, INPUT_NAME, f"input of {name or type(module).__name__}")
+                    self._handles.append(module.register_forward_pre_hook(_quantize_first_input))
             if self.weights and type(module) in WEIGHT_AXIS:
                 self._add_weight(module, name, seen)
         self._entries = list(seen.values())
@@ -189,7 +191,7 @@ class EMAFakeQuantizer:
             self._attach(self.model, INPUT_NAME, "model input")
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
         if self.left_float:
-            warnings.warn(f"EMAFakeQuantizer: {self.weight_format.spec} cannot hold these weights, left float: {self.left_float}", stacklevel=2)
+            warnings.warn(f"EMAFakeQuantizer: the formats cannot hold these tensors, left float: {self.left_float}", stacklevel=2)
         if not self._created and not self._entries:
             warnings.warn(
                 f"EMAFakeQuantizer found nothing to quantize in {type(self.model).__name__}: no layer of "
@@ -222,6 +224,19 @@ class EMAFakeQuantizer:
             seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], quantizer=quantizer, axis=axis if per_channel else None)
             if module not in self._owners:
                 self._owners.append(module)
+
+    def _activation_fits(self, module: nn.Module, where: str, features: str) -> bool:
+        """Whether the activation format can hold a Linear's input / output (its feature count is
+        known: a block size must divide it); else it stays float, named in ``left_float``."""
+        size = getattr(module, features, None) if isinstance(module, nn.Linear) else None
+        if size is None:
+            return True
+        try:
+            self.activation_format.check_shape((1, size))
+        except ValueError as error:
+            self.left_float[where] = str(error)
+            return False
+        return True
 
     def _attach(self, module: nn.Module, name: str, label: str) -> None:
         fq = activation_quantizer(self.activation_format, self.ema_decay)
