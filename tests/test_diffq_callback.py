@@ -228,7 +228,7 @@ def test_quantize_on_fit_end_leaves_the_true_quantized_weights() -> None:
     assert q.is_quantized
     for qp in q.quantized_params():  # the parameters hold the quantization of the float weights...
         w = floats.floats[qp.name].reshape(qp.num_groups, qp.group_size)
-        bits = q._true_bits(qp)[:, None]
+        bits = q.true_bits(qp)[:, None]
         unit = 1 / (2**bits - 1)
         expected = (((w - w.min()) / (w.max() - w.min()) / unit).round() * unit * (w.max() - w.min()) + w.min()).view_as(qp.param)
         assert torch.equal(qp.param.detach(), expected), qp.name

@@ -2,7 +2,9 @@
 follow the config dataclasses (and the callbacks' own option docs)."""
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,27 @@ def test_the_quantizers_take_exactly_the_declared_options() -> None:
         assert made.config == config()
         for name, field in declared(config).items():
             assert field.metadata["doc"] in quantizer.__doc__, name
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_dotted_name_in_the_docs_exists() -> None:
+    """``qat_lightning.x.y`` in README.md and docs/*.md names a module or attribute that exists
+    (the layout moved; a stale path in the docs is a newcomer's first error)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    names = {name for page in pages for name in re.findall(r"qat_lightning(?:\.[A-Za-z_][A-Za-z_0-9]*)+", page.read_text())}
+    assert len(names) > 5
+    assert sorted(name for name in names if not _resolves(name)) == []

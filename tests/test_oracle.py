@@ -50,7 +50,7 @@ def pair(config: dict, spread: tuple[float, float] | None = None):  # noqa: ANN2
 def test_sizes_equal_the_reference_for_every_width_spread(spread: str) -> None:
     config = {"group_size": 8, "min_bits": 2, "max_bits": 15}
     _, ours, _, ref = pair(config, SPREADS[spread])
-    widest = {int(ours._true_bits(qp).max()) - 2 for qp in ours.quantized_params()}
+    widest = {int(ours.true_bits(qp).max()) - 2 for qp in ours.quantized_params()}
     assert widest == ({int(spread[1:])} if spread != "wide" else {13})
     assert_close(ours.model_size(), ref.model_size(), rtol=1e-6, atol=0)
     assert ours.true_model_size() == pytest.approx(ref.true_model_size(), rel=1e-9)

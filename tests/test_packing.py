@@ -56,7 +56,7 @@ def _assert_within_half_a_step(loaded: torch.Tensor, float_weight: torch.Tensor,
 @pytest.mark.parametrize("group_size", [0, 1, 8])
 def test_round_trip_is_bit_exact_for_every_width(group_size: int, tmp_path: Path) -> None:
     model, quantizer = _mixed_model(group_size)
-    widths = {int(b) for qp in quantizer.quantized_params() for b in quantizer._true_bits(qp)}
+    widths = {int(b) for qp in quantizer.quantized_params() for b in quantizer.true_bits(qp)}
     assert widths == (set(range(1, 16)) if group_size != 0 else {1})  # group_size 0: one group per tensor
     save_quantized(quantizer, tmp_path / "m.safetensors")
     plain = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 64))
@@ -64,14 +64,14 @@ def test_round_trip_is_bit_exact_for_every_width(group_size: int, tmp_path: Path
     for qp in quantizer.quantized_params():
         loaded = plain.state_dict()[qp.name]
         assert torch.equal(loaded, quantizer.quantized_weight(qp)), qp.name
-        _assert_within_half_a_step(loaded, qp.param, quantizer._true_bits(qp))
+        _assert_within_half_a_step(loaded, qp.param, quantizer.true_bits(qp))
     if group_size == 0:  # and a whole tensor at 15 bits (the reference drops 15-bit groups)
         _set_widths(quantizer, [15])
         save_quantized(quantizer, tmp_path / "m15.safetensors")
         load_quantized(tmp_path / "m15.safetensors", plain)
         for qp in quantizer.quantized_params():
             assert torch.equal(plain.state_dict()[qp.name], quantizer.quantized_weight(qp))
-            _assert_within_half_a_step(plain.state_dict()[qp.name], qp.param, quantizer._true_bits(qp))
+            _assert_within_half_a_step(plain.state_dict()[qp.name], qp.param, quantizer.true_bits(qp))
 
 
 @pytest.mark.parametrize("group_size", [1, 8])
@@ -102,7 +102,7 @@ def test_round_trip_is_bit_exact_in_every_float_dtype(dtype: torch.dtype, tmp_pa
     state = read_quantized(tmp_path / "m.safetensors")
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     for qp in quantizer.quantized_params():
-        bits = quantizer._true_bits(qp)
+        bits = quantizer.true_bits(qp)
         assert state[qp.name].dtype == dtype and torch.equal(state[qp.name], quantizer.quantized_weight(qp)), qp.name
         _assert_within_half_a_step(state[qp.name], qp.param, bits)
         w = qp.param.detach().to(wide).reshape(bits.numel(), -1)
@@ -110,7 +110,7 @@ def test_round_trip_is_bit_exact_in_every_float_dtype(dtype: torch.dtype, tmp_pa
         unit = 1 / (2 ** bits.to(wide)[:, None] - 1)
         expected = (((w - mn) / (mx - mn) / unit).round() * unit * (mx - mn) + mn).to(dtype).view_as(qp.param)
         assert torch.equal(state[qp.name], expected), qp.name
-    assert {int(b) for qp in quantizer.quantized_params() for b in quantizer._true_bits(qp)} == set(range(1, 16))
+    assert {int(b) for qp in quantizer.quantized_params() for b in quantizer.true_bits(qp)} == set(range(1, 16))
 
 
 def test_tied_parameters_and_fp16_leftovers(tmp_path: Path) -> None:

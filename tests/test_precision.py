@@ -85,7 +85,7 @@ def test_diffq_validation_sees_the_float32_quantization_rounded_once(precision: 
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
             for qp in diffq.quantizer.quantized_params():
-                assert torch.equal(qp.param.detach(), _float32_quantized(saved[qp.name], diffq.quantizer._true_bits(qp))), qp.name
+                assert torch.equal(qp.param.detach(), _float32_quantized(saved[qp.name], diffq.quantizer.true_bits(qp))), qp.name
             self.checked += 1
 
         def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
@@ -96,7 +96,7 @@ def test_diffq_validation_sees_the_float32_quantization_rounded_once(precision: 
     model = _model()
     trainer = tiny_trainer(callbacks=[diffq, probe], max_epochs=1, precision=precision, limit_val_batches=1)
     trainer.fit(model, tiny_loader(), tiny_loader())
-    assert probe.checked and {int(b) for qp in diffq.quantizer.quantized_params() for b in diffq.quantizer._true_bits(qp)} >= {12}
+    assert probe.checked and {int(b) for qp in diffq.quantizer.quantized_params() for b in diffq.quantizer.true_bits(qp)} >= {12}
 
 
 def test_ema_fake_quant_of_half_inputs_is_the_float32_result_rounded_once() -> None:

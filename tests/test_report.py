@@ -79,7 +79,7 @@ def test_layer_stats_add_up_to_the_true_size_and_draw(tmp_path: Path) -> None:
     assert sum(s["size_mb"] for s in stats) == pytest.approx(q.true_model_size(), rel=1e-12)
     assert sum(s["share"] for s in stats) == pytest.approx(1.0)
     weight = next(s for s in stats if s["quantized"])
-    bits = q._true_bits(q.quantized_params()[0])
+    bits = q.true_bits(q.quantized_params()[0])
     assert weight["bits_mean"] == pytest.approx(bits.mean().item()) and weight["bits_max"] == bits.max().item()
     assert {s["bits_mean"] for s in stats if not s["quantized"]} == {16}  # float16=True
     table = format_layer_table(stats)

@@ -70,7 +70,7 @@ def test_diffq_true_size_is_the_packed_payload(tmp_path: Path) -> None:
     stats = {s["name"]: s for s in quantizer.layer_stats()}
     total_bits = 0
     for qp in quantizer.quantized_params():
-        bits = quantizer._true_bits(qp).to(torch.int64)
+        bits = quantizer.true_bits(qp).to(torch.int64)
         widths = torch.bincount(bits, minlength=16)
         padding = sum(math.ceil(w * int(n) * qp.group_size / 8) * 8 - w * int(n) * qp.group_size for w, n in enumerate(widths.tolist()))
         bits_bits = math.ceil(math.log2(int(bits.max()) - int(bits.min()) + 1))
@@ -99,7 +99,7 @@ def test_diffq_sizes_per_tensor_by_hand_for_every_width_spread(widest: int) -> N
     stats = {s["name"]: s for s in quantizer.layer_stats()}
     total = sum(32 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     for qp in quantizer.quantized_params():
-        bits = quantizer._true_bits(qp)
+        bits = quantizer.true_bits(qp)
         assert int(bits.max()) == 2 + widest
         expected = int(bits.sum()) * 8 + math.ceil(math.log2(1 + widest)) * qp.num_groups + 72
         assert stats[qp.name]["size_mb"] * MB_BITS == expected, qp.name

@@ -246,7 +246,7 @@ def check_int32_biases(path: str | Path) -> None:
 
 def _check_diffq(diffq: DiffQuantizer) -> None:
     for qp in diffq.quantized_params():
-        widest = int(diffq._true_bits(qp).max())
+        widest = int(diffq.true_bits(qp).max())
         if widest > 8:
             raise ValueError(f"ONNX export of DiffQ weights needs at most 8 bits per group; {qp.name!r} has groups of {widest} bits (train with max_bits=8)")
 
@@ -264,7 +264,7 @@ def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
         if qp.name not in initializers:
             raise ValueError(f"ONNX export: weight {qp.name!r} is not an initializer of the exported graph (folded into another op?)")
         p = qp.param.detach().cpu()
-        bits = diffq._true_bits(qp).cpu()
+        bits = diffq.true_bits(qp).cpu()
         levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None].to(p.dtype))
         span = (mx.double() - mn.double()).float()
         scale = (1 / (2 ** bits.float() - 1)) * span  # the step of each group, as uniform_dequantize forms it

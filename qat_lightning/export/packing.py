@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quantizers.diffq import DiffQuantizer, KeptParam
+from ..quantizers.diffq import DiffQuantizer
+from ..quantizers.diffq_records import KeptParam
 from ..formats.uniform import compute_dtype, uniform_dequantize, uniform_quantize
 
 FORMAT = "qat_lightning.packed"
@@ -137,7 +138,7 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
     result = {}
     for qp in quantizer.quantized_params():
         p = qp.param.detach()
-        bits = quantizer._true_bits(qp).to(torch.int64)
+        bits = quantizer.true_bits(qp).to(torch.int64)
         levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None])
         names = [slot.qualified_name for slot in qp.slots]
         result[names[0]] = QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, names[1:])

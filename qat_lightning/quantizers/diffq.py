@@ -5,7 +5,6 @@ Plain torch, usable without Lightning. Public API compatible with ``diffq.DiffQu
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,65 +20,14 @@ from .._optim import fused_options
 from .._options import args_doc, make_config, option
 from .._validate import check_bool, check_choice, check_number, check_patterns
 from .diffq_bits import BitsParameterization
+from .diffq_records import KeptParam, QuantizedParam
+from .diffq_size import MAX_QUANT_BITS, MEGABYTE_BITS, DiffQSize
 from .noise import inject_noise
 from .noise_rng import NoiseGenerators
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
 from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
 
-MEGABYTE_BITS = 8 * 2**20
-MAX_QUANT_BITS = 15
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
-
-
-@dataclass(eq=False)
-class QuantizedParam(SwappedParam):
-    """A quantized parameter: one bits logit per group of ``group_size`` entries."""
-
-    logit: nn.Parameter | None = None
-    group_size: int = 0
-    _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
-    _eval: tuple[torch.Tensor, int, int] | None = None
-    _buffer: torch.Tensor | None = None  # the last noisy weight, refilled in place once free
-    _buffer_free: bool = False
-
-    @property
-    def num_groups(self) -> int:
-        return self.param.numel() // self.group_size
-
-    def drop_noise(self) -> None:
-        self._noisy = None
-
-    def backward_done(self) -> None:
-        """The backward through the last noisy weight has run: its noise buffer can be refilled."""
-        self._noisy = None
-        self._buffer_free = True
-
-    def noise_buffer(self) -> torch.Tensor:
-        """A tensor to draw this step's noise into (it becomes the noisy weight): last step's once
-        its backward has run (a fresh 1 MB tensor costs half as much in page faults as drawing its
-        random numbers), else a new one, so a graph still waiting for its backward keeps its own."""
-        buffer, param = self._buffer, self.param
-        if buffer is None or not self._buffer_free or (buffer.shape, buffer.dtype, buffer.device) != (
-            param.shape, param.dtype, param.device
-        ):
-            self._buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
-        self._buffer_free = False
-        return self._buffer.detach()  # an alias without last step's graph (same storage and version counter)
-
-
-@dataclass
-class _Layout:
-    lengths: torch.Tensor  # groups per quantized tensor
-    lengths_float: torch.Tensor
-    group_sizes: torch.Tensor  # entries per group, one value per group
-
-
-@dataclass(eq=False)
-class KeptParam(SwappedParam):
-    """A parameter left unquantized (too small or excluded): fp32, or fp16 when ``float16``."""
-
-    half: bool = False
-    _eval: tuple[torch.Tensor, int, int] | None = None
 
 
 @dataclass
@@ -174,10 +122,10 @@ class DiffQuantizer:
         self._qparams: list[QuantizedParam] = []
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
-        self._layout_cache: _Layout | None = None
         self._constants: tuple[tuple, dict] | None = None
         self._rng = NoiseGenerators()  # unseeded: noise from torch's global RNG (as the reference)
         self._size_penalty = 0.0
+        self._size = DiffQSize(self._qparams, self._kept, self._bits, self.extra_bits)
         self._find_params()
 
         self._swapper = WeightSwapper(self._substitute)
@@ -259,8 +207,9 @@ class DiffQuantizer:
         """``d bits / d logit``, in closed form (used for the size penalty's gradient)."""
         return self._bits.derivative(logit)
 
-    def _true_bits(self, qp: QuantizedParam) -> torch.Tensor:
-        return (self.extra_bits + self.get_bits(qp.logit.detach())).round().clamp(1, MAX_QUANT_BITS)
+    def true_bits(self, qp: QuantizedParam) -> torch.Tensor:
+        """The stored width of each group of ``qp``: ``round(extra_bits + bits)``, within 1..15."""
+        return self._size.true_bits(qp)
 
     # ----------------------------------------------------------------------------- weights
     def _substitute(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
@@ -341,7 +290,7 @@ class DiffQuantizer:
         unit, log_slope, bits_slope = self._bits.step_constants(logit)
         if not self.size_penalty:
             return unit, log_slope, None
-        group_sizes = self._layout().group_sizes if qp is None else qp.group_size
+        group_sizes = self._size.layout().group_sizes if qp is None else qp.group_size
         return unit, log_slope, bits_slope.mul_(group_sizes).mul_(self.size_penalty / MEGABYTE_BITS)
 
     def _eval_weight(self, entry: SwappedParam) -> torch.Tensor:
@@ -357,7 +306,7 @@ class DiffQuantizer:
         p = entry.param.detach()
         if isinstance(entry, KeptParam):
             return p.half().to(p.dtype) if entry.half else p
-        bits = self._true_bits(entry)[:, None]
+        bits = self.true_bits(entry)[:, None]
         levels, mn, mx = uniform_quantize(p.reshape(entry.num_groups, entry.group_size), bits)
         return uniform_dequantize(levels, mn, mx, bits, dtype=p.dtype).view_as(p)
 
@@ -483,84 +432,33 @@ class DiffQuantizer:
 
     # ----------------------------------------------------------------------------- sizes
     def model_size(self, exact: bool = False) -> torch.Tensor:
-        """Estimated model size in MB: differentiable w.r.t. the bits unless ``exact``."""
-        kept_bits = sum((16 if e.half else 32) * e.param.numel() for e in self._kept)
-        if not self._qparams:
-            return torch.tensor(kept_bits / MEGABYTE_BITS, dtype=torch.float32)
-        bits = self._all_bits(exact)
-        layout = self._layout()
-        payload = torch.dot(bits, layout.group_sizes)
-        with torch.no_grad():  # bits needed to store each group's number of bits: a constant for the gradient
-            max_bits = torch.segment_reduce(bits.detach(), "max", lengths=layout.lengths)
-            bits_bits = torch.ceil(torch.log2((max_bits.round() - self.min_bits + 1).clamp(min=1)))
-            header = torch.dot(bits_bits, layout.lengths_float) + 72 * len(self._qparams)  # fp32 min/max + 8
-        return (payload + header + kept_bits) / MEGABYTE_BITS
-
-    def _all_bits(self, exact: bool, detach: bool = False) -> torch.Tensor:
-        logits = torch.cat([qp.logit.detach() if detach else qp.logit for qp in self._qparams])
-        bits = self.extra_bits + self.get_bits(logits)
-        return bits.round().clamp(1, MAX_QUANT_BITS) if exact else bits
-
-    def _layout(self) -> _Layout:
-        device = self._qparams[0].logit.device
-        if self._layout_cache is None or self._layout_cache.lengths.device != device:
-            lengths = torch.tensor([qp.num_groups for qp in self._qparams], device=device)
-            group_sizes = torch.cat([torch.full((qp.num_groups,), float(qp.group_size), dtype=torch.float32, device=device) for qp in self._qparams])
-            self._layout_cache = _Layout(lengths, lengths.float(), group_sizes)
-        return self._layout_cache
-
-    @torch.no_grad()
-    def size_gradient(self) -> list[torch.Tensor]:
-        """``d model_size() / d logit`` for each logit of :meth:`parameters`, without autograd.
-
-        The size is linear in each group's bits (the bits-of-bits term is a constant), so this is
-        ``group_size * d bits / d logit / 2**23``: cheaper than differentiating ``model_size()``
-        every step.
-        """
-        return [self.bits_derivative(qp.logit) * (qp.group_size / MEGABYTE_BITS) for qp in self._qparams]
-
-    @torch.no_grad()
-    def layer_stats(self) -> list[dict[str, Any]]:
-        """Per tensor, in model order: name, shape, entries, true bits per group (mean, std, min,
-        max), size in MB (as counted by :meth:`true_model_size`, which is their sum) and share of
-        the total. Unquantized tensors report 32 or 16 bits."""
-        stats = []
-        for qp in self._qparams:
-            bits = self._true_bits(qp)
-            bits_bits = math.ceil(math.log2(max(bits.max().item() - self.min_bits + 1, 1)))
-            size_bits = (bits.sum().item() * qp.group_size) + bits_bits * qp.num_groups + 72
-            stats.append(dict(name=qp.name, shape=tuple(qp.param.shape), numel=qp.param.numel(), quantized=True,
-                              group_size=qp.group_size, bits_mean=bits.mean().item(),
-                              bits_std=bits.std(unbiased=False).item(), bits_min=bits.min().item(),
-                              bits_max=bits.max().item(), size_mb=size_bits / MEGABYTE_BITS))  # fmt: skip
-        for entry in self._kept:
-            width = 16 if entry.half else 32
-            stats.append(dict(name=entry.name, shape=tuple(entry.param.shape), numel=entry.param.numel(), quantized=False,
-                              group_size=0, bits_mean=width, bits_std=0.0, bits_min=width, bits_max=width,
-                              size_mb=width * entry.param.numel() / MEGABYTE_BITS))  # fmt: skip
-        total = sum(s["size_mb"] for s in stats) or 1.0
-        for s in stats:
-            s["share"] = s["size_mb"] / total
-        return stats
+        """Estimated model size in MB: differentiable w.r.t. the bits unless ``exact`` (formula in
+        :mod:`~qat_lightning.quantizers.diffq_size`)."""
+        return self._size.model_size(exact)
 
     def true_model_size(self) -> float:
         """Exact size in MB of the quantized model (rounded bits, no further compression)."""
         with torch.no_grad():
-            return self.model_size(exact=True).item()
+            return self._size.model_size(exact=True).item()
 
     def float_model_size(self) -> float:
         """Size in MB of the same parameters stored in fp32 (bits logits not counted)."""
-        unique = {id(e.param): e.param.numel() for e in [*self._qparams, *self._kept]}
-        numel = sum(unique.values())
-        return 32 * numel / MEGABYTE_BITS
+        return self._size.float_model_size()
 
     def average_bits(self, exact: bool = False) -> torch.Tensor:
         """Mean number of bits per quantized weight (``extra_bits`` included); not differentiable."""
-        if not self._qparams:
-            return torch.tensor(float("nan"), dtype=torch.float32)
-        with torch.no_grad():
-            numel = sum(qp.param.numel() for qp in self._qparams)
-            return torch.dot(self._all_bits(exact, detach=True), self._layout().group_sizes) / numel
+        return self._size.average_bits(exact)
+
+    def size_gradient(self) -> list[torch.Tensor]:
+        """``d model_size() / d logit`` for each logit of :meth:`parameters`, in closed form without
+        autograd (cheaper than differentiating ``model_size()`` every step)."""
+        return self._size.size_gradient()
+
+    def layer_stats(self) -> list[dict[str, Any]]:
+        """Per tensor, in model order: name, shape, entries, true bits per group (mean, std, min,
+        max), size in MB (as counted by :meth:`true_model_size`, which is their sum) and share of
+        the total. Unquantized tensors report 32 or 16 bits."""
+        return self._size.layer_stats()
 
     # ----------------------------------------------------------------------------- optimizer
     def parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,135 @@
+"""DiffQ's size accounting: the differentiable model-size estimate used as a penalty, the exact
+size of the quantized model (what :func:`~qat_lightning.save_quantized` writes), its gradient in
+closed form and per-tensor statistics.
+
+Size of one quantized tensor with ``G`` groups of ``g`` weights at ``b_i`` bits::
+
+    sum_i g * b_i  +  G * ceil(log2(max_i b_i - min_bits + 1))  +  72
+
+(payload, each group's width stored in as few bits as the widest needs, and an fp32 min / max
+plus one byte of header); tensors left float count 32 bits per entry (16 with ``float16``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .diffq_bits import BitsParameterization
+from .diffq_records import KeptParam, QuantizedParam
+
+MEGABYTE_BITS = 8 * 2**20
+MAX_QUANT_BITS = 15
+HEADER_BITS = 72  # fp32 min and max, and one byte of header, per quantized tensor
+
+
+@dataclass
+class _Layout:
+    lengths: torch.Tensor  # groups per quantized tensor
+    lengths_float: torch.Tensor
+    group_sizes: torch.Tensor  # entries per group, one value per group
+
+
+class DiffQSize:
+    """Sizes of the parameters a :class:`~qat_lightning.quantizers.DiffQuantizer` holds.
+
+    ``quantized`` and ``kept`` are the quantizer's own lists (read at every call, so the records
+    it adds or clears are seen); ``extra_bits`` and ``min_bits`` as in :class:`DiffQConfig`.
+    """
+
+    def __init__(
+        self,
+        quantized: Sequence[QuantizedParam],
+        kept: Sequence[KeptParam],
+        bits: BitsParameterization,
+        extra_bits: float,
+    ) -> None:
+        self.quantized = quantized
+        self.kept = kept
+        self.bits = bits
+        self.extra_bits = extra_bits
+        self._layout: _Layout | None = None
+
+    def true_bits(self, qp: QuantizedParam) -> torch.Tensor:
+        """The stored width of each group of ``qp``: ``round(extra_bits + bits)`` within 1..15."""
+        return (self.extra_bits + self.bits.bits(qp.logit.detach())).round().clamp(1, MAX_QUANT_BITS)
+
+    def all_bits(self, exact: bool, detach: bool = False) -> torch.Tensor:
+        """Every group's bits, concatenated in model order: rounded when ``exact``."""
+        logits = torch.cat([qp.logit.detach() if detach else qp.logit for qp in self.quantized])
+        bits = self.extra_bits + self.bits.bits(logits)
+        return bits.round().clamp(1, MAX_QUANT_BITS) if exact else bits
+
+    def layout(self) -> _Layout:
+        """Groups per tensor and weights per group, on the logits' device (cached)."""
+        device = self.quantized[0].logit.device
+        if self._layout is None or self._layout.lengths.device != device:
+            lengths = torch.tensor([qp.num_groups for qp in self.quantized], device=device)
+            group_sizes = torch.cat([
+                torch.full((qp.num_groups,), float(qp.group_size), dtype=torch.float32, device=device) for qp in self.quantized
+            ])
+            self._layout = _Layout(lengths, lengths.float(), group_sizes)
+        return self._layout
+
+    def _kept_bits(self) -> int:
+        return sum((16 if e.half else 32) * e.param.numel() for e in self.kept)
+
+    def model_size(self, exact: bool = False) -> torch.Tensor:
+        """Size in MB: differentiable w.r.t. the bits logits unless ``exact``."""
+        kept_bits = self._kept_bits()
+        if not self.quantized:
+            return torch.tensor(kept_bits / MEGABYTE_BITS, dtype=torch.float32)
+        bits = self.all_bits(exact)
+        layout = self.layout()
+        payload = torch.dot(bits, layout.group_sizes)
+        with torch.no_grad():  # bits needed to store each group's number of bits: a constant for the gradient
+            max_bits = torch.segment_reduce(bits.detach(), "max", lengths=layout.lengths)
+            bits_bits = torch.ceil(torch.log2((max_bits.round() - self.bits.min_bits + 1).clamp(min=1)))
+            header = torch.dot(bits_bits, layout.lengths_float) + HEADER_BITS * len(self.quantized)
+        return (payload + header + kept_bits) / MEGABYTE_BITS
+
+    @torch.no_grad()
+    def size_gradient(self) -> list[torch.Tensor]:
+        """``d model_size() / d logit`` per quantized tensor: ``group_size * d bits / d logit / 2**23``
+        (the size is linear in each group's bits; the bits-of-bits term is a constant)."""
+        return [self.bits.derivative(qp.logit) * (qp.group_size / MEGABYTE_BITS) for qp in self.quantized]
+
+    def float_model_size(self) -> float:
+        """Size in MB of the same parameters in fp32, each tied parameter once."""
+        unique = {id(e.param): e.param.numel() for e in [*self.quantized, *self.kept]}
+        return 32 * sum(unique.values()) / MEGABYTE_BITS
+
+    @torch.no_grad()
+    def average_bits(self, exact: bool = False) -> torch.Tensor:
+        """Mean bits per quantized weight (``extra_bits`` included); NaN when nothing is quantized."""
+        if not self.quantized:
+            return torch.tensor(float("nan"), dtype=torch.float32)
+        numel = sum(qp.param.numel() for qp in self.quantized)
+        return torch.dot(self.all_bits(exact, detach=True), self.layout().group_sizes) / numel
+
+    @torch.no_grad()
+    def layer_stats(self) -> list[dict[str, Any]]:
+        """Per tensor, in model order: name, shape, entries, true bits per group (mean, std, min,
+        max), size in MB (their sum is the exact :meth:`model_size`) and share of the total.
+        Tensors left float report 32 or 16 bits."""
+        stats = []
+        for qp in self.quantized:
+            bits = self.true_bits(qp)
+            bits_bits = math.ceil(math.log2(max(bits.max().item() - self.bits.min_bits + 1, 1)))
+            size_bits = (bits.sum().item() * qp.group_size) + bits_bits * qp.num_groups + HEADER_BITS
+            stats.append(dict(name=qp.name, shape=tuple(qp.param.shape), numel=qp.param.numel(), quantized=True,
+                              group_size=qp.group_size, bits_mean=bits.mean().item(),
+                              bits_std=bits.std(unbiased=False).item(), bits_min=bits.min().item(),
+                              bits_max=bits.max().item(), size_mb=size_bits / MEGABYTE_BITS))  # fmt: skip
+        for entry in self.kept:
+            width = 16 if entry.half else 32
+            stats.append(dict(name=entry.name, shape=tuple(entry.param.shape), numel=entry.param.numel(), quantized=False,
+                              group_size=0, bits_mean=width, bits_std=0.0, bits_min=width, bits_max=width,
+                              size_mb=width * entry.param.numel() / MEGABYTE_BITS))  # fmt: skip
+        total = sum(s["size_mb"] for s in stats) or 1.0
+        for s in stats:
+            s["share"] = s["size_mb"] / total
+        return stats
