@@ -25,19 +25,19 @@ def _model() -> nn.Module:
 
 DIFFQ_CASES = {
     "group_size": 3.5, "min_size": -0.1, "float16": "yes", "min_bits": 0, "max_bits": 16, "param": "logit",
-    "noise": "laplace", "init_bits": 1, "extra_bits": "one", "suffix": "", "exclude": 5, "detect_bound": 2,
+    "noise": "laplace", "init_bits": 1, "extra_bits": "one", "suffix": "", "exclude": 5, "include": 6, "detect_bound": 2,
 }  # fmt: skip
 CASES: dict[type, dict[str, Any]] = {
     DiffQ: {**DIFFQ_CASES, "penalty": -1, "bits_lr": 0, "bits_weight_decay": -1, "quantize_eval": None, "quantize_on_fit_end": "no",
             "export_path": 3, "layer_report": 3.0, "seed": -1},
     DiffQuantizer: {**DIFFQ_CASES, "model": "not a module"},
     EMAFakeQuant: {"weight_bits": 1, "activation_bits": 17, "weight_mode": "ternary", "activation_mode": "x", "per_channel": "y",
-                   "ema_decay": 1.0, "weights": 0.5, "activations": "no", "quantize_inputs": 1.5, "exclude": 3,
+                   "ema_decay": 1.0, "weights": 0.5, "activations": "no", "quantize_inputs": 1.5, "exclude": 3, "include": 4,
                    "start_step": -1, "freeze_step": -2, "learned_step": "yes", "quantize_bias": "no", "step_lr": 0,
                    "step_weight_decay": -1, "weight_format": "int4_g31x", "activation_format": 8, "activation_position": "middle"},
     EMAFakeQuantizer: {"model": None, "weight_bits": 0, "activation_bits": 40, "weight_mode": "x", "activation_mode": "y",
                        "per_channel": None, "ema_decay": -0.5, "weights": "w", "activations": 2, "quantize_inputs": "q",
-                       "activation_types": (int,), "exclude": 1, "learned_step": "l", "quantize_bias": "b",
+                       "activation_types": (int,), "exclude": 1, "include": [2], "learned_step": "l", "quantize_bias": "b",
                        "weight_format": "mxfp5", "activation_format": "int9", "activation_position": 1},
     FakeLinearQuantization: {"num_bits": 1, "mode": "m", "ema_decay": 2, "dequantize": "d", "learned_step": 3},
     HistogramCalibration: {"method": "median", "num_batches": 0, "percentile": 101, "num_bins": 1, "stride": 0,
@@ -47,7 +47,7 @@ CASES: dict[type, dict[str, Any]] = {
     Rescaling: {"alpha": 1.5, "num_batches": 0, "exclude": 7, "forward_fn": "f"},
     RescalingCalibrator: {"model": "m", "args": 3, "kwargs": 4, "excluded_modules": 5, "inplace": "i"},
     AdaScale: {"bits": 1, "num_batches": 0, "num_epochs": 0, "num_iterations": -5, "lr": 0, "scale_lr": -1,
-               "fp_input_mix": 1.5, "block_types": [3], "forward_fn": 4, "progress": "p"},
+               "fp_input_mix": 1.5, "block_types": [3], "forward_fn": 4, "progress": "p", "exclude": 5},
 }
 NEEDS_MODEL = {DiffQuantizer, EMAFakeQuantizer, RescalingCalibrator}
 

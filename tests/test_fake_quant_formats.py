@@ -155,8 +155,8 @@ def test_the_callback_logs_the_deployed_size_of_any_format(tmp_path) -> None:
 
 def test_activations_a_block_format_cannot_hold_are_left_float_and_named() -> None:
     model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8))
-    with pytest.warns(UserWarning, match=r"left float: \{'0 input'.*'0.weight'"):
+    with pytest.warns(UserWarning, match=r"left float: \{'input of 0'.*'0.weight'"):
         quantizer = EMAFakeQuantizer(model, weight_format="mxfp4", activation_format="mxfp4", activation_position="inputs").prepare()
     assert sorted(quantizer.activation_quantizers()) == ["2.input_fake_quant"]
-    assert set(quantizer.left_float) == {"0.weight", "0 input"} and "block size 32" in quantizer.left_float["0 input"]
+    assert set(quantizer.left_float) == {"0.weight", "input of 0"} and "block size 32" in quantizer.left_float["input of 0"]
     model(torch.randn(4, 40))

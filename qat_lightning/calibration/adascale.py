@@ -15,27 +15,43 @@ plain model plus fixed weight quantizers; activation ranges are calibrated after
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._validate import check_bool, check_module_types, check_number
+from .._validate import check_bool, check_module_types, check_number, check_patterns
 from .calibrate import _to_device, default_forward, map_tensors
-from ..quantizers.fake_quantizer import WEIGHT_AXIS, EMAFakeQuantizer
+from ..coverage import CoverageReport, parameter_names
+from ..layers import direct_readers, layer_weights
+from ..quantizers.fake_quantizer import EMAFakeQuantizer
 from ..quantizers.weight import LearnedStepWeight
 from ..formats.lsq import learned_step_quantize
 from ..formats.uniform import compute_dtype
 from ..quantizers.swap import Slot, SwappedParam, WeightSwapper
 
 log = logging.getLogger(__name__)
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-DEFAULT_BLOCK_TYPES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer,)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)  # and subclasses, and HF Conv1D
+DEFAULT_BLOCK_TYPES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether AdaScale trains ``module``'s weight: a Linear (or subclass), Conv1d, Conv2d, or a
+    registered layer with one 2-D ``weight`` (Hugging Face ``Conv1D``: output channels on axis 1)."""
+    if isinstance(module, SUPPORTED_TYPES):
+        return isinstance(module._parameters.get("weight"), nn.Parameter)
+    weights = layer_weights(module)
+    return list(weights) == ["weight"] and module._parameters["weight"].dim() == 2 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+
+
+def weight_axis(module: nn.Module) -> int:
+    return layer_weights(module).get("weight", 0)
 CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
@@ -46,8 +62,10 @@ class AdaScaleParams(nn.Module):
     rounded once into it):
     Adam's epsilon and the small scale updates vanish in float16 / bfloat16."""
 
-    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int, axis: int = 0) -> None:
         super().__init__()
+        self.axis = axis  # 1: a weight stored (in, out) (Hugging Face Conv1D); the math runs on its transpose
+        weight = weight.t() if axis else weight
         out_channels = weight.shape[0]
         channel_shape = (out_channels,) + (1,) * (weight.dim() - 1)
         options = dict(dtype=compute_dtype(weight.dtype), device=weight.device)
@@ -72,8 +90,16 @@ class AdaScaleParams(nn.Module):
         return divisor * torch.exp(self.s4) if self.s4 is not None else divisor
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scaled = weight.to(self.s2.dtype) / self.divisor()
-        return learned_step_quantize(scaled, self.scale(), self.zero, self.q_min, self.q_max, 1.0, axis=0).to(weight.dtype)
+        w = weight.t() if self.axis else weight
+        scaled = w.to(self.s2.dtype) / self.divisor()
+        out = learned_step_quantize(scaled, self.scale(), self.zero, self.q_min, self.q_max, 1.0, axis=0).to(weight.dtype)
+        return out.t() if self.axis else out
+
+    def folded(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W / divisor`` in the weight's layout and dtype: what is written into the weight."""
+        w = weight.t() if self.axis else weight
+        out = (w.to(self.s2.dtype) / self.divisor()).to(weight.dtype)
+        return out.t() if self.axis else out
 
     def groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(gamma, beta) and the scales (s2, s3[, s4]): the two optimizer groups."""
@@ -92,12 +118,15 @@ class BlockReport:
 @dataclass
 class AdaScaleResult:
     """What :func:`apply_adascale` produced: the installed weight quantizer (frozen steps), the
-    frozen scales by weight name, a loss report per block, and the layers left float."""
+    frozen scales by weight name, a loss report per block, the layers left float, the weights
+    kept at round-to-nearest (with the reason) and the coverage report."""
 
     quantizer: EMAFakeQuantizer
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     blocks: list[BlockReport] = field(default_factory=list)
     left_float: list[str] = field(default_factory=list)
+    round_to_nearest: dict[str, str] = field(default_factory=dict)
+    coverage: CoverageReport | None = None
 
 
 class _StopForward(Exception):
@@ -121,13 +150,13 @@ def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None 
     for name, module in model.named_modules():
         if inside(name):
             continue
-        has_layers = any(type(m) in SUPPORTED_TYPES for m in module.modules())
+        has_layers = any(supported(m) for m in module.modules())
         is_leaf = not any(True for _ in module.children())
         in_container = isinstance(parents.get(id(module)), CONTAINERS)
         if (types and isinstance(module, types)) or (heuristic and has_layers and not is_leaf and in_container and module is not model):
             blocks.append((name, module))
             taken.append(name)
-        elif type(module) in SUPPORTED_TYPES:
+        elif supported(module):
             blocks.append((name, module))
             taken.append(name)
     return blocks
@@ -148,6 +177,7 @@ def apply_adascale(
     fp_input_mix: float = 0.0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    exclude: Sequence[str] = (),
 ) -> AdaScaleResult:
     """AdaScale the weights of ``model`` in place and install frozen ``bits``-bit weight quantizers.
 
@@ -163,23 +193,46 @@ def apply_adascale(
         fp_input_mix: 0 feeds each block the quantized model's activations, 1 the float model's,
             in between a convex mix.
         progress: a progress bar over blocks and iterations.
+        exclude: fnmatch patterns of module or parameter names left float (``["*lm_head*"]``); a
+            tied tensor is excluded by any of its names.
     Returns:
-        :class:`AdaScaleResult`. Layers other than Linear/Conv1d/Conv2d stay float and are listed
-        (warning); the model's train/eval mode is restored.
+        :class:`AdaScaleResult`. Layers other than Linear (and subclasses) / Conv1d / Conv2d /
+        Hugging Face Conv1D stay float and are listed (warning); a tied weight (GPT-2's ``wte`` /
+        ``lm_head``) keeps round-to-nearest, so both uses stay one tensor; the model's train/eval
+        mode (and a Hugging Face ``config.use_cache``) is restored. Blocks are replayed with the
+        positional and keyword arguments they were called with (masks, position embeddings).
     """
     # Lightning's validate/test run hooks under inference mode: this needs autograd
     with torch.inference_mode(False), torch.enable_grad():
         return _apply_adascale(
             model, data_loader, forward_fn, num_epochs, num_iterations=num_iterations, num_batches=num_batches, bits=bits,
             block_types=block_types, lr=lr, scale_lr=scale_lr, fp_input_mix=fp_input_mix, device=device, progress=progress,
+            exclude=exclude,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models fill a key/value cache passed to every layer: replaying a block with it
+    would grow it; switch ``config.use_cache`` off while AdaScale runs."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before
 
 
 def _apply_adascale(
     model: nn.Module, data_loader: Iterable[Any], forward_fn: Callable[[nn.Module, Any], Any] | None, num_epochs: int, *,
     num_iterations: int | None, num_batches: int | None, bits: int, block_types: Sequence[type[nn.Module]] | None,
     lr: float, scale_lr: float, fp_input_mix: float, device: torch.device | str | None, progress: bool,
+    exclude: Sequence[str],
 ) -> AdaScaleResult:  # fmt: skip
+    exclude = check_patterns("exclude", exclude)
     check_number("num_epochs", num_epochs, low=1, integer=True)
     if num_iterations is not None:
         check_number("num_iterations", num_iterations, low=1, integer=True)
@@ -195,15 +248,19 @@ def _apply_adascale(
 
     names = {id(m): n for n, m in model.named_modules()}
     blocks = find_blocks(model, block_types)
-    layers_in_blocks = {id(layer) for _, block in blocks for layer in block.modules() if type(layer) in SUPPORTED_TYPES}
+    quantizer = frozen_weight_quantizer(model, bits, exclude)
+    weight_quantizers = {id(q_module): q for q_module, q in _layer_quantizers(model).items()}
+    layers_in_blocks = {id(layer) for _, block in blocks for layer in block.modules() if id(layer) in weight_quantizers}
     left_float = [
         n for n, m in model.named_modules()
-        if (type(m) in WEIGHT_AXIS or isinstance(m, nn.MultiheadAttention)) and id(m) not in layers_in_blocks
+        if layer_weights(m) and id(m) not in layers_in_blocks and not any(id(m) == id(x) for x in _tied_layers(model))
     ]  # fmt: skip
     if not layers_in_blocks:
-        raise ValueError("apply_adascale(): the model has no Linear / Conv1d / Conv2d layer to quantize")
+        quantizer.remove()
+        raise ValueError("apply_adascale(): the model has no Linear / Conv1d / Conv2d layer to quantize (or exclude took them all)")
     if left_float:
-        log.warning("AdaScale leaves these layers float (unsupported types): %s", left_float)
+        log.warning("AdaScale leaves these layers float (unsupported types or excluded): %s", left_float)
+    tied = _tied_weights(model)
 
     batches = []
     for index, batch in enumerate(data_loader):
@@ -216,8 +273,7 @@ def _apply_adascale(
     modes = {m: m.training for m in model.modules()}
     blocks = _in_execution_order(model, blocks, batches[0], forward_fn)
     float_model = copy.deepcopy(model)
-    quantizer = frozen_weight_quantizer(model, bits)
-    weight_quantizers = {id(q_module): q for q_module, q in _layer_quantizers(model).items()}
+    _strip_quantizers(float_model)
     result = AdaScaleResult(quantizer=quantizer, left_float=left_float)
     model.eval()
     float_model.eval()
@@ -225,17 +281,27 @@ def _apply_adascale(
     bar = _progress(len(blocks) * per_block, progress)
     try:
         for block_name, block in blocks:
-            layers = [m for m in block.modules() if type(m) in SUPPORTED_TYPES]
+            in_block = [m for m in block.modules() if id(m) in weight_quantizers]
+            for layer in in_block:
+                if id(layer.weight) in tied:
+                    result.round_to_nearest[f"{names[id(layer)]}.weight"] = f"tied to {tied[id(layer.weight)]}: one tensor, one grid"
+                    _freeze(weight_quantizers[id(layer)], AdaScaleParams(layer.weight.detach(), bits, weight_axis(layer)), layer)
+            layers = [m for m in in_block if id(m.weight) not in tied]
+            if not layers:
+                bar.update(per_block)
+                continue
             float_block = dict(float_model.named_modules())[block_name]
-            inputs, targets = _block_data(model, block, float_model, float_block, batches, forward_fn, fp_input_mix)
+            with _no_kv_cache(model), _no_kv_cache(float_model):
+                inputs, targets = _block_data(model, block, float_model, float_block, batches, forward_fn, fp_input_mix)
             if inputs is None:
-                log.warning("AdaScale: block %r does not take one tensor and return one; its layers keep round-to-nearest", block_name)
+                log.warning("AdaScale: block %r takes no tensor or returns none; its layers keep round-to-nearest", block_name)
                 for layer in layers:
-                    _freeze(weight_quantizers[id(layer)], AdaScaleParams(layer.weight.detach(), bits), layer)
+                    result.round_to_nearest[f"{names[id(layer)]}.weight"] = "its block takes or returns no tensor"
+                    _freeze(weight_quantizers[id(layer)], AdaScaleParams(layer.weight.detach(), bits, weight_axis(layer)), layer)
                 bar.update(per_block)
                 continue
             bar.set_description(f"AdaScale {block_name or '<root>'}")
-            broken = [i for i, (x, y) in enumerate(zip(inputs, targets)) if not (torch.isfinite(x).all() and torch.isfinite(y).all())]
+            broken = [i for i, ((x, _, _), y) in enumerate(zip(inputs, targets)) if not (torch.isfinite(x).all() and torch.isfinite(y).all())]
             if broken or not all(torch.isfinite(m.weight).all() for m in layers):
                 raise FloatingPointError(
                     f"apply_adascale(): NaN or Inf in block {block_name or '<root>'!r} ({'its inputs or outputs for batches ' + str(broken) if broken else 'its weights'}); "
@@ -255,7 +321,36 @@ def _apply_adascale(
         bar.close()
         for module, training in modes.items():
             module.training = training
+    result.coverage = _coverage(quantizer, result, bits)
     return result
+
+
+def _coverage(quantizer: EMAFakeQuantizer, result: AdaScaleResult, bits: int) -> CoverageReport:
+    report = CoverageReport("AdaScale", [r for r in quantizer.coverage.rows if r.kind != "activation"])
+    trained = set(result.scales)
+    for row in report.rows:
+        if row.quantized:
+            first = row.name.split(" = ")[0]
+            how = "AdaScale" if first in trained else f"round-to-nearest: {result.round_to_nearest.get(first, 'not trained')}"
+            row.format = f"int{bits} symmetric per channel ({how})"
+    return report
+
+
+def _strip_quantizers(model: nn.Module) -> None:
+    """The float copy: its weight quantizers (copied with their hooks) switched off."""
+    for module in model.modules():
+        for name in [n for n in module._modules if n.endswith("_fake_quant")]:
+            module._modules[name].enabled = False
+
+
+def _tied_weights(model: nn.Module) -> dict[int, str]:
+    """``id(weight) -> its other names`` for parameters registered in more than one place."""
+    return {key: " = ".join(names) for key, names in parameter_names(model).items() if len(names) > 1}
+
+
+def _tied_layers(model: nn.Module) -> list[nn.Module]:
+    tied = _tied_weights(model)
+    return [m for m in model.modules() if any(id(p) in tied for p in m._parameters.values() if p is not None) and supported(m)]
 
 
 def _normal_tensors(batch: Any) -> Any:
@@ -303,16 +398,22 @@ def _progress(total: int, enabled: bool) -> Any:
 def _block_data(
     model: nn.Module, block: nn.Module, float_model: nn.Module, float_block: nn.Module,
     batches: list[Any], forward_fn: Callable[[nn.Module, Any], Any], mix: float,
-) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:  # fmt: skip
-    """The block's input in the (partly quantized) model and the float block's input and output."""
+) -> tuple[list[tuple[torch.Tensor, tuple, dict]] | None, list[torch.Tensor] | None]:  # fmt: skip
+    """The block's input in the (partly quantized) model, with the other positional and keyword
+    arguments it was called with (masks, position embeddings: replayed as they were), and the
+    float block's output (its first tensor: Hugging Face layers return tuples)."""
     def capture(module: nn.Module, store: list, outputs: bool) -> Any:
-        def hook(mod: nn.Module, args: tuple, *rest: Any) -> None:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            ok = len(args) == 1 and len(tensors) == 1 and (not outputs or isinstance(rest[-1], torch.Tensor))
-            store.append((args[0].detach() if ok else None, rest[-1].detach() if ok and outputs else None))
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, *rest: Any) -> None:
+            x = _main_input(args, kwargs)
+            y = _first_tensor(rest[-1]) if outputs else None
+            ok = x is not None and (not outputs or y is not None)
+            store.append((x.detach() if ok else None, tuple(map(_replayable, args)), {k: _replayable(v) for k, v in kwargs.items()},
+                          y.detach() if ok and outputs else None))  # fmt: skip
             raise _StopForward
 
-        return module.register_forward_hook(hook) if outputs else module.register_forward_pre_hook(hook)
+        if outputs:
+            return module.register_forward_hook(hook, with_kwargs=True)
+        return module.register_forward_pre_hook(lambda m, a, k: hook(m, a, k), with_kwargs=True)
 
     quantized_in: list = []
     float_io: list = []
@@ -326,29 +427,75 @@ def _block_data(
                     pass
                 finally:
                     handle.remove()
-    if any(x is None for x, _ in quantized_in) or any(x is None for x, _ in float_io) or len(quantized_in) != len(batches):
+    if any(x is None for x, *_ in quantized_in) or any(x is None for x, *_ in float_io) or len(quantized_in) != len(batches):
         return None, None
-    inputs = [q if mix == 0 else (1 - mix) * q + mix * f for (q, _), (f, _) in zip(quantized_in, float_io)]
-    return inputs, [y for _, y in float_io]
+    inputs = []
+    for (q, args, kwargs, _), (f, *_) in zip(quantized_in, float_io):
+        x = q if mix == 0 else (1 - mix) * q + mix * f
+        inputs.append((x, args, kwargs))
+    return inputs, [y for *_, y in float_io]
+
+
+def _replayable(value: Any) -> Any:
+    """An argument as it can be passed again: tensors (also in tuples, such as rotary position
+    embeddings) detached; a key/value cache (filled in place by every call) dropped."""
+    if any(cls.__name__.endswith("Cache") for cls in type(value).__mro__):
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_replayable(v) for v in value)
+    return value
+
+
+def _main_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A block's activation input: its first positional tensor, else ``hidden_states=`` / ``src=`` / ``x=``."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        return args[0]
+    for key in ("hidden_states", "src", "tgt", "x", "input"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    return None
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    first = getattr(output, "last_hidden_state", None)
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def _call_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The block on input ``x`` with the arguments it was called with; its first output tensor."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        out = block(x, *args[1:], **kwargs)
+    else:
+        key = next(k for k in ("hidden_states", "src", "tgt", "x", "input") if isinstance(kwargs.get(k), torch.Tensor))
+        out = block(*args, **{**kwargs, key: x})
+    return _first_tensor(out)
 
 
 def _train_block(
-    block: nn.Module, layers: list[nn.Module], inputs: list[torch.Tensor], targets: list[torch.Tensor], bits: int,
-    num_epochs: int, num_iterations: int | None, lr: float, scale_lr: float, bar: Any,
+    block: nn.Module, layers: list[nn.Module], inputs: list[tuple[torch.Tensor, tuple, dict]], targets: list[torch.Tensor],
+    bits: int, num_epochs: int, num_iterations: int | None, lr: float, scale_lr: float, bar: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    params = {id(layer): AdaScaleParams(layer.weight.detach(), bits) for layer in layers}
+    params = {id(layer): AdaScaleParams(layer.weight.detach(), bits, weight_axis(layer)) for layer in layers}
     for layer in layers:
         layer._modules["weight_fake_quant"].enabled = False  # the float weight reaches the AdaScale swap
     swapper = WeightSwapper(lambda entry, module: params[id(module)](entry.param))
+    readers = direct_readers(block)
     for layer in layers:
-        swapper.add(SwappedParam("weight", layer.weight, [Slot(layer, "weight", "weight")]))
+        swapper.add(SwappedParam("weight", layer.weight, [Slot(layer, "weight", "weight", tuple(readers.get(id(layer), ())))]))
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
 
     def loss_over_all() -> float:
         with torch.no_grad():
-            return sum(_block_loss(block(x), y).item() for x, y in zip(inputs, targets)) / len(inputs)
+            return sum(_block_loss(_call_block(block, *xs), y).item() for xs, y in zip(inputs, targets)) / len(inputs)
 
     try:
         before = loss_over_all()
@@ -361,9 +508,9 @@ def _train_block(
         iterations = num_iterations or num_epochs * len(inputs)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
         for step in range(iterations):
-            x, y = inputs[step % len(inputs)], targets[step % len(inputs)]
+            xs, y = inputs[step % len(inputs)], targets[step % len(inputs)]
             optimizer.zero_grad(set_to_none=True)
-            loss = _block_loss(block(x), y)
+            loss = _block_loss(_call_block(block, *xs), y)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -389,29 +536,30 @@ def _block_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _freeze(quantizer: LearnedStepWeight, params: AdaScaleParams, layer: nn.Module) -> None:
     """Fold ``W / divisor`` into the weight and freeze the scale as the layer's (untrainable) step."""
-    layer.weight.copy_(layer.weight.to(params.s2.dtype) / params.divisor())
+    layer.weight.copy_(params.folded(layer.weight))
     quantizer.step.copy_(params.scale().reshape(quantizer.step.shape))
     quantizer.zero.zero_()
     quantizer._mark_ready()
     quantizer.step.requires_grad_(False)
 
 
-def frozen_weight_quantizer(model: nn.Module, bits: int) -> EMAFakeQuantizer:
+def frozen_weight_quantizer(model: nn.Module, bits: int, exclude: Sequence[str] = ()) -> EMAFakeQuantizer:
     """The weight quantizers AdaScale fills: a ``LearnedStepWeight`` (symmetric, per output channel)
-    on every Linear / Conv1d / Conv2d, nothing on other layer types, no activation quantizers."""
-    exclude = [n for n, m in model.named_modules() if type(m) in WEIGHT_AXIS and type(m) not in SUPPORTED_TYPES]
-    return EMAFakeQuantizer(
-        model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude
-    ).prepare()
+    on every supported layer (see :func:`supported`) not matched by ``exclude``, nothing on other
+    layer kinds, no activation quantizers."""
+    quantizer = EMAFakeQuantizer(model, weight_bits=bits, weight_mode="symmetric", activations=False, learned_step=True, exclude=exclude)
+    quantizer.weight_filter = lambda m: "" if supported(m) else "AdaScale trains Linear / Conv1d / Conv2d / Conv1D weights only"
+    return quantizer.prepare()
 
 
-def round_to_nearest(model: nn.Module, bits: int = 4) -> EMAFakeQuantizer:
+def round_to_nearest(model: nn.Module, bits: int = 4, exclude: Sequence[str] = ()) -> EMAFakeQuantizer:
     """The baseline AdaScale starts from: per-channel symmetric round-to-nearest ``bits``-bit weights
-    (``scale = 2·max|W| / (2^b - 1)``) for every Linear / Conv1d / Conv2d, installed as frozen steps."""
+    (``scale = 2·max|W| / (2^b - 1)``) for every supported layer not matched by ``exclude`` (module
+    or parameter names; ``["*lm_head*"]`` keeps an LM head float), installed as frozen steps."""
     check_number("bits", bits, low=2, high=8, integer=True)
-    quantizer = frozen_weight_quantizer(model, bits)
+    quantizer = frozen_weight_quantizer(model, bits, check_patterns("exclude", exclude))
     for layer, q in _layer_quantizers(model).items():
-        _freeze(q, AdaScaleParams(layer.weight.detach(), bits), layer)
+        _freeze(q, AdaScaleParams(layer.weight.detach(), bits, weight_axis(layer)), layer)
     return quantizer
 
 

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .._validate import check_bool, check_number
+from ..coverage import CoverageReport, CoverageRow, parameter_names
+from ..layers import direct_readers
 from ..quantizers.input_scale import SCALE_NAME, InputScale, _scale_input
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -90,9 +92,21 @@ class RescalingCalibrator:
             inside = any(name == e or name.startswith(f"{e}.") or e == "" for e in excluded_names)
             return inside or isinstance(module, excluded_types)
 
-        self.targets: dict[str, nn.Module] = {
-            name: m for name, m in self.model.named_modules() if type(m) in TARGET_TYPES and not is_excluded(name, m)
-        }
+        tied = {key for key, names in parameter_names(self.model).items() if len(names) > 1}
+        readers = direct_readers(self.model)
+        self.not_rescaled: dict[str, str] = {}  # layers of the target types left alone, with the reason
+        self.targets: dict[str, nn.Module] = {}
+        for name, m in self.model.named_modules():
+            if not isinstance(m, TARGET_TYPES) or is_excluded(name, m):
+                continue
+            if id(m.weight) in tied:  # scaling its columns would scale the other use (GPT-2's wte) too
+                self.not_rescaled[name] = "its weight is tied to another module's"
+            elif id(m) in readers:
+                self.not_rescaled[name] = f"read inside {type(readers[id(m)][0]).__name__}'s forward, which never calls it"
+            else:
+                self.targets[name] = m
+        self._tied = tied
+        self.skipped: list[str] = []
         self.input_max: dict[str, torch.Tensor] = {}
         self.groups, self.folds = self._plan()
         self._handles = [m.register_forward_pre_hook(self._observe(name)) for name, m in self.targets.items()]
@@ -145,7 +159,8 @@ class RescalingCalibrator:
                 continue
             users = {u.target if u.op == "call_module" else None for u in producer.users}
             source = modules[producer.target]
-            if users == set(names) and len(producer.users) == len(names) and _can_fold(source, self.targets[names[0]]):
+            own = [p for p in source.parameters(recurse=False) if id(p) in self._tied]
+            if users == set(names) and len(producer.users) == len(names) and not own and _can_fold(source, self.targets[names[0]]):
                 folds[len(groups) - 1] = producer.target
         return groups, folds
 
@@ -176,6 +191,11 @@ class RescalingCalibrator:
         check_number("alpha", alpha, low=0, high=1)
         if self.rescaled:
             raise RuntimeError("RescalingCalibrator.rescale() was already called")
+        if not self.targets:  # nothing of the target types to rescale (every layer tied, excluded or read by a parent)
+            warnings.warn(f"RescalingCalibrator: no layer to rescale: {self.not_rescaled or 'no Linear / Conv1d / Conv2d'}", stacklevel=2)
+            self.close()
+            self.rescaled = True
+            return self.model
         if not self.input_max:
             raise ValueError("RescalingCalibrator.rescale(): no statistics; call the calibrator on model inputs first")
         self.close()
@@ -209,6 +229,7 @@ class RescalingCalibrator:
                     scale.mul_((1 / scales).to(scale.device, scale.dtype))
             for name in names:
                 _scale_columns(self.targets[name], scales)
+        self.skipped = skipped
         if skipped:
             warnings.warn(f"RescalingCalibrator: {skipped} never ran during calibration and are not rescaled", stacklevel=2)
         self.rescaled = True
@@ -219,6 +240,20 @@ class RescalingCalibrator:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def coverage(self) -> CoverageReport:
+        """The input of every Linear / Conv1d / Conv2d: rescaled (folded into which module, or by an
+        ``input_scale``), or left alone and why."""
+        folded_into = {name: source for source, names in self.folded().items() for name in names}
+        rows = []
+        for name, module in self.targets.items():
+            if not self.rescaled or name in self.skipped:
+                how, reason = None, "never ran during calibration" if self.rescaled else "not rescaled yet"
+            else:
+                how, reason = (f"rescaled, 1/s folded into {folded_into[name]}" if name in folded_into else "rescaled, input_scale"), ""
+            rows.append(CoverageRow(f"input of {name}", "activation", type(module).__name__, None, how, reason))
+        rows += [CoverageRow(f"input of {name}", "activation", "", None, None, reason) for name, reason in self.not_rescaled.items()]
+        return CoverageReport("Rescaling", rows)
 
     def folded(self) -> dict[str, list[str]]:
         """Which layers' ``1/s`` went into which module (the rest have an ``input_scale``)."""

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from .._validate import check_bool, check_forward_fn, check_module_types, check_number
+from .._validate import check_bool, check_forward_fn, check_module_types, check_number, check_patterns
 from ..calibration.adascale import AdaScaleResult, apply_adascale, frozen_weight_quantizer
 from ..quantizers.fake_quantizer import EMAFakeQuantizer
 
@@ -48,6 +48,8 @@ class AdaScale(QuantizationCallback):
             Sequential/ModuleList, and single layers elsewhere).
         forward_fn: ``(module, batch) -> output``; default ``module(batch[0])`` for tuples/lists.
         progress: progress bar over blocks.
+        exclude: fnmatch patterns of module or parameter names kept float (``["*lm_head*"]``); a
+            tied tensor by any of its names.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class AdaScale(QuantizationCallback):
         block_types: Sequence[type[torch.nn.Module]] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
         progress: bool = True,
+        exclude: Sequence[str] = (),
     ) -> None:
         self.hparams = init_arguments(locals())  # logged once to the Trainer's loggers
         self.bits = check_number("bits", bits, low=2, high=8, integer=True)
@@ -76,6 +79,7 @@ class AdaScale(QuantizationCallback):
         self.block_types = check_module_types("block_types", block_types)
         self.forward_fn = check_forward_fn(forward_fn)
         self.progress = check_bool("progress", progress)
+        self.exclude = check_patterns("exclude", exclude)
         self.done = False
         self.result: AdaScaleResult | None = None
         self.quantizer: EMAFakeQuantizer | None = None
@@ -106,7 +110,8 @@ class AdaScale(QuantizationCallback):
             self.quantizer, self.result, self.done = None, None, False
         guard_checkpoint(trainer, pl_module, self, self._check_checkpoint_options, lambda key: "weight_fake_quant." in key)
         if self.quantizer is None:  # the structure a checkpoint of this run has; filled by apply_adascale
-            self.quantizer = frozen_weight_quantizer(pl_module, self.bits)
+            self.quantizer = frozen_weight_quantizer(pl_module, self.bits, self.exclude)
+            self.report_coverage(trainer, self.quantizer.coverage)
             for p in self.quantizer.parameters():
                 p.requires_grad_(False)  # frozen encodings
 
@@ -140,9 +145,11 @@ class AdaScale(QuantizationCallback):
                 pl_module, converted_batches(trainer, loader), self.forward_fn, self.num_epochs,
                 num_iterations=self.num_iterations, num_batches=self.num_batches, bits=self.bits,
                 block_types=self.block_types, lr=self.lr, scale_lr=self.scale_lr, fp_input_mix=self.fp_input_mix,
-                device=pl_module.device, progress=self.progress,
+                device=pl_module.device, progress=self.progress, exclude=self.exclude,
             )  # fmt: skip
         self.quantizer = self.result.quantizer
+        if self.result.coverage is not None:
+            self.report_coverage(trainer, self.result.coverage)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # each rank optimised on its own shard: every rank takes rank 0's weights and scales
             with torch.no_grad():
@@ -169,15 +176,16 @@ class AdaScale(QuantizationCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "bits": self.bits, "num_batches": self.num_batches, "num_epochs": self.num_epochs,
+        return {"done": self.done, "bits": self.bits, "exclude": list(self.exclude), "num_batches": self.num_batches, "num_epochs": self.num_epochs,
                 "num_iterations": self.num_iterations, "lr": self.lr, "scale_lr": self.scale_lr, "fp_input_mix": self.fp_input_mix}  # fmt: skip
 
     def _check_checkpoint_options(self, state: dict[str, Any], warn: bool = False) -> None:
         options = {k: v for k, v in state.items() if k != "done"}
         current = self.state_dict()
-        check_resumed_options("AdaScale", {k: v for k, v in options.items() if k == "bits"}, current, ("bits",))
+        structural = ("bits", "exclude")
+        check_resumed_options("AdaScale", {k: v for k, v in options.items() if k in structural}, current, structural)
         if warn and state.get("done"):  # optimised already: the checkpoint's weights and scales stay
-            check_resumed_options("AdaScale", {k: v for k, v in options.items() if k != "bits"}, current, ())
+            check_resumed_options("AdaScale", {k: v for k, v in options.items() if k not in structural}, current, ())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

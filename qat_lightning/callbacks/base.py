@@ -19,6 +19,9 @@ from typing import ClassVar
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ..coverage import CoverageReport
 from ._param_groups import check_trainer, log_hparams
 
 
@@ -28,6 +31,7 @@ class QuantizationCallback(pl.Callback):
     order: ClassVar[int] = 50  # structure (rescaling) 0, quantizers 10, post-training 20, calibration 30
     # a hint for the conflict message when two callbacks quantize the same thing
     conflict_hint: ClassVar[str] = ""
+    coverage: CoverageReport | None = None  # what this callback quantizes, set at setup
 
     def quantizes(self) -> frozenset[str]:
         """What this callback quantizes: a subset of ``{"weights", "activations"}``."""
@@ -55,6 +59,17 @@ class QuantizationCallback(pl.Callback):
 
     def _on_evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """At the start of ``validate`` / ``test`` (``stage``) run without a fit: post-training work."""
+
+    def report_coverage(self, trainer: pl.Trainer, report: CoverageReport) -> None:
+        """Keep ``report`` as ``self.coverage``, log its table (rank 0) and its numbers to the
+        Trainer's loggers, and warn naming the largest float weights past 5 % of the entries."""
+        self.coverage = report
+        rank_zero_info(report.table())
+        message = report.warning()
+        if message is not None:
+            rank_zero_warn(message)
+        for logger in trainer.loggers:
+            logger.log_metrics(report.as_dict(), step=trainer.global_step)
 
     # ----------------------------------------------------------------------------- Lightning hooks
     @override

@@ -8,6 +8,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ..coverage import CoverageReport, CoverageRow
+from ..quantizers.activation import FakeLinearQuantization
+
 from .._validate import check_bool, check_choice, check_forward_fn, check_number
 from ..calibration.calibrate import WEIGHT_METHODS, calibrate
 from ..calibration.histogram import MAX_BINS, METHODS
@@ -106,6 +109,10 @@ class HistogramCalibration(QuantizationCallback):
             )  # fmt: skip
         self.calibrated = True
         rank_zero_info(f"HistogramCalibration: {len(self.ranges)} activation ranges by {self.method!r} over {self.num_batches} batches")
+        rows = [CoverageRow(name, "activation", type(m).__name__, None, f"range by {self.method}" if name in self.ranges else None,
+                            "" if name in self.ranges else "never ran during calibration: its range is not set")
+                for name, m in pl_module.named_modules() if isinstance(m, FakeLinearQuantization)]  # fmt: skip
+        self.report_coverage(trainer, CoverageReport("HistogramCalibration", rows))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -75,6 +75,7 @@ class DiffQ(QuantizationCallback):
         extra_bits: float = 0,
         suffix: str = "_diffq",
         exclude: Sequence[str] = (),
+        include: Sequence[str] | None = None,
         detect_bound: bool = True,
         bits_lr: float = 1e-3,
         bits_weight_decay: float = 0.0,
@@ -108,7 +109,7 @@ class DiffQ(QuantizationCallback):
     # ----------------------------------------------------------------------------- structure
     # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "min_bits", "max_bits", "param", "extra_bits", "suffix",
-                          "exclude", "detect_bound")  # fmt: skip
+                          "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
     conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ (DiffQ's weights, fake-quantized activations)"
 
@@ -144,6 +145,7 @@ class DiffQ(QuantizationCallback):
                 f"DiffQ: {len(self.quantizer.quantized_params())} tensors quantized, "
                 f"float size {self.quantizer.float_model_size():.4f} MB"
             )
+            self.report_coverage(trainer, self.quantizer.coverage())
 
     def build_quantizer(self, pl_module: pl.LightningModule) -> DiffQuantizer:
         """Create the quantizer; override to quantize only part of the module."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .._options import args_doc, declared
@@ -62,6 +62,7 @@ class EMAFakeQuant(QuantizationCallback):
         activations: bool = True,
         quantize_inputs: bool = False,
         exclude: Sequence[str] = (),
+        include: Sequence[str] | None = None,
         start_step: int = 0,
         freeze_step: int | None = None,
         learned_step: bool = False,
@@ -93,7 +94,7 @@ class EMAFakeQuant(QuantizationCallback):
 
     # options that define the quantizers and their grids: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("weight_bits", "activation_bits", "weight_mode", "activation_mode", "per_channel", "weights",
-                          "activations", "quantize_inputs", "exclude", "learned_step", "quantize_bias", "weight_format",
+                          "activations", "quantize_inputs", "exclude", "include", "learned_step", "quantize_bias", "weight_format",
                           "activation_format", "activation_position")  # fmt: skip
 
     order = 10
@@ -141,7 +142,7 @@ class EMAFakeQuant(QuantizationCallback):
         if self.quantizer is not None:
             return
         self.quantizer = EMAFakeQuantizer(pl_module, **self.options).prepare()
-        rank_zero_info(f"EMAFakeQuant: {len(self.quantizer.activation_quantizers())} activation quantizers")
+        self.report_coverage(trainer, self.quantizer.coverage)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

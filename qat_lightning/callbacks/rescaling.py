@@ -99,6 +99,7 @@ class Rescaling(QuantizationCallback):
         calibrator.rescale(alpha=self.alpha)
         self.rescaled = True
         rank_zero_info(f"Rescaling: alpha={self.alpha}, folded into {sorted(calibrator.folded())}")
+        self.report_coverage(trainer, calibrator.coverage())
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the output cannot be written (a directory, no space, no permission)
+        print(f"error: cannot write {args.out}: {error}", file=sys.stderr)
+        return 2
     print(f"{info['path']}: {info['bytes']} bytes ({info['bytes'] / 2**20:.4f} MB), "
           f"{info['quantized']} quantized tensors, {info['float']} float")  # fmt: skip
     return 0

@@ -415,11 +415,22 @@ def _dequantize_plan(name: str, plan: dict[str, Any]) -> torch.Tensor:
     return QuantizedTensor(levels, group_bits, low, high, plan["shape"], plan["dtype"]).dequantize()
 
 
-def load_quantized(path: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
+def load_quantized(path: str | Path, model: nn.Module, strict: bool = True, prefix: str = "") -> nn.Module:
     """Load a packed file into ``model`` (a plain model: no quantizer needed); returns ``model``.
 
-    Names and shapes are checked first, so a file for another model gives a clear error."""
+    ``prefix``: load only the file's entries under it, without it: a file saved from a
+    LightningModule whose network is ``self.net`` loads into the bare network with
+    ``prefix="net."``. Names and shapes are checked first, so a file for another model gives a
+    clear error."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a string such as 'net.' (or ''); got {prefix!r}")
     state = read_quantized(path)
+    if prefix:
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not inner:
+            heads = sorted({k.split(".", 1)[0] + "." for k in state})[:5]
+            raise ValueError(f"{path} has no entry under prefix={prefix!r}; its names start with {heads}")
+        state = inner
     expected = model.state_dict()
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state.items() if k in expected and expected[k].shape != v.shape]
     missing = sorted(set(expected) - set(state)) if strict else []

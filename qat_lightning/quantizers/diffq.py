@@ -24,6 +24,8 @@ from .diffq_records import KeptParam, QuantizedParam
 from .diffq_size import MAX_QUANT_BITS, MEGABYTE_BITS, DiffQSize
 from .noise import inject_noise
 from .noise_rng import NoiseGenerators
+from ..coverage import CoverageReport, weight_rows
+from ..layers import direct_readers
 from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
 from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
 
@@ -47,7 +49,9 @@ class DiffQConfig:
     extra_bits: float = option(0, "added to the bits before rounding, for true quantization and size "
                                   "(-min_bits < extra_bits <= 15 - min_bits)")
     suffix: str = option("_diffq", "name suffix of the bits parameters registered on the model: '_' then letters, digits or '_'")
-    exclude: Sequence[str] = option((), "fnmatch patterns ('module.param' or the bare name) of parameters kept float, e.g. ['*.bias']")
+    exclude: Sequence[str] = option((), "fnmatch patterns ('module.param' or the bare name) of parameters kept float, e.g. ['*.bias']; "
+                                        "a tied tensor by any of its names")
+    include: Sequence[str] | None = option(None, "fnmatch patterns of parameter or module names to quantize; None: every parameter")
     detect_bound: bool = option(True, "tied parameters share one bits logit and one noisy tensor, and count once")
 
     def __post_init__(self) -> None:
@@ -67,6 +71,7 @@ class DiffQConfig:
                 f"new parameter name that no ordinary name ends with; got {self.suffix!r}"
             )
         self.exclude = check_patterns("exclude", self.exclude)
+        self.include = None if self.include is None else check_patterns("include", self.include)
         check_bool("detect_bound", self.detect_bound)
 
 
@@ -168,23 +173,33 @@ class DiffQuantizer:
         return int(self.min_size * 2**20 // 4)
 
     def _find_params(self) -> None:
-        seen: dict[int, SwappedParam] = {}
+        readers = direct_readers(self.model)  # nn.MultiheadAttention reads out_proj.weight itself
+        found: dict[int, tuple[nn.Parameter, list[Slot]]] = {}
         for module_name, module in self.model.named_modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 qualified = f"{module_name}.{name}" if module_name else name
-                slot = Slot(module, name, qualified)
-                previous = seen.get(id(param)) if self.detect_bound else None
-                if previous is not None:
-                    previous.slots.append(slot)
-                    continue
-                excluded = any(fnmatch(qualified, pat) or fnmatch(name, pat) for pat in self.exclude)
-                if excluded or param.numel() <= self._min_numel or not param.is_floating_point():
-                    entry: SwappedParam = KeptParam(qualified, param, [slot], half=self.float16)
-                    self._kept.append(entry)
-                else:
-                    entry = self._register(qualified, param, slot)
-                    self._qparams.append(entry)
-                seen.setdefault(id(param), entry)
+                slot = Slot(module, name, qualified, tuple(readers.get(id(module), ())))
+                key = id(param) if self.detect_bound else id(slot)
+                found.setdefault(key, (param, []))[1].append(slot)
+        self._kept_reasons: dict[int, str] = {}
+        for param, slots in found.values():
+            # a tied tensor is excluded by any of its names (GPT-2's lm_head.weight is transformer.wte.weight)
+            excluded = any(fnmatch(s.qualified_name, pat) or fnmatch(s.attr, pat) for s in slots for pat in self.exclude)
+            if self.include is not None:
+                excluded = excluded or not any(fnmatch(s.qualified_name, pat) or fnmatch(s.qualified_name.rsplit(".", 1)[0], pat)
+                                               for s in slots for pat in self.include)  # fmt: skip
+            qualified = slots[0].qualified_name
+            if excluded or param.numel() <= self._min_numel or not param.is_floating_point():
+                entry: SwappedParam = KeptParam(qualified, param, slots, half=self.float16)
+                self._kept_reasons[id(param)] = (
+                    ("excluded by exclude / include" if excluded else "")
+                    or ("not floating point" if not param.is_floating_point() else f"at most min_size={self.min_size} MB")
+                ) + (" (kept float16)" if self.float16 else "")
+                self._kept.append(entry)
+            else:
+                entry = self._register(qualified, param, slots[0])
+                entry.slots.extend(slots[1:])
+                self._qparams.append(entry)
 
     def _register(self, qualified: str, param: nn.Parameter, slot: Slot) -> QuantizedParam:
         group_size = self.group_size or param.numel()
@@ -429,6 +444,14 @@ class DiffQuantizer:
             key = prefix + attr
             if key in state_dict and id(entry.param) in self._saved:
                 state_dict[key] = self._saved[id(entry.param)]
+
+    def coverage(self) -> CoverageReport:
+        """Every parameter: quantized with learned bits, or kept float and why (no activations:
+        DiffQ quantizes weights; add ``EMAFakeQuant(weights=False)`` for them)."""
+        quantized = {id(qp.param): f"diffq {self.min_bits:g}..{self.max_bits:g} learned bits, groups of {qp.group_size}"
+                     for qp in self._qparams}  # fmt: skip
+        own = {id(qp.logit) for qp in self._qparams}
+        return CoverageReport("DiffQ", weight_rows(self.model, quantized, self._kept_reasons, own))
 
     # ----------------------------------------------------------------------------- sizes
     def model_size(self, exact: bool = False) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from fnmatch import fnmatch
@@ -16,6 +16,8 @@ from .._options import args_doc, declared, make_config, option
 from .._validate import check_bool, check_choice, check_module_types, check_number, check_patterns
 from ..formats import NumberFormat, parse_format
 from ..formats.distiller import MODES, DistillerFormat, bias_fake_quantize
+from ..coverage import CoverageReport, CoverageRow, parameter_names, weight_rows
+from ..layers import LayerKind, direct_readers, layer_kind
 from ._common import _MIN_STEP
 from .activation import FakeLinearQuantization
 from .factory import FormatQuantizer, activation_quantizer, weight_quantizer
@@ -25,17 +27,13 @@ from .weight import LearnedStepWeight
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, InputScale,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, InputScale,
 )  # fmt: skip
-# channel axis of the weight that is the layer's output: transposed convolutions store (in, out, ...)
-WEIGHT_AXIS: dict[type[nn.Module], int] = {
-    nn.Linear: 0, nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0, nn.Embedding: 0,
-    nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
-}  # fmt: skip
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 OUTPUT_NAME = "output_fake_quant"
 INPUT_NAME = "input_fake_quant"
-WEIGHT_NAME = "weight_fake_quant"  # a layer's weight quantizer: WeightRange, LearnedStepWeight (LSQ) or FormatQuantizer
+WEIGHT_SUFFIX = "_fake_quant"
+WEIGHT_NAME = "weight" + WEIGHT_SUFFIX  # a layer's weight quantizer: WeightRange, LearnedStepWeight (LSQ) or FormatQuantizer
 POSITIONS = ("outputs", "inputs")
 ActivationQuantizer = FakeLinearQuantization | FormatQuantizer
 
@@ -69,7 +67,8 @@ class FakeQuantConfig:
     quantize_inputs: bool = option(False, "also fake-quantize the model input")
     activation_types: Sequence[type[nn.Module]] = option(DEFAULT_ACTIVATION_TYPES, "module types whose outputs are "
                                                          "fake-quantized with activation_position='outputs'")  # fmt: skip
-    exclude: Sequence[str] = option((), "fnmatch patterns of module names left float")
+    exclude: Sequence[str] = option((), "fnmatch patterns of module or parameter names left float (a tied tensor by any name)")
+    include: Sequence[str] | None = option(None, "fnmatch patterns of module names to quantize; None: every module")
     learned_step: bool = option(False, "LSQ: learn the step sizes of Distiller's grids instead of tracking ranges")
     quantize_bias: bool = option(False, "fake-quantize the biases of quantized layers to a symmetric 32-bit grid")
     weight_format: str | None = option(None, "a number format instead of Distiller's grid: int4_g32, int8_per_channel, "
@@ -92,6 +91,7 @@ class FakeQuantConfig:
             raise ValueError("weights, activations and quantize_inputs are all False: nothing to quantize; enable at least one")
         self.activation_types = check_module_types("activation_types", self.activation_types, allow_none=False)
         self.exclude = check_patterns("exclude", self.exclude)
+        self.include = None if self.include is None else check_patterns("include", self.include)
         check_choice("activation_position", self.activation_position, POSITIONS)
         for name in ("weight_format", "activation_format"):
             value = getattr(self, name)
@@ -160,28 +160,40 @@ class EMAFakeQuantizer:
         self._owners: list[nn.Module] = []
         self._created: list[ActivationQuantizer] = []
         self._entries: list[QuantizedSlot] = []
+        # which layers may give a weight its quantizer ('' or why not); AdaScale: the layers it trains
+        self.weight_filter: Callable[[nn.Module], str] | None = None
 
     # ----------------------------------------------------------------------------- prepare / remove
     def prepare(self) -> EMAFakeQuantizer:
-        """Install the fake quantizers; returns ``self``."""
+        """Install the fake quantizers; returns ``self``. ``self.coverage`` then reports every
+        weight and activation point, quantized or float with the reason."""
         if self._owners or self._entries:
             raise RuntimeError("EMAFakeQuantizer.prepare() was already called; call remove() first")
         seen: dict[int, QuantizedSlot] = {}  # by id(param): only while preparing
-        for name, module in self.model.named_modules():
-            if any(fnmatch(name, pattern) for pattern in self.exclude):
-                continue
-            if self.activations and self.activation_position == "outputs" and isinstance(module, self.activation_types) and module is not self.model:
+        readers = direct_readers(self.model)
+        names = parameter_names(self.model)
+        self._reasons: dict[int, str] = {}
+        self._points: list[CoverageRow] = []
+        self._pending: list[tuple[Slot, nn.Parameter]] = []
+        refused: dict[int, str] = {}
+        for name, module in list(self.model.named_modules()):  # a list: quantizers are added on the way
+            kind = layer_kind(module)
+            skipped = self._skipped(name)
+            read_by = readers.get(id(module), [])
+            if self.activations and self.activation_position == "outputs" and self._is_activation_type(module) and module is not self.model:
                 if isinstance(module, CONTAINERS):
                     raise ValueError(f"activation_types includes container {type(module).__name__} ({name!r}): pick leaf layers")
-                if self._activation_fits(module, f"{name} output", "out_features"):
-                    self._attach(module, OUTPUT_NAME, f"output of {name}")
-                    self._handles.append(module.register_forward_hook(_quantize_output))
-            if self.activations and self.activation_position == "inputs" and type(module) in WEIGHT_AXIS and not isinstance(module, nn.Embedding):
-                if self._activation_fits(module, f"{name} input", "in_features"):
-                    self._attach(module, INPUT_NAME, f"input of {name or type(module).__name__}")
-                    self._handles.append(module.register_forward_pre_hook(_quantize_first_input))
-            if self.weights and type(module) in WEIGHT_AXIS:
-                self._add_weight(module, name, seen)
+                self._output_point(module, name, skipped, read_by)
+            if self.activations and self.activation_position == "inputs" and kind is not None and kind.activation_input:
+                self._input_point(module, name, kind, skipped, read_by)
+            if self.weights and kind is not None:
+                self._add_weights(module, name, kind, seen, read_by, names, refused)
+        for key, reason in refused.items():
+            if key not in seen:
+                self._reasons.setdefault(key, reason)
+        for slot, param in self._pending:  # a layer the filter refused: its slot of a tied tensor still swaps
+            if id(param) in seen:
+                seen[id(param)].slots.append(slot)
         self._entries = list(seen.values())
         for entry in self._entries:
             self._swapper.add(entry)
@@ -190,45 +202,123 @@ class EMAFakeQuantizer:
                 raise ValueError("quantize_inputs needs a model that is not an nn.Sequential/ModuleList/ModuleDict")
             self._attach(self.model, INPUT_NAME, "model input")
             self._handles.append(self.model.register_forward_pre_hook(_quantize_first_input))
+            self._points.append(CoverageRow("model input", "activation", type(self.model).__name__, None, self.activation_format.spec))
+        self.coverage = self._coverage()
         if self.left_float:
             warnings.warn(f"EMAFakeQuantizer: the formats cannot hold these tensors, left float: {self.left_float}", stacklevel=2)
         if not self._created and not self._entries:
             warnings.warn(
                 f"EMAFakeQuantizer found nothing to quantize in {type(self.model).__name__}: no layer of "
-                f"activation_types and no Linear/Conv weight (exclude={list(self.exclude)})",
+                f"activation_types and no registered layer kind with weights (exclude={list(self.exclude)}, "
+                f"include={self.include})",
                 stacklevel=2,
             )
         return self
 
-    def _add_weight(self, module: nn.Module, name: str, seen: dict[int, QuantizedSlot]) -> None:
-        for attr in ("weight", "bias") if self.quantize_bias else ("weight",):
-            param = getattr(module, attr, None)
+    def _is_activation_type(self, module: nn.Module) -> bool:
+        if isinstance(module, self.activation_types):
+            return True  # by default also Hugging Face's activation modules (GELUActivation, SiLUActivation, ...)
+        return tuple(self.activation_types) == DEFAULT_ACTIVATION_TYPES and type(module).__module__ == "transformers.activations"
+
+    def _skipped(self, name: str) -> str:
+        """Why the module ``name`` is left alone by the include / exclude patterns ('' if it is not)."""
+        hit = next((p for p in self.exclude if fnmatch(name, p)), None)
+        if hit is not None:
+            return f"excluded by {hit!r}"
+        if self.include is not None and not any(fnmatch(name, p) for p in self.include):
+            return f"not in include={list(self.include)}"
+        return ""
+
+    def _output_point(self, module: nn.Module, name: str, skipped: str, read_by: list[nn.Module]) -> None:
+        where = f"output of {name}"
+        label = type(module).__name__
+        if skipped:
+            self._points.append(CoverageRow(where, "activation", label, None, None, skipped))
+        elif read_by:  # MultiheadAttention's out_proj: its output is the parent's first output
+            parent = read_by[0]
+            if OUTPUT_NAME not in parent._modules:
+                self._attach(parent, OUTPUT_NAME, where)
+                self._handles.append(parent.register_forward_hook(_quantize_first_output))
+            self._points.append(CoverageRow(where, "activation", label, None, self.activation_format.spec))
+        elif self._activation_fits(module, where, getattr(module, "out_features", None) if isinstance(module, nn.Linear) else None):
+            self._attach(module, OUTPUT_NAME, where)
+            self._handles.append(module.register_forward_hook(_quantize_output))
+            self._points.append(CoverageRow(where, "activation", label, None, self.activation_format.spec))
+        else:
+            self._points.append(CoverageRow(where, "activation", label, None, None, self.left_float[where]))
+
+    def _input_point(self, module: nn.Module, name: str, kind: LayerKind, skipped: str, read_by: list[nn.Module]) -> None:
+        where = f"input of {name or type(module).__name__}"
+        if skipped:
+            self._points.append(CoverageRow(where, "activation", kind.name, None, None, skipped))
+        elif read_by:
+            reason = f"computed inside the fused forward of {type(read_by[0]).__name__}, which never calls this layer"
+            self._points.append(CoverageRow(where, "activation", kind.name, None, None, reason))
+        elif self._activation_fits(module, where, kind.in_features(module)):
+            self._attach(module, INPUT_NAME, where)
+            hook = _quantize_attention_inputs if isinstance(module, nn.MultiheadAttention) else _quantize_first_input
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=hook is _quantize_attention_inputs))
+            self._points.append(CoverageRow(where, "activation", kind.name, None, self.activation_format.spec))
+        else:
+            self._points.append(CoverageRow(where, "activation", kind.name, None, None, self.left_float[where]))
+
+    def _add_weights(
+        self, module: nn.Module, name: str, kind: LayerKind, seen: dict[int, QuantizedSlot],
+        read_by: list[nn.Module], names: dict[int, list[str]], refused: dict[int, str],
+    ) -> None:  # fmt: skip
+        weights = kind.weights(module)
+        not_here = self.weight_filter(module) if self.weight_filter is not None else ""
+        attrs = [*weights, *(("bias",) if self.quantize_bias and "bias" not in weights else ())]
+        for attr in attrs:
+            param = module._parameters.get(attr)
             if not isinstance(param, nn.Parameter):
                 continue
-            slot = Slot(module, attr, f"{name}.{attr}" if name else attr)
+            slot = Slot(module, attr, f"{name}.{attr}" if name else attr, tuple(read_by))
             if id(param) in seen:  # tied: one quantizer, every slot swapped
                 seen[id(param)].slots.append(slot)
                 continue
-            if attr == "bias":
+            if id(param) in self._reasons:
+                continue
+            if not_here:
+                self._pending.append((slot, param))
+                refused.setdefault(id(param), not_here)
+                continue
+            every_name = names.get(id(param), [slot.qualified_name])
+            skipped = self._skipped(name) or next(
+                (f"excluded by {p!r} ({n})" for n in every_name for p in self.exclude if fnmatch(n, p)), ""
+            )  # a tied tensor is excluded by any of its names
+            if skipped:
+                self._reasons[id(param)] = skipped
+                continue
+            if attr == "bias" and attr not in weights:
                 seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], bias=True)
                 continue
-            axis = WEIGHT_AXIS[type(module)]
+            axis = weights[attr]
             try:
                 quantizer = weight_quantizer(self.weight_format, param, axis)
             except ValueError as error:  # e.g. a block size that does not divide the input features
                 self.left_float[slot.qualified_name] = str(error)
+                self._reasons[id(param)] = str(error)
                 continue
             quantizer.label = f"weight quantizer ({slot.qualified_name})"
-            module.add_module(WEIGHT_NAME, quantizer)
+            module.add_module(_quantizer_name(attr), quantizer)
             per_channel = not isinstance(self.weight_format, DistillerFormat) or self.weight_format.per_channel
             seen[id(param)] = QuantizedSlot(slot.qualified_name, param, [slot], quantizer=quantizer, axis=axis if per_channel else None)
             if module not in self._owners:
                 self._owners.append(module)
 
-    def _activation_fits(self, module: nn.Module, where: str, features: str) -> bool:
-        """Whether the activation format can hold a Linear's input / output (its feature count is
-        known: a block size must divide it); else it stays float, named in ``left_float``."""
-        size = getattr(module, features, None) if isinstance(module, nn.Linear) else None
+    def _coverage(self) -> CoverageReport:
+        quantized = {id(e.param): ("int32 bias grid" if e.bias else self.weight_format.spec) for e in self._entries}
+        reasons = dict(self._reasons)
+        if not self.weights:
+            reasons.update({id(p): "weights=False" for p in self.model.parameters()})
+        own = {id(p) for q in self._quantizer_modules() for p in q.parameters()}
+        rows = weight_rows(self.model, quantized, reasons, own, default_vector="bias / norm (quantize_bias=False)" if not self.quantize_bias else "")
+        return CoverageReport("EMAFakeQuantizer", rows + self._points)
+
+    def _activation_fits(self, module: nn.Module, where: str, size: int | None) -> bool:
+        """Whether the activation format can hold a layer's input / output (when its feature count
+        is known a block size must divide it); else it stays float, named in ``left_float``."""
         if size is None:
             return True
         try:
@@ -255,9 +345,8 @@ class EMAFakeQuantizer:
             handle.remove()
         self._handles.clear()
         for module in self._owners:
-            for name in (OUTPUT_NAME, INPUT_NAME, WEIGHT_NAME):
-                if name in module._modules:
-                    del module._modules[name]
+            for name in [n for n in module._modules if n in (OUTPUT_NAME, INPUT_NAME) or n.endswith(WEIGHT_SUFFIX)]:
+                del module._modules[name]
         self._owners.clear()
         self._created.clear()
         self._entries.clear()
@@ -385,6 +474,39 @@ class EMAFakeQuantizer:
 def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:
     fq = module._modules.get(OUTPUT_NAME)
     return fq(output) if fq is not None and isinstance(output, torch.Tensor) else output
+
+
+def _quantizer_name(attr: str) -> str:
+    """The child that holds the quantizer of weight ``attr`` (``weight_fake_quant``, ``weight_ih_l0_fake_quant``)."""
+    return attr + WEIGHT_SUFFIX
+
+
+def _quantize_first_output(module: nn.Module, args: tuple, output: object) -> object:
+    """``nn.MultiheadAttention`` returns ``(attention output, weights)``: the output is the first."""
+    fq = module._modules.get(OUTPUT_NAME)
+    if fq is None or not isinstance(output, tuple) or not output or not isinstance(output[0], torch.Tensor):
+        return output
+    return (fq(output[0]), *output[1:])
+
+
+def _quantize_attention_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Query, key and value of ``nn.MultiheadAttention`` (positional or keyword), each once: a key
+    that is the query stays the same tensor (self-attention's fast path checks ``key is query``)."""
+    fq = module._modules.get(INPUT_NAME)
+    if fq is None:
+        return None
+    done: dict[int, torch.Tensor] = {}
+
+    def quantize(x: object) -> object:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
+        if id(x) not in done:
+            done[id(x)] = fq(x)
+        return done[id(x)]
+
+    args = tuple(quantize(a) if i < 3 else a for i, a in enumerate(args))
+    kwargs = {k: quantize(v) if k in ("query", "key", "value") else v for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _quantize_first_input(module: nn.Module, args: tuple) -> tuple | None:

@@ -23,11 +23,14 @@ from torch import nn
 
 @dataclass(eq=False)
 class Slot:
-    """One place a parameter is registered: ``module._parameters[attr]``."""
+    """One place a parameter is registered: ``module._parameters[attr]``; ``readers`` are parents
+    whose forward reads it directly without calling ``module`` (``nn.MultiheadAttention`` and its
+    ``out_proj``): the swap hooks sit on them too."""
 
     module: nn.Module
     attr: str
     qualified_name: str
+    readers: tuple[nn.Module, ...] = ()
 
 
 @dataclass(eq=False)
@@ -44,20 +47,22 @@ class WeightSwapper:
 
     def __init__(self, substitute: Callable[[SwappedParam, nn.Module], torch.Tensor | None]) -> None:
         self._substitute = substitute
-        self._by_module: dict[nn.Module, list[tuple[str, SwappedParam]]] = {}
+        # hooked module -> (module whose _parameters hold it, attribute, entry)
+        self._by_module: dict[nn.Module, list[tuple[nn.Module, str, SwappedParam]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def add(self, entry: SwappedParam) -> None:
         for slot in entry.slots:
-            if slot.module not in self._by_module:
-                self._by_module[slot.module] = []
-                self._handles.append(slot.module.register_forward_pre_hook(self._pre_hook))
-                self._handles.append(slot.module.register_forward_hook(self._post_hook, always_call=True))
-            self._by_module[slot.module].append((slot.attr, entry))
+            for hooked in (slot.module, *slot.readers):
+                if hooked not in self._by_module:
+                    self._by_module[hooked] = []
+                    self._handles.append(hooked.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(hooked.register_forward_hook(self._post_hook, always_call=True))
+                self._by_module[hooked].append((slot.module, slot.attr, entry))
 
     def entries(self) -> list[SwappedParam]:
         """Every entry added, once."""
-        unique = {id(e): e for slots in self._by_module.values() for _, e in slots}
+        unique = {id(e): e for slots in self._by_module.values() for _, _, e in slots}
         return list(unique.values())
 
     def remove(self) -> None:
@@ -68,19 +73,19 @@ class WeightSwapper:
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         swapped = False
-        for attr, entry in self._by_module[module]:
-            tensor = self._substitute(entry, module)
+        for owner, attr, entry in self._by_module[module]:
+            tensor = self._substitute(entry, owner)
             if tensor is not None:
-                module._parameters[attr] = tensor  # bypasses the leaf check of __setattr__ on purpose
+                owner._parameters[attr] = tensor  # bypasses the leaf check of __setattr__ on purpose
                 swapped = True
         if swapped:
             refresh_rnn(module)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         swapped = False
-        for attr, entry in self._by_module[module]:
-            if module._parameters[attr] is not entry.param:
-                module._parameters[attr] = entry.param
+        for owner, attr, entry in self._by_module[module]:
+            if owner._parameters[attr] is not entry.param:
+                owner._parameters[attr] = entry.param
                 swapped = True
         if swapped:
             refresh_rnn(module)
