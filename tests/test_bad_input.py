@@ -34,11 +34,13 @@ CASES: dict[type, dict[str, Any]] = {
     EMAFakeQuant: {"weight_bits": 1, "activation_bits": 17, "weight_mode": "ternary", "activation_mode": "x", "per_channel": "y",
                    "ema_decay": 1.0, "weights": 0.5, "activations": "no", "quantize_inputs": 1.5, "exclude": 3, "include": 4,
                    "start_step": -1, "freeze_step": -2, "learned_step": "yes", "quantize_bias": "no", "step_lr": 0,
-                   "step_weight_decay": -1, "weight_format": "int4_g31x", "activation_format": 8, "activation_position": "middle"},
+                   "step_weight_decay": -1, "weight_format": "int4_g31x", "activation_format": 8, "activation_position": "middle",
+                   "fold_batchnorm": "yes"},
     EMAFakeQuantizer: {"model": None, "weight_bits": 0, "activation_bits": 40, "weight_mode": "x", "activation_mode": "y",
                        "per_channel": None, "ema_decay": -0.5, "weights": "w", "activations": 2, "quantize_inputs": "q",
                        "activation_types": (int,), "exclude": 1, "include": [2], "learned_step": "l", "quantize_bias": "b",
-                       "weight_format": "mxfp5", "activation_format": "int9", "activation_position": 1},
+                       "weight_format": "mxfp5", "activation_format": "int9", "activation_position": 1,
+                       "fold_batchnorm": 2},
     FakeLinearQuantization: {"num_bits": 1, "mode": "m", "ema_decay": 2, "dequantize": "d", "learned_step": 3},
     HistogramCalibration: {"method": "median", "num_batches": 0, "percentile": 101, "num_bins": 1, "stride": 0,
                            "start_bin": -1, "weights": "w", "weight_method": "entropy2", "forward_fn": 3},
@@ -152,4 +154,4 @@ def test_empty_calibration_loader_and_nothing_to_quantize_have_clear_messages() 
     with pytest.warns(UserWarning, match="found nothing to quantize"):
         DiffQuantizer(nn.Sequential(nn.Linear(2, 2)))  # below min_size
     with pytest.warns(UserWarning, match="found nothing to quantize"):
-        EMAFakeQuantizer(nn.Sequential(nn.LayerNorm(4), nn.GELU())).prepare()
+        EMAFakeQuantizer(nn.Sequential(nn.LayerNorm(4), nn.Tanh())).prepare()  # no weights, no activation type

@@ -99,3 +99,9 @@ def test_sweep_report_example_smoke(tmp_path: Path) -> None:
                   "--dir", str(tmp_path / "sweep"), "--extra", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
                   "data.num_samples=500")  # fmt: skip
     assert "2 runs" in result.stdout and (tmp_path / "sweep" / "report.png").exists()
+
+
+def test_llama_qat_example_smoke() -> None:
+    result = _run("examples/llama_qat.py", "--smoke")
+    table = result.stdout.split("| scheme |")[1]
+    assert "int4_g32 + int8_per_token | 5.00 |" in table and "LSQ W4" in table and "DiffQ" in table

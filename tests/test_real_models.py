@@ -302,3 +302,71 @@ def test_a_batchnorm_model_packs_and_loads_every_buffer(tmp_path: Path) -> None:
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             assert torch.equal(target.state_dict()[key], value), key
             assert target.state_dict()[key].dtype == value.dtype
+
+
+# ----------------------------------------------------------------------------- plain models out of QAT
+@pytest.mark.parametrize("callback", ["fake_quant", "diffq"])
+def test_from_pretrained_gets_the_quantized_model(callback: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from qat_lightning.export import save_pretrained_quantized
+
+    model = build("gpt2")
+    if callback == "fake_quant":
+        quantizer = EMAFakeQuantizer(model, weight_bits=4, activations=False).prepare()
+    else:
+        quantizer = DiffQuantizer(model, min_size=0, init_bits=4)
+    x = sample("gpt2")
+    model.eval()
+    with torch.no_grad():
+        quantized_out, float_out = model(x), None
+        with _weights_off(quantizer):
+            float_out = model(x)
+    assert not torch.allclose(quantized_out, float_out, atol=1e-4)  # 4 bits: the two differ
+    save_pretrained_quantized(quantizer, model.net, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "fake_quant" in k or k.endswith("_diffq")]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, quantized_out, rtol=0, atol=1e-5)
+
+
+class _weights_off:
+    def __init__(self, quantizer) -> None:
+        self.quantizer = quantizer
+
+    def __enter__(self) -> None:
+        if isinstance(self.quantizer, DiffQuantizer):
+            self.quantizer.enabled = False
+        else:
+            self.quantizer.weights_enabled = False
+
+    def __exit__(self, *exc) -> None:
+        if isinstance(self.quantizer, DiffQuantizer):
+            self.quantizer.enabled = True
+        else:
+            self.quantizer.weights_enabled = True
+
+
+def test_batchnorm_folding_keeps_the_eval_function_and_quantizes_the_folded_layers() -> None:
+    from qat_lightning.quantizers.fold import fold_batchnorm
+
+    for name in ("resnet", "mobilenet"):
+        model = build(name).double()
+        model.train()
+        for _ in range(3):
+            model(sample(name).double())  # running statistics away from (0, 1)
+        model.eval()
+        x = sample(name).double()
+        before = model(x)
+        pairs = fold_batchnorm(model)
+        assert len(pairs) == sum(isinstance(m, nn.BatchNorm2d) for m in build(name).modules())
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-12)
+    model = build("resnet")
+    quantizer = EMAFakeQuantizer(model, fold_batchnorm=True).prepare()
+    assert ("net.stem.0", "net.stem.1") in quantizer.folded and quantizer.coverage.weight_share() == 1.0
+    assert isinstance(model.net.stem[1], nn.Identity) and model.net.stem[0].bias is not None

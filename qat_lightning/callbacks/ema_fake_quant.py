@@ -72,6 +72,7 @@ class EMAFakeQuant(QuantizationCallback):
         weight_format: str | None = None,
         activation_format: str | None = None,
         activation_position: str = "outputs",
+        fold_batchnorm: bool = False,
     ) -> None:
         arguments = locals()
         self.hparams = init_arguments(arguments)  # logged once to the Trainer's loggers
@@ -95,7 +96,7 @@ class EMAFakeQuant(QuantizationCallback):
     # options that define the quantizers and their grids: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("weight_bits", "activation_bits", "weight_mode", "activation_mode", "per_channel", "weights",
                           "activations", "quantize_inputs", "exclude", "include", "learned_step", "quantize_bias", "weight_format",
-                          "activation_format", "activation_position")  # fmt: skip
+                          "activation_format", "activation_position", "fold_batchnorm")  # fmt: skip
 
     order = 10
     conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ or AdaScale (their weights, fake-quantized activations)"

@@ -20,6 +20,7 @@ from ..coverage import CoverageReport, CoverageRow, parameter_names, weight_rows
 from ..layers import LayerKind, direct_readers, layer_kind
 from ._common import _MIN_STEP
 from .activation import FakeLinearQuantization
+from .fold import fold_batchnorm
 from .factory import FormatQuantizer, activation_quantizer, weight_quantizer
 from .input_scale import InputScale
 from .swap import Slot, SwappedParam, WeightSwapper
@@ -75,6 +76,8 @@ class FakeQuantConfig:
                                              "fp8_e4m3, mxfp4, nvfp4, ...")  # fmt: skip
     activation_format: str | None = option(None, "a number format for the activations: int8_per_token (dynamic), "
                                                  "fp8_e4m3_per_row, mxfp8, ...; None: Distiller's EMA-tracked grid")  # fmt: skip
+    fold_batchnorm: bool = option(False, "fold each BatchNorm into the convolution / Linear before it (running statistics) "
+                                         "before quantizing: the deployed int8 graph")  # fmt: skip
     activation_position: str = option("outputs", "outputs (Distiller: of the activation_types layers) | inputs (of the "
                                                  "layers with weights: deployable W8A8 graphs)")  # fmt: skip
 
@@ -85,7 +88,7 @@ class FakeQuantConfig:
         check_choice("activation_mode", self.activation_mode, MODES)
         check_bool("per_channel", self.per_channel)
         check_number("ema_decay", self.ema_decay, low=0, high=1, high_open=True)
-        for name in ("weights", "activations", "quantize_inputs", "learned_step", "quantize_bias"):
+        for name in ("weights", "activations", "quantize_inputs", "learned_step", "quantize_bias", "fold_batchnorm"):
             check_bool(name, getattr(self, name))
         if not (self.weights or self.activations or self.quantize_inputs):
             raise ValueError("weights, activations and quantize_inputs are all False: nothing to quantize; enable at least one")
@@ -155,6 +158,7 @@ class EMAFakeQuantizer:
         self.weight_format, self.activation_format = self.config.formats()
         self.weights_enabled = True
         self.left_float: dict[str, str] = {}  # weights the format cannot hold, with the reason
+        self.folded: list[tuple[str, str]] = []  # (layer, BatchNorm) pairs folded by prepare()
         self._swapper = WeightSwapper(self._substitute)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owners: list[nn.Module] = []
@@ -169,6 +173,7 @@ class EMAFakeQuantizer:
         weight and activation point, quantized or float with the reason."""
         if self._owners or self._entries:
             raise RuntimeError("EMAFakeQuantizer.prepare() was already called; call remove() first")
+        self.folded = fold_batchnorm(self.model) if self.fold_batchnorm else []
         seen: dict[int, QuantizedSlot] = {}  # by id(param): only while preparing
         readers = direct_readers(self.model)
         names = parameter_names(self.model)

@@ -1,0 +1,72 @@
+"""A plain model out of a QAT run: every quantized weight replaced by its quantized value, no
+quantizer tensors (``*_diffq`` logits, ``*_fake_quant.*`` ranges and steps). What
+``save_pretrained`` should write after QAT, so that ``from_pretrained`` gets the quantized model
+and not the float one::
+
+    state = quantized_state_dict(callback.quantizer, module=lit.net)   # lit.net: the HF model
+    lit.net.save_pretrained(directory, state_dict=state)
+    # or: save_pretrained_quantized(callback.quantizer, lit.net, directory)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats.distiller import bias_fake_quantize
+from ..quantizers.diffq import DiffQuantizer
+from ..quantizers.fake_quantizer import WEIGHT_SUFFIX, EMAFakeQuantizer
+
+Quantizer = DiffQuantizer | EMAFakeQuantizer
+
+
+@torch.no_grad()
+def quantized_values(quantizer: Quantizer) -> dict[int, torch.Tensor]:
+    """``id(parameter) -> its quantized value`` for every weight the quantizer quantizes."""
+    if isinstance(quantizer, DiffQuantizer):
+        values = {id(qp.param): quantizer.quantized_weight(qp) for qp in quantizer.quantized_params()}
+        values.update({id(k.param): quantizer.quantized_weight(k) for k in quantizer._kept if k.half})
+        return values
+    if isinstance(quantizer, EMAFakeQuantizer):
+        values = {}
+        for entry in quantizer._entries:
+            if entry.bias:
+                values[id(entry.param)] = bias_fake_quantize(entry.param).detach()
+            else:
+                values[id(entry.param)] = entry.quantizer(entry.param).detach()
+        return values
+    raise ValueError(f"quantizer must be a DiffQuantizer or an EMAFakeQuantizer (callback.quantizer); got {type(quantizer).__name__}")
+
+
+def quantized_state_dict(quantizer: Quantizer, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of ``module`` (default: the quantized model; or any submodule of it, keys
+    relative to it) with quantized weights and no quantizer tensors."""
+    model = quantizer.model
+    module = model if module is None else module
+    if not any(m is module for m in model.modules()):
+        raise ValueError(f"module ({type(module).__name__}) is not part of the quantized model ({type(model).__name__})")
+    suffix = quantizer.suffix if isinstance(quantizer, DiffQuantizer) else None
+    values = quantized_values(quantizer)
+    state = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if f"{WEIGHT_SUFFIX}." in name or ".input_fake_quant." in name or ".output_fake_quant." in name or name.startswith(("input_fake_quant.", "output_fake_quant.")):
+            continue
+        if suffix is not None and name.endswith(suffix):
+            continue
+        value = values.get(id(tensor), tensor)
+        state[name] = value.detach().clone()
+    return state
+
+
+def save_pretrained_quantized(quantizer: Quantizer, model: Any, directory: str | Path, **kwargs: Any) -> Path:
+    """``model.save_pretrained(directory, state_dict=quantized_state_dict(quantizer, model))`` for a
+    Hugging Face model that is (part of) the quantized model; returns the directory."""
+    if not hasattr(model, "save_pretrained"):
+        raise ValueError(f"model must be a Hugging Face PreTrainedModel (with save_pretrained); got {type(model).__name__}")
+    model.save_pretrained(str(directory), state_dict=quantized_state_dict(quantizer, model), **kwargs)
+    return Path(directory)
+
+
+__all__ = ["quantized_state_dict", "quantized_values", "save_pretrained_quantized"]
