@@ -24,21 +24,10 @@ import lightning.pytorch as pl
 import pydoc_data.topics
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from char_lm import Chars  # the same random windows as the char_lm example (this directory)
+from torch.utils.data import DataLoader
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant, EMAFakeQuantizer
-
-
-class Chars(Dataset):
-    def __init__(self, ids: torch.Tensor, context: int, samples: int, seed: int) -> None:
-        self.ids, self.context = ids, context
-        self.starts = torch.randint(0, len(ids) - context - 1, (samples,), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.ids[self.starts[i] : self.starts[i] + self.context + 1]
 
 
 class LlamaLM(pl.LightningModule):
@@ -55,16 +44,16 @@ class LlamaLM(pl.LightningModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.net(ids).logits
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self(batch[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        return F.cross_entropy(self(inputs).flatten(0, 1).float(), targets.flatten())
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.log("val/bpc", self._loss(batch) / math.log(2))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
