@@ -161,6 +161,7 @@ def export_onnx(
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("output",),
     dynamic_batch: bool = True,
+    exporter: str = "auto",
 ) -> Path:
     """Export ``model`` (in eval mode, fake quantizers as QDQ pairs) to ``path``; returns the path.
 
@@ -168,7 +169,11 @@ def export_onnx(
     input and output is left free. With ``diffq`` (its weights at 8 bits or fewer), every weight
     it quantizes is stored as uint8 levels with one scale per group, dequantized in the graph by
     ``DequantizeLinear`` (per group) + ``Reshape`` + ``Add(min)``: DiffQ's
-    ``min + level · (max - min) / (2^b - 1)`` exactly, at one byte per weight."""
+    ``min + level · (max - min) / (2^b - 1)`` exactly, at one byte per weight.
+
+    ``exporter``: ``"legacy"`` (TorchScript tracing), ``"dynamo"`` (``torch.export``; needs
+    ``onnxscript``: Hugging Face decoders whose mask code or grouped-query attention the legacy
+    exporter cannot convert), or ``"auto"``: legacy, and dynamo where legacy fails."""
     if diffq is not None:
         _check_diffq(diffq)
     try:
@@ -186,8 +191,7 @@ def export_onnx(
         if diffq is not None:
             diffq.enabled = False  # float weights in the trace, named as parameters; replaced below
         with qdq_mode(model), torch.no_grad():
-            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
-                              output_names=list(output_names), dynamic_axes=axes)  # fmt: skip
+            _export(model, args, path, exporter, opset, list(input_names), list(output_names), axes)
     finally:
         model.train(training)
         if diffq is not None:
@@ -196,6 +200,49 @@ def export_onnx(
         _store_diffq_weights(path, diffq)
     check_int32_biases(path)
     return path
+
+
+EXPORTERS = ("auto", "legacy", "dynamo")
+
+
+def _export(model: nn.Module, args: tuple, path: Path, exporter: str, opset: int, inputs: list[str], outputs: list[str],
+            axes: dict | None) -> None:  # fmt: skip
+    """``auto``: torch.export first (a failed legacy trace can leave Hugging Face models unexportable
+    by torch.export in the same process), the legacy tracer where torch.export fails (the fast
+    path of ``nn.MultiheadAttention``)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {list(EXPORTERS)}; got {exporter!r}")
+    dynamo_error: Exception | None = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            _export_dynamo(model, args, path, opset, inputs, outputs, axes)
+            return
+        except ImportError:
+            if exporter == "dynamo":
+                raise
+        except Exception as error:  # noqa: BLE001 - auto: the legacy tracer next
+            if exporter == "dynamo":
+                raise
+            dynamo_error = error
+    try:
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes)  # fmt: skip
+    except Exception as error:
+        if dynamo_error is None:
+            raise
+        hint = " (Hugging Face decoders: their mask code fixes the batch size under torch.export; pass dynamic_batch=False)" if axes else ""
+        raise RuntimeError(f"export_onnx: both exporters failed{hint}. torch.export: {type(dynamo_error).__name__}: "
+                           f"{str(dynamo_error)[:300]}; legacy: {type(error).__name__}: {str(error)[:300]}") from error  # fmt: skip
+
+
+def _export_dynamo(model: nn.Module, args: tuple, path: Path, opset: int, inputs: list[str], outputs: list[str],
+                   axes: dict | None) -> None:  # fmt: skip
+    try:
+        import onnxscript  # noqa: F401 - torch.export's ONNX translation
+    except ImportError as error:
+        raise ImportError("export_onnx(exporter='dynamo') needs onnxscript: pip install 'qat-lightning[onnx]'") from error
+    options = dict(dynamo=True, opset_version=max(opset, 18), input_names=inputs, output_names=outputs, report=False, verbose=False)
+    torch.onnx.export(model, args, str(path), dynamic_axes=axes, **options)
 
 
 def check_int32_biases(path: str | Path) -> None:
