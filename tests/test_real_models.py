@@ -135,32 +135,31 @@ def test_a_tied_tensor_is_excluded_by_any_of_its_names() -> None:
     assert {s.qualified_name for s in entry.slots} == {"net.transformer.wte.weight", "net.lm_head.weight"}
 
 
-def test_rescaling_keeps_the_float_function_of_a_tied_model_exactly() -> None:
-    model = build("gpt2").double()
+def _rescaled(name: str) -> tuple[nn.Module, RescalingCalibrator, float]:
+    """The model rescaled in float64, its calibrator, and the relative change of its function."""
+    model = build(name).double()
     model.eval()
-    x = sample("gpt2")
+    x = sample(name)
     before = model(x)
     calibrator = RescalingCalibrator(model, inplace=True)
-    assert "net.lm_head" in calibrator.not_rescaled and "tied" in calibrator.not_rescaled["net.lm_head"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calibrator(x)
         calibrator.rescale(alpha=0.5)
-    after = model(x)
-    assert ((after - before).norm() / before.norm()).item() < 1e-10
+    return model, calibrator, ((model(x) - before).norm() / before.norm()).item()
+
+
+def test_rescaling_keeps_the_float_function_of_a_tied_model_exactly() -> None:
+    model, calibrator, change = _rescaled("gpt2")
+    assert "net.lm_head" in calibrator.not_rescaled and "tied" in calibrator.not_rescaled["net.lm_head"]
+    assert change < 1e-10
     assert model.net.lm_head.weight is model.net.transformer.wte.weight
 
 
 def test_rescaling_a_transformer_encoder_keeps_its_float_function() -> None:
-    model = build("transformer_encoder").double()
-    model.eval()
-    x = sample("transformer_encoder")
-    before = model(x)
-    calibrator = RescalingCalibrator(model, inplace=True)
+    _, calibrator, change = _rescaled("transformer_encoder")
     assert "read inside MultiheadAttention" in calibrator.not_rescaled["net.encoder.layers.0.self_attn.out_proj"]
-    calibrator(x)
-    calibrator.rescale(alpha=0.5)
-    assert ((model(x) - before).norm() / before.norm()).item() < 1e-10
+    assert change < 1e-10
     report = calibrator.coverage()
     assert any(r.quantized for r in report.rows) and all(r.quantized or r.reason for r in report.rows)
 

@@ -30,7 +30,7 @@ from .._validate import check_bool, check_module_types, check_number, check_patt
 from .calibrate import _to_device, default_forward, map_tensors
 from ..coverage import CoverageReport, parameter_names
 from ..layers import direct_readers, layer_weights
-from ..quantizers.fake_quantizer import EMAFakeQuantizer
+from ..quantizers.fake_quantizer import WEIGHT_SUFFIX, EMAFakeQuantizer
 from ..quantizers.weight import LearnedStepWeight
 from ..formats.lsq import learned_step_quantize
 from ..formats.uniform import compute_dtype
@@ -253,7 +253,7 @@ def _apply_adascale(
     layers_in_blocks = {id(layer) for _, block in blocks for layer in block.modules() if id(layer) in weight_quantizers}
     left_float = [
         n for n, m in model.named_modules()
-        if layer_weights(m) and id(m) not in layers_in_blocks and not any(id(m) == id(x) for x in _tied_layers(model))
+        if layer_weights(m) and id(m) not in layers_in_blocks
     ]  # fmt: skip
     if not layers_in_blocks:
         quantizer.remove()
@@ -301,7 +301,7 @@ def _apply_adascale(
                 bar.update(per_block)
                 continue
             bar.set_description(f"AdaScale {block_name or '<root>'}")
-            broken = [i for i, ((x, _, _), y) in enumerate(zip(inputs, targets)) if not (torch.isfinite(x).all() and torch.isfinite(y).all())]
+            broken = [i for i, ((x, *_), y) in enumerate(zip(inputs, targets)) if not (torch.isfinite(x).all() and torch.isfinite(y).all())]
             if broken or not all(torch.isfinite(m.weight).all() for m in layers):
                 raise FloatingPointError(
                     f"apply_adascale(): NaN or Inf in block {block_name or '<root>'!r} ({'its inputs or outputs for batches ' + str(broken) if broken else 'its weights'}); "
@@ -339,18 +339,13 @@ def _coverage(quantizer: EMAFakeQuantizer, result: AdaScaleResult, bits: int) ->
 def _strip_quantizers(model: nn.Module) -> None:
     """The float copy: its weight quantizers (copied with their hooks) switched off."""
     for module in model.modules():
-        for name in [n for n in module._modules if n.endswith("_fake_quant")]:
+        for name in [n for n in module._modules if n.endswith(WEIGHT_SUFFIX)]:
             module._modules[name].enabled = False
 
 
 def _tied_weights(model: nn.Module) -> dict[int, str]:
     """``id(weight) -> its other names`` for parameters registered in more than one place."""
     return {key: " = ".join(names) for key, names in parameter_names(model).items() if len(names) > 1}
-
-
-def _tied_layers(model: nn.Module) -> list[nn.Module]:
-    tied = _tied_weights(model)
-    return [m for m in model.modules() if any(id(p) in tied for p in m._parameters.values() if p is not None) and supported(m)]
 
 
 def _normal_tensors(batch: Any) -> Any:
@@ -398,22 +393,22 @@ def _progress(total: int, enabled: bool) -> Any:
 def _block_data(
     model: nn.Module, block: nn.Module, float_model: nn.Module, float_block: nn.Module,
     batches: list[Any], forward_fn: Callable[[nn.Module, Any], Any], mix: float,
-) -> tuple[list[tuple[torch.Tensor, tuple, dict]] | None, list[torch.Tensor] | None]:  # fmt: skip
+) -> tuple[list[tuple[torch.Tensor, int | str, tuple, dict]] | None, list[torch.Tensor] | None]:  # fmt: skip
     """The block's input in the (partly quantized) model, with the other positional and keyword
     arguments it was called with (masks, position embeddings: replayed as they were), and the
     float block's output (its first tensor: Hugging Face layers return tuples)."""
     def capture(module: nn.Module, store: list, outputs: bool) -> Any:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, *rest: Any) -> None:
-            x = _main_input(args, kwargs)
+            where = _main_input(args, kwargs)
             y = _first_tensor(rest[-1]) if outputs else None
-            ok = x is not None and (not outputs or y is not None)
-            store.append((x.detach() if ok else None, tuple(map(_replayable, args)), {k: _replayable(v) for k, v in kwargs.items()},
-                          y.detach() if ok and outputs else None))  # fmt: skip
+            ok = where is not None and (not outputs or y is not None)
+            x = (args[where] if where == 0 else kwargs[where]) if ok else None
+            store.append((x.detach() if ok else None, where, _replayable(args), _replayable(kwargs), y.detach() if ok and outputs else None))
             raise _StopForward
 
         if outputs:
             return module.register_forward_hook(hook, with_kwargs=True)
-        return module.register_forward_pre_hook(lambda m, a, k: hook(m, a, k), with_kwargs=True)
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
 
     quantized_in: list = []
     float_io: list = []
@@ -430,33 +425,34 @@ def _block_data(
     if any(x is None for x, *_ in quantized_in) or any(x is None for x, *_ in float_io) or len(quantized_in) != len(batches):
         return None, None
     inputs = []
-    for (q, args, kwargs, _), (f, *_) in zip(quantized_in, float_io):
+    for (q, where, args, kwargs, _), (f, *_) in zip(quantized_in, float_io):
         x = q if mix == 0 else (1 - mix) * q + mix * f
-        inputs.append((x, args, kwargs))
+        inputs.append((x, where, args, kwargs))
     return inputs, [y for *_, y in float_io]
 
 
-def _replayable(value: Any) -> Any:
-    """An argument as it can be passed again: tensors (also in tuples, such as rotary position
-    embeddings) detached; a key/value cache (filled in place by every call) dropped."""
-    if any(cls.__name__.endswith("Cache") for cls in type(value).__mro__):
-        return None
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_replayable(v) for v in value)
-    return value
+INPUT_KEYWORDS = ("hidden_states", "src", "tgt", "x", "input")  # a block's activation passed by keyword
 
 
-def _main_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A block's activation input: its first positional tensor, else ``hidden_states=`` / ``src=`` / ``x=``."""
+def _replayable(arguments: tuple | dict) -> tuple | dict:
+    """A block's arguments as they can be passed again: tensors (also in tuples, such as rotary
+    position embeddings) detached; a key/value cache (filled in place by every call) dropped."""
+    def keep(value: Any) -> Any:
+        return None if any(cls.__name__.endswith("Cache") for cls in type(value).__mro__) else value
+
+    if isinstance(arguments, dict):
+        arguments = {k: keep(v) for k, v in arguments.items()}
+    else:
+        arguments = tuple(keep(v) for v in arguments)
+    return map_tensors(arguments, torch.Tensor.detach)
+
+
+def _main_input(args: tuple, kwargs: dict) -> int | str | None:
+    """Where a block's activation input is: 0 (its first positional argument) or the keyword
+    (``hidden_states=``, ``src=``, ...); None when it takes no float tensor."""
     if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        return args[0]
-    for key in ("hidden_states", "src", "tgt", "x", "input"):
-        value = kwargs.get(key)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value
-    return None
+        return 0
+    return next((k for k in INPUT_KEYWORDS if isinstance(kwargs.get(k), torch.Tensor) and kwargs[k].is_floating_point()), None)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -468,18 +464,15 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return first if isinstance(first, torch.Tensor) else None
 
 
-def _call_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The block on input ``x`` with the arguments it was called with; its first output tensor."""
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        out = block(x, *args[1:], **kwargs)
-    else:
-        key = next(k for k in ("hidden_states", "src", "tgt", "x", "input") if isinstance(kwargs.get(k), torch.Tensor))
-        out = block(*args, **{**kwargs, key: x})
+def _call_block(block: nn.Module, x: torch.Tensor, where: int | str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The block on input ``x`` (at ``where``) with the other arguments it was called with; its
+    first output tensor."""
+    out = block(x, *args[1:], **kwargs) if where == 0 else block(*args, **{**kwargs, where: x})
     return _first_tensor(out)
 
 
 def _train_block(
-    block: nn.Module, layers: list[nn.Module], inputs: list[tuple[torch.Tensor, tuple, dict]], targets: list[torch.Tensor],
+    block: nn.Module, layers: list[nn.Module], inputs: list[tuple[torch.Tensor, int | str, tuple, dict]], targets: list[torch.Tensor],
     bits: int, num_epochs: int, num_iterations: int | None, lr: float, scale_lr: float, bar: Any,
 ) -> dict[str, Any]:  # fmt: skip
     params = {id(layer): AdaScaleParams(layer.weight.detach(), bits, weight_axis(layer)) for layer in layers}

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats.distiller import bias_fake_quantize
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.fake_quantizer import WEIGHT_SUFFIX, EMAFakeQuantizer
 
@@ -30,13 +29,7 @@ def quantized_values(quantizer: Quantizer) -> dict[int, torch.Tensor]:
         values.update({id(k.param): quantizer.quantized_weight(k) for k in quantizer._kept if k.half})
         return values
     if isinstance(quantizer, EMAFakeQuantizer):
-        values = {}
-        for entry in quantizer._entries:
-            if entry.bias:
-                values[id(entry.param)] = bias_fake_quantize(entry.param).detach()
-            else:
-                values[id(entry.param)] = entry.quantizer(entry.param).detach()
-        return values
+        return {id(entry.param): quantizer.quantized_weight(entry) for entry in quantizer._entries}
     raise ValueError(f"quantizer must be a DiffQuantizer or an EMAFakeQuantizer (callback.quantizer); got {type(quantizer).__name__}")
 
 
@@ -51,12 +44,9 @@ def quantized_state_dict(quantizer: Quantizer, module: nn.Module | None = None) 
     values = quantized_values(quantizer)
     state = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        if f"{WEIGHT_SUFFIX}." in name or ".input_fake_quant." in name or ".output_fake_quant." in name or name.startswith(("input_fake_quant.", "output_fake_quant.")):
+        if f"{WEIGHT_SUFFIX}." in name or (suffix is not None and name.endswith(suffix)):  # every fake quantizer's state; DiffQ's logits
             continue
-        if suffix is not None and name.endswith(suffix):
-            continue
-        value = values.get(id(tensor), tensor)
-        state[name] = value.detach().clone()
+        state[name] = values.get(id(tensor), tensor).detach().clone()
     return state
 
 

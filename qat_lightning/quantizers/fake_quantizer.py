@@ -33,7 +33,7 @@ DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 OUTPUT_NAME = "output_fake_quant"
 INPUT_NAME = "input_fake_quant"
-WEIGHT_SUFFIX = "_fake_quant"
+WEIGHT_SUFFIX = "_fake_quant"  # every quantizer child's name ends with it
 WEIGHT_NAME = "weight" + WEIGHT_SUFFIX  # a layer's weight quantizer: WeightRange, LearnedStepWeight (LSQ) or FormatQuantizer
 POSITIONS = ("outputs", "inputs")
 ActivationQuantizer = FakeLinearQuantization | FormatQuantizer
@@ -179,8 +179,7 @@ class EMAFakeQuantizer:
         names = parameter_names(self.model)
         self._reasons: dict[int, str] = {}
         self._points: list[CoverageRow] = []
-        self._pending: list[tuple[Slot, nn.Parameter]] = []
-        refused: dict[int, str] = {}
+        refused: dict[int, tuple[str, list[Slot]]] = {}  # tensors the weight filter kept from a layer: why, and its slots
         for name, module in list(self.model.named_modules()):  # a list: quantizers are added on the way
             kind = layer_kind(module)
             skipped = self._skipped(name)
@@ -193,12 +192,11 @@ class EMAFakeQuantizer:
                 self._input_point(module, name, kind, skipped, read_by)
             if self.weights and kind is not None:
                 self._add_weights(module, name, kind, seen, read_by, names, refused)
-        for key, reason in refused.items():
-            if key not in seen:
+        for key, (reason, slots) in refused.items():
+            if key in seen:  # quantized through another layer (a tied tensor): these slots swap too
+                seen[key].slots.extend(slots)
+            else:
                 self._reasons.setdefault(key, reason)
-        for slot, param in self._pending:  # a layer the filter refused: its slot of a tied tensor still swaps
-            if id(param) in seen:
-                seen[id(param)].slots.append(slot)
         self._entries = list(seen.values())
         for entry in self._entries:
             self._swapper.add(entry)
@@ -269,7 +267,7 @@ class EMAFakeQuantizer:
 
     def _add_weights(
         self, module: nn.Module, name: str, kind: LayerKind, seen: dict[int, QuantizedSlot],
-        read_by: list[nn.Module], names: dict[int, list[str]], refused: dict[int, str],
+        read_by: list[nn.Module], names: dict[int, list[str]], refused: dict[int, tuple[str, list[Slot]]],
     ) -> None:  # fmt: skip
         weights = kind.weights(module)
         not_here = self.weight_filter(module) if self.weight_filter is not None else ""
@@ -285,8 +283,7 @@ class EMAFakeQuantizer:
             if id(param) in self._reasons:
                 continue
             if not_here:
-                self._pending.append((slot, param))
-                refused.setdefault(id(param), not_here)
+                refused.setdefault(id(param), (not_here, []))[1].append(slot)
                 continue
             every_name = names.get(id(param), [slot.qualified_name])
             skipped = self._skipped(name) or next(
@@ -350,7 +347,7 @@ class EMAFakeQuantizer:
             handle.remove()
         self._handles.clear()
         for module in self._owners:
-            for name in [n for n in module._modules if n in (OUTPUT_NAME, INPUT_NAME) or n.endswith(WEIGHT_SUFFIX)]:
+            for name in [n for n in module._modules if n.endswith(WEIGHT_SUFFIX)]:  # input, output and weight quantizers
                 del module._modules[name]
         self._owners.clear()
         self._created.clear()
@@ -468,12 +465,12 @@ class EMAFakeQuantizer:
     def _quantizer_modules(self) -> list[nn.Module]:
         return [*self._created, *self.weight_quantizers().values()]
 
+    def quantized_weight(self, entry: QuantizedSlot) -> torch.Tensor:
+        """What a forward sees for one quantized weight (or bias)."""
+        return bias_fake_quantize(entry.param) if entry.bias else entry.quantizer(entry.param)
+
     def _substitute(self, entry: QuantizedSlot, module: nn.Module) -> torch.Tensor | None:
-        if not self.weights_enabled:
-            return None
-        if entry.bias:
-            return bias_fake_quantize(entry.param)
-        return entry.quantizer(entry.param)
+        return self.quantized_weight(entry) if self.weights_enabled else None
 
 
 def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:
