@@ -124,9 +124,9 @@ def noise_time(hidden: tuple[int, ...], repeats: int = 200) -> float:
     return module_noise_time(MLP(hidden=hidden), repeats)
 
 
-def module_noise_time(module: torch.nn.Module, repeats: int = 200) -> float:
-    """Median time to draw one gaussian number per weight DiffQ quantizes in ``module``."""
-    quantizer = DiffQuantizer(module)
+def module_noise_time(module: torch.nn.Module, repeats: int = 200, **diffq: object) -> float:
+    """Median time to draw one gaussian number per weight DiffQ (options ``diffq``) quantizes in ``module``."""
+    quantizer = DiffQuantizer(module, **diffq)
     buffers = [torch.empty_like(qp.param) for qp in quantizer.quantized_params()]  # refilled: no page faults
     times = []
     for _ in range(repeats):

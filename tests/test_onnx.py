@@ -170,6 +170,21 @@ def test_diffq_weights_export_as_uint8_levels_with_dequantize_linear(tmp_path: P
     assert quantizer.enabled  # restored
 
 
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_diffq_weights_export_for_three_dimensional_inputs(exporter: str, tmp_path: Path) -> None:
+    """A Linear on (batch, sequence, features) multiplies by its transposed weight: the exporters'
+    constant folding would store that transpose under a new name; DiffQ's weights stay found."""
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    model, quantizer, x = _diffq_model()
+    x = x.reshape(8, 8, 16)
+    with torch.no_grad():
+        reference = model(x)
+    path = export_onnx(model, x[:2], tmp_path / "seq.onnx", diffq=quantizer, exporter=exporter)
+    assert sum(i.name.endswith("::levels") for i in onnx.load(str(path)).graph.initializer) == 2
+    assert (_run(path, x) - reference).abs().max() < 1e-5
+
+
 def test_diffq_weights_with_ema_activations(tmp_path: Path) -> None:
     model, quantizer, x = _diffq_model()
     EMAFakeQuantizer(model, weights=False).prepare()

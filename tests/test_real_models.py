@@ -372,6 +372,18 @@ def test_batchnorm_folding_keeps_the_eval_function_and_quantizes_the_folded_laye
 
 
 # ----------------------------------------------------------------------------- ONNX from real models
+def _per_channel_quantize_nodes(path: Path) -> int:
+    """``QuantizeLinear`` nodes whose scale has more than one entry (a weight's channels)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {i.name: numpy_helper.to_array(i).size for i in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t).size for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # fmt: skip
+    return sum(n.op_type == "QuantizeLinear" and constants.get(n.input[1], 1) > 1 for n in graph.node)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_export_of_every_model_runs_in_onnx_runtime_like_pytorch(name: str, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
@@ -379,7 +391,8 @@ def test_onnx_export_of_every_model_runs_in_onnx_runtime_like_pytorch(name: str,
     from qat_lightning.export.onnx import export_onnx
 
     model = build(name)
-    EMAFakeQuantizer(model, weight_mode="symmetric_restricted", activation_mode="asymmetric_signed").prepare()
+    quantizer = EMAFakeQuantizer(model, weight_mode="symmetric_restricted", activation_mode="asymmetric_signed")
+    quantizer.prepare()
     model.train()
     model(sample(name))  # activation ranges
     model.eval()
@@ -387,9 +400,43 @@ def test_onnx_export_of_every_model_runs_in_onnx_runtime_like_pytorch(name: str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = export_onnx(model, (x,), tmp_path / f"{name}.onnx", dynamic_batch=name != "llama")
+    # every weight quantizer (LSTM's weight_ih_l0, MHA's in_proj_weight too) is a per-channel QDQ pair
+    assert _per_channel_quantize_nodes(path) == len(quantizer.weight_quantizers())
     session = ort.InferenceSession(str(path))
     out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         reference = model(x)
     # QDQ rounds activations as the fused kernels do: a few output levels at most
     assert (out - reference).abs().max().item() < 0.02 * reference.abs().max().item() + 1e-6
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_diffq_onnx_export_of_every_model_holds_the_quantized_weights(name: str, tmp_path: Path) -> None:
+    """Any input rank (3-D Linear inputs, whose transposed weight a constant folder would rename),
+    tied weights (GPT-2's wte is its lm_head), LSTM and convolution weights: every DiffQ weight is
+    stored as uint8 levels and ONNX Runtime computes what the quantized model computes."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from qat_lightning.export.onnx import export_onnx
+
+    model = build(name)
+    quantizer = DiffQuantizer(model, min_size=0, max_bits=8, init_bits=3, group_size=0)
+    model.eval()
+    x = sample(name)
+    with torch.no_grad():
+        reference = model(x)  # eval: the true quantized weights
+        quantizer.enabled = False
+        float_out = model(x)
+        quantizer.enabled = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_onnx(model, (x,), tmp_path / f"{name}.onnx", diffq=quantizer, dynamic_batch=name != "llama")
+    levels = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("::levels")]
+    assert len(levels) == len(quantizer.quantized_params())
+    session = ort.InferenceSession(str(path))
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    scale = reference.abs().max().item()
+    assert (float_out - reference).abs().max().item() > 0.01 * scale  # 3 bits: the quantized model is another function
+    assert (out - reference).abs().max().item() < 1e-4 * scale

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.factory import FormatQuantizer
+from ..quantizers.fake_quantizer import WEIGHT_SUFFIX
 from ..formats.uniform import uniform_quantize
 from ..quantizers._common import _MIN_STEP
 from ..quantizers.activation import FakeLinearQuantization
@@ -141,10 +142,11 @@ def qdq_mode(model: nn.Module) -> Iterator[None]:
             if isinstance(module, FakeLinearQuantization):
                 module.forward = _activation_forward(name, module)
                 replaced.append(module)
-            quantizer = module._modules.get("weight_fake_quant")
-            if isinstance(quantizer, (WeightRange, LearnedStepWeight)):
-                quantizer.forward = _weight_forward(f"{name}.weight", quantizer, module._parameters["weight"])
-                replaced.append(quantizer)
+            for child_name, quantizer in module._modules.items():  # weight_fake_quant, weight_ih_l0_fake_quant, ...
+                attr = child_name.removesuffix(WEIGHT_SUFFIX)
+                if isinstance(quantizer, (WeightRange, LearnedStepWeight)) and attr in module._parameters:
+                    quantizer.forward = _weight_forward(f"{name}.{attr}" if name else attr, quantizer, module._parameters[attr])
+                    replaced.append(quantizer)
         yield
     finally:
         for module in replaced:
@@ -191,7 +193,9 @@ def export_onnx(
         if diffq is not None:
             diffq.enabled = False  # float weights in the trace, named as parameters; replaced below
         with qdq_mode(model), torch.no_grad():
-            _export(model, args, path, exporter, opset, list(input_names), list(output_names), axes)
+            # DiffQ's weights are found by name below: no constant folding, which would merge a weight with
+            # its transpose (any Linear whose input is not 2-D) into an anonymous initializer
+            _export(model, args, path, exporter, opset, list(input_names), list(output_names), axes, fold=diffq is None)
     finally:
         model.train(training)
         if diffq is not None:
@@ -206,7 +210,7 @@ EXPORTERS = ("auto", "legacy", "dynamo")
 
 
 def _export(model: nn.Module, args: tuple, path: Path, exporter: str, opset: int, inputs: list[str], outputs: list[str],
-            axes: dict | None) -> None:  # fmt: skip
+            axes: dict | None, fold: bool = True) -> None:  # fmt: skip
     """``auto``: torch.export first (a failed legacy trace can leave Hugging Face models unexportable
     by torch.export in the same process), the legacy tracer where torch.export fails (the fast
     path of ``nn.MultiheadAttention``)."""
@@ -215,7 +219,7 @@ def _export(model: nn.Module, args: tuple, path: Path, exporter: str, opset: int
     dynamo_error: Exception | None = None
     if exporter in ("auto", "dynamo"):
         try:
-            _export_dynamo(model, args, path, opset, inputs, outputs, axes)
+            _export_dynamo(model, args, path, opset, inputs, outputs, axes, fold)
             return
         except ImportError:
             if exporter == "dynamo":
@@ -226,7 +230,7 @@ def _export(model: nn.Module, args: tuple, path: Path, exporter: str, opset: int
             dynamo_error = error
     try:
         torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes)  # fmt: skip
+                          output_names=outputs, dynamic_axes=axes, do_constant_folding=fold)  # fmt: skip
     except Exception as error:
         if dynamo_error is None:
             raise
@@ -236,12 +240,13 @@ def _export(model: nn.Module, args: tuple, path: Path, exporter: str, opset: int
 
 
 def _export_dynamo(model: nn.Module, args: tuple, path: Path, opset: int, inputs: list[str], outputs: list[str],
-                   axes: dict | None) -> None:  # fmt: skip
+                   axes: dict | None, fold: bool = True) -> None:  # fmt: skip
     try:
         import onnxscript  # noqa: F401 - torch.export's ONNX translation
     except ImportError as error:
         raise ImportError("export_onnx(exporter='dynamo') needs onnxscript: pip install 'qat-lightning[onnx]'") from error
-    options = dict(dynamo=True, opset_version=max(opset, 18), input_names=inputs, output_names=outputs, report=False, verbose=False)
+    options = dict(dynamo=True, opset_version=max(opset, 18), input_names=inputs, output_names=outputs, report=False, verbose=False,
+                   optimize=fold)
     torch.onnx.export(model, args, str(path), dynamic_axes=axes, **options)
 
 
@@ -308,15 +313,17 @@ def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
     initializers = {init.name: init for init in graph.initializer}
     nodes = []
     for qp in diffq.quantized_params():
-        if qp.name not in initializers:
+        names = [slot.qualified_name for slot in qp.slots if slot.qualified_name in initializers]  # a tied tensor: any name
+        if not names:
             raise ValueError(f"ONNX export: weight {qp.name!r} is not an initializer of the exported graph (folded into another op?)")
+        name = names[0]
         p = qp.param.detach().cpu()
         bits = diffq.true_bits(qp).cpu()
         levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None].to(p.dtype))
         span = (mx.double() - mn.double()).float()
         scale = (1 / (2 ** bits.float() - 1)) * span  # the step of each group, as uniform_dequantize forms it
-        prefix = f"{qp.name}::"
-        graph.initializer.remove(initializers[qp.name])
+        prefix = f"{name}::"
+        graph.initializer.remove(initializers[name])
         graph.initializer.extend([
             numpy_helper.from_array(levels.to(torch.uint8).numpy(), prefix + "levels"),
             numpy_helper.from_array(scale.numpy(), prefix + "scale"),
@@ -327,7 +334,7 @@ def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
         nodes += [
             helper.make_node("DequantizeLinear", [prefix + "levels", prefix + "scale", prefix + "zero"], [prefix + "dq"], axis=0),
             helper.make_node("Reshape", [prefix + "dq", prefix + "shape"], [prefix + "flat"]),
-            helper.make_node("Add", [prefix + "flat", prefix + "min"], [qp.name]),
+            helper.make_node("Add", [prefix + "flat", prefix + "min"], [name]),
         ]
     for node in reversed(nodes):
         graph.node.insert(0, node)
