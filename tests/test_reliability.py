@@ -33,11 +33,6 @@ def test_sharded_strategies_are_refused_with_the_reason(strategy: str, callback:
         check_trainer(trainer, tiny_model(), callback())
 
 
-def test_compiled_module_is_refused_at_setup() -> None:
-    with pytest.raises(ValueError, match="DiffQ does not support a torch.compile'd LightningModule"):
-        tiny_trainer(callbacks=[DiffQ(min_size=0)], max_steps=1).fit(torch.compile(tiny_model()), tiny_loader())
-
-
 # ----------------------------------------------------------------------------- NaN / Inf
 def test_activation_nan_names_the_layer_and_keeps_the_range() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

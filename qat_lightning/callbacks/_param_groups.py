@@ -79,16 +79,11 @@ SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrateg
 def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: pl.Callback) -> None:
     """Refuse, with the reason, what the quantizers cannot work with: sharded strategies (each
     rank holds a slice of every weight, while per-tensor ranges, noise and bits need whole
-    tensors) and ``torch.compile``d modules (the weight-swapping hooks run in eager mode only)."""
+    tensors). ``torch.compile``d LightningModules train: the swap hooks are traced into the graph."""
     name = type(callback).__name__
     strategy = type(trainer.strategy).__name__
     if strategy in SHARDED_STRATEGIES:
         raise ValueError(
             f"{name} does not support strategy={strategy}: it shards every weight across ranks, while the "
             "quantizer needs whole tensors (ranges, bits, noise per tensor). Use strategy='ddp' (or 'auto')"
-        )
-    if getattr(pl_module, "_compiler_ctx", None) is not None:
-        raise ValueError(
-            f"{name} does not support a torch.compile'd LightningModule: its hooks swap weights in eager mode. "
-            "Pass the module uncompiled (compile submodules inside it after fit starts if you need to)"
         )

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -32,6 +33,7 @@ class QuantizationCallback(pl.Callback):
     # a hint for the conflict message when two callbacks quantize the same thing
     conflict_hint: ClassVar[str] = ""
     coverage: CoverageReport | None = None  # what this callback quantizes, set at setup
+    compiled: bool = False  # the LightningModule (or a submodule) is torch.compile'd; set at setup
 
     def quantizes(self) -> frozenset[str]:
         """What this callback quantizes: a subset of ``{"weights", "activations"}``."""
@@ -96,6 +98,13 @@ class QuantizationCallback(pl.Callback):
                 callback._on_evaluation_start(trainer, pl_module, "test")
 
 
+def is_compiled(pl_module: pl.LightningModule) -> bool:
+    """Whether ``pl_module`` (Lightning's ``torch.compile`` wrapper) or a submodule of it is compiled."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return getattr(pl_module, "_compiler_ctx", None) is not None or any(isinstance(m, OptimizedModule) for m in pl_module.modules())
+
+
 def _leads(callback: QuantizationCallback, trainer: pl.Trainer) -> bool:
     """Whether ``callback`` is the first of the stack in the Trainer's list: its hooks run the stack."""
     first = next((c for c in trainer.callbacks if isinstance(c, QuantizationCallback)), None)
@@ -117,8 +126,15 @@ class Stack:
             check_trainer(self.trainer, pl_module, callback)
             log_hparams(self.trainer, callback)
         self.check_conflicts()
+        compiled = is_compiled(pl_module)
         for callback in self.callbacks:
+            callback.compiled = compiled
             callback._setup(self.trainer, pl_module, stage)
+        if self.callbacks and compiled:
+            # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards):
+            # code compiled in this process before the quantizers' hooks were installed (an earlier
+            # fit of the same class) would run without them, silently float. Compile afresh.
+            torch._dynamo.reset()
 
     def check_conflicts(self) -> None:
         owners: dict[str, QuantizationCallback] = {}

@@ -169,7 +169,10 @@ class DiffQ(QuantizationCallback):
     # ----------------------------------------------------------------------------- training
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._require_quantizer().new_noise()
+        if self.compiled:  # the noise generators cannot be traced: draw the noisy weights now
+            self._require_quantizer().prepare_compiled_step()
+        else:
+            self._require_quantizer().new_noise()
 
     @override
     def on_before_optimizer_step(

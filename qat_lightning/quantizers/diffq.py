@@ -75,6 +75,15 @@ class DiffQConfig:
         check_bool("detect_bound", self.detect_bound)
 
 
+@torch.compiler.disable
+def _no_drawn_noise(name: str) -> None:
+    """Raised eagerly (a traced ``raise`` would take dynamo down with it)."""
+    raise RuntimeError(
+        f"DiffQuantizer: {name!r} has no noisy weight for this torch.compile'd training forward: call "
+        "quantizer.prepare_compiled_step() before each one (the DiffQ callback does it at on_train_batch_start)"
+    )
+
+
 class DiffQuantizer:
     """Noise-injection quantizer with learned bits and a differentiable model-size estimate.
 
@@ -234,9 +243,34 @@ class DiffQuantizer:
             self.restore()  # a training forward always works on the float weights
         if not self.enabled:
             return None
+        if torch.compiler.is_compiling():
+            return self._traced_weight(entry, module)
         if module.training:
             return self._noisy_weight(entry) if isinstance(entry, QuantizedParam) else None
         return self._eval_weight(entry)
+
+    def _traced_weight(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
+        """Inside a ``torch.compile``d forward: the noisy weight :meth:`prepare_compiled_step`
+        drew before it (a graph input; the noise generators cannot be traced, and the version-keyed
+        caches of the eager path would be frozen into the graph), or the true quantized weight
+        computed in the graph."""
+        if not module.training:
+            return self.quantized_weight(entry)
+        if not isinstance(entry, QuantizedParam):
+            return None
+        if entry._noisy is None:
+            _no_drawn_noise(entry.name)
+        return entry._noisy[0]
+
+    def prepare_compiled_step(self) -> None:
+        """Draw this step's noisy weights now, eagerly, in registration order, for a ``torch.compile``d
+        training forward that follows: the compiled swap hooks hand them out (graph inputs whose
+        backward runs DiffQ's own autograd node, penalty included). The same noise as an eager
+        forward that uses the weights in registration order."""
+        self.new_noise()
+        if self.enabled and self._saved is None:
+            for qp in self._qparams:
+                self._noisy_weight(qp)
 
     def _noisy_weight(self, qp: QuantizedParam) -> torch.Tensor:
         versions = (qp.param._version, qp.logit._version)
@@ -336,6 +370,8 @@ class DiffQuantizer:
         self._constants = None
 
     def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():
+            return  # prepare_compiled_step drew this step's noise; the eval weights are computed in the graph
         self._keep_logits_float32()
         self.new_noise()
         if module.training:  # the eval cache is only worth its memory while evaluating
