@@ -7,7 +7,8 @@ Variants: DiffQ (``min_size=0``, biases float: every weight), EMAFakeQuant W8A8 
 ``int4_g16`` weights + ``int8_per_token`` layer inputs, LSQ W4A8. The calibration callbacks
 (AdaScale, HistogramCalibration, Rescaling) cost once, at setup, and train like the fake-quant
 callback they configure. Also prints each model's DiffQ noise floor: ``(fp32 step + time to draw
-one gaussian per quantized weight) / fp32 step``.
+one gaussian per quantized weight) / fp32 step``. ``--compile``: every variant also
+``torch.compile``d (inductor; needs a C++ compiler), each ratio to the eager fp32 step.
 
     python benchmarks/real_models.py [--steps 60] [--rounds 2] [--models gpt2 llama] [--json out.json]
 """
@@ -39,14 +40,18 @@ VARIANTS = {
 }
 
 
-def step_time(name: str, variant: str, steps: int, warmup: int, batch_size: int) -> float:
+def step_time(name: str, variant: str, steps: int, warmup: int, batch_size: int, compiled: bool = False) -> float:
     pl.seed_everything(0, verbose=False)
     timer = StepTimer(warmup)
+    model = build(name)
+    if compiled:  # inductor; the warm-up steps absorb the compilation
+        model.log_loss = False
+        model = torch.compile(model)
     trainer = pl.Trainer(
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=[timer, *VARIANTS[variant]()], accelerator="cpu",
     )  # fmt: skip
-    trainer.fit(build(name), loader(name, n=batch_size * 8, batch_size=batch_size))
+    trainer.fit(model, loader(name, n=batch_size * 8, batch_size=batch_size))
     return statistics.median(timer.times)
 
 
@@ -59,26 +64,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="also each variant torch.compile'd (inductor): ratios to the eager fp32 step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     variants = ["fp32", *[v for v in args.variants if v != "fp32"]]
+    if args.compile:
+        variants += [f"{v}+compile" for v in variants]
     result: dict[str, dict[str, float]] = {}
     print(f"batch {args.batch_size}, {args.threads} thread(s), median of {args.steps} steps, {args.rounds} interleaved rounds")
-    print(f"  {'model':20s} {'fp32 ms':>8s} " + " ".join(f"{v:>17s}" for v in variants[1:]) + f" {'noise floor':>12s}")
+    print(f"  {'model':20s} {'fp32 ms':>8s} " + " ".join(f"{v:>24s}" for v in variants[1:]) + f" {'noise floor':>12s}")
     for name in args.models:
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):  # interleaved: drifts of the machine hit every variant alike
             for variant in variants:
-                times[variant].append(step_time(name, variant, args.steps, args.warmup, args.batch_size))
+                base, compiled = variant.removesuffix("+compile"), variant.endswith("+compile")
+                times[variant].append(step_time(name, base, args.steps, args.warmup, args.batch_size, compiled))
         median = {v: statistics.median(t) for v, t in times.items()}
         fp32 = median["fp32"]
         row = {"fp32_step_ms": 1e3 * fp32, "noise_floor_ratio": (fp32 + module_noise_time(build(name), 100, **DIFFQ)) / fp32}
         row.update({f"{v}_ratio": median[v] / fp32 for v in variants[1:]})
         result[name] = row
-        print(f"  {name:20s} {row['fp32_step_ms']:8.2f} " + " ".join(f"{row[f'{v}_ratio']:16.2f}x" for v in variants[1:])
+        print(f"  {name:20s} {row['fp32_step_ms']:8.2f} " + " ".join(f"{row[f'{v}_ratio']:23.2f}x" for v in variants[1:])
               + f" {row['noise_floor_ratio']:11.2f}x", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -63,7 +63,6 @@ CALLBACKS: dict[str, Callable[[], list[pl.Callback]]] = {
     "int8_per_token_int4_g32": lambda: [EMAFakeQuant(weight_format="int4_g32", activation_format="int8_per_token",
                                                      activation_position="inputs")],
 }  # fmt: skip
-NO_GRAPH_BREAKS = ("diffq", "int4_g32", "fp8_e4m3", "mxfp4", "nvfp4", "int8_per_token_int4_g32")
 
 
 def _fit(callbacks: list[pl.Callback], compiled: bool) -> tuple[Plain, int]:
@@ -87,9 +86,8 @@ def test_a_compiled_module_trains_as_the_eager_one(name: str) -> None:
     assert set(state) == set(reference)
     for key, value in reference.items():
         assert torch.allclose(state[key].float(), value.float(), rtol=1e-5, atol=1e-7), key
-    if name in NO_GRAPH_BREAKS:  # the quantized path traces whole: nothing more than the float model's
-        _, float_breaks = _fit([], compiled=True)
-        assert breaks == float_breaks
+    _, float_breaks = _fit([], compiled=True)  # the quantized path traces whole: no break the float model has not
+    assert breaks == float_breaks
 
 
 def test_code_compiled_before_the_hooks_is_not_reused() -> None:

@@ -174,7 +174,7 @@ class EMAFakeQuant(QuantizationCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.options["learned_step"] and not pl_module.device.type == "cpu":  # the CPU forward checks them itself
+        if self.options["learned_step"] and (self.compiled or pl_module.device.type != "cpu"):  # an eager CPU forward checks them itself
             self._require_quantizer().check_finite()
 
     @override

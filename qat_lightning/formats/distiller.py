@@ -194,7 +194,7 @@ def fake_quantize(
     """
     if x.is_cuda:
         return fused_fake_quantize(x, scale, zero_point, low, high, num_bits, mode, axis)
-    if axis is None:
+    if axis is None and not torch.compiler.is_compiling():  # host scalars do not trace: the tensor formula below
         return _PerTensorSTE.apply(x, per_tensor_plan(scale.item(), zero_point.item(), low.item(), high.item()))
     shape = _broadcast_shape(x, axis)
     scale, zero_point, low, high = (t.reshape(shape) for t in (scale, zero_point, low, high))

@@ -27,7 +27,7 @@ class _LearnedStepSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, zero, q_min, q_max, grad_factor, axis):  # type: ignore[override]  # noqa: ANN001, ANN205
-        if axis is None:  # per tensor: host scalars, the fastest CPU kernels
+        if axis is None and not torch.compiler.is_compiling():  # per tensor: host scalars, the fastest CPU kernels
             s, z = step.item(), zero.item()
             inv = f32(1.0 / s)
         else:

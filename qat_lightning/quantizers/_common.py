@@ -12,6 +12,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_STEP = 1e-8
 
 
+@torch.compiler.disable
+def read_flag(flag: torch.Tensor) -> bool:
+    """A 0-dim flag buffer's value, read eagerly from inside a compiled forward (one graph break)."""
+    return bool(flag.item())
+
+
 def check_finite_step(step: torch.Tensor, label: str) -> None:
     """``FloatingPointError`` naming the quantizer when an LSQ step size is NaN / Inf (an update
     from a NaN loss or gradient); read through a numpy view on the CPU (no dispatch), skipped on

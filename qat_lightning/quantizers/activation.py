@@ -11,9 +11,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .._validate import check_bool, check_choice, check_number
-from ..formats.distiller import _TINY, MODES, LinearQuantMode, _PerTensorSTE, f32, fused_fake_quantize, host_quant_params, per_tensor_plan
+from ..formats.distiller import (
+    _TINY, MODES, LinearQuantMode, _PerTensorSTE, f32, fake_quantize, fused_fake_quantize, host_quant_params, per_tensor_plan,
+)  # fmt: skip
 from ..formats.lsq import learned_step_quantize, lsq_grad_factor, lsq_range
-from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step
+from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step, read_flag
 
 class FakeLinearQuantization(nn.Module):
     """Fake-quantizes its input over a range tracked with a bias-corrected EMA of batch min/max.
@@ -83,6 +85,8 @@ class FakeLinearQuantization(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         if self.learned_step and self._learning():
             return self._learned(x) if self.enabled else x
         if self.training and self.observe:
@@ -99,6 +103,47 @@ class FakeLinearQuantization(nn.Module):
             low, high = self.clamp_range[0], self.clamp_range[1]
             return fused_fake_quantize(x, self.scale, self.zero_point, low, high, self.num_bits, self.mode)
         return _PerTensorSTE.apply(x, self._host_plan())
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inside a ``torch.compile``d forward: the same values in tensor ops only (the host bookkeeping
+        of the eager CPU path does not trace); before the first range, ``x`` passes through."""
+        if self.learned_step:
+            if self._lsq_known is None:
+                self._lsq_known = read_flag(self.step_initialized)  # a graph break, once after a load
+            if self._lsq_known:
+                return self._learned(x) if self.enabled else x
+        if self.training and self.observe:
+            self._traced_update(x)
+        if not self.enabled:
+            return x
+        if self.learned_step and self.training and self.observe:  # the range was just updated: the step starts from it
+            self.init_step()
+            return self._learned(x)
+        low, high = self.clamp_range[0], self.clamp_range[1]
+        if not self.dequantize:
+            quantized = torch.round(self.scale * torch.clamp(x, low, high) - self.zero_point)
+        else:
+            quantized = fake_quantize(x, self.scale, self.zero_point, low, high, self.num_bits, self.mode)
+        return torch.where(self.iter_count > 0, quantized, x)
+
+    @torch.no_grad()
+    def _traced_update(self, x: torch.Tensor) -> None:
+        """:meth:`update_range` in tensor ops: the step count and the bias correction from the
+        buffers (float64, as the host path computes ``1 - d**step``); a batch with NaN/Inf leaves
+        the EMA as it was (raising needs the host, as on CUDA)."""
+        mn, mx = torch.aminmax(x.detach())
+        current = torch.stack([mn, mx]).float()
+        if dist.is_available() and dist.is_initialized():
+            current = torch.stack([-current[0], current[1]])
+            dist.all_reduce(current, op=dist.ReduceOp.MAX)
+            current = torch.stack([-current[0], current[1]])
+        step = self.iter_count + 1
+        self.iter_count.copy_(step)
+        updated = torch.lerp(self.tracked_biased, current, 1 - self.ema_decay)
+        self.tracked_biased.copy_(torch.where(torch.isfinite(current).all(), updated, self.tracked_biased))
+        correction = (1 - torch.pow(self.ema_decay, step.double())).float()
+        self.tracked.copy_(self.tracked_biased / correction)
+        self._update_params()
 
     # ----------------------------------------------------------------------------- state
     # The buffers are the single source of truth. On the CPU every forward reads them through
@@ -157,8 +202,11 @@ class FakeLinearQuantization(nn.Module):
         return host.learned_ready
 
     def _invalidate(self) -> None:
-        """Forget the host copies; they are re-read from the buffers when next needed."""
+        """Forget the host copies; they are re-read from the buffers when next needed (the LSQ flag
+        that compiled forwards read: now, as this runs eagerly)."""
         self._host = _HostState(self.ema_decay)
+        flag = getattr(self, "step_initialized", None)
+        self._lsq_known = None if flag is None or flag.is_meta else bool(flag.item())
 
     def _host_plan(self) -> tuple[float, ...]:
         views = self._views()
@@ -261,9 +309,11 @@ class FakeLinearQuantization(nn.Module):
             raise RuntimeError("init_step() needs FakeLinearQuantization(learned_step=True)")
         self.step.copy_(1 / self.scale)
         self.step_initialized.fill_(1)
+        self._lsq_known = True
 
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        check_finite_step(self.step, self.label)
+        if not torch.compiler.is_compiling():  # compiled: the Lightning callback checks after each step
+            check_finite_step(self.step, self.label)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)  # an optimizer step must not make it zero or negative
         q_min, q_max = self.lsq_range

@@ -10,7 +10,7 @@ from torch import nn
 from .._validate import check_choice, check_number
 from ..formats.distiller import _TINY, MODES, LinearQuantMode, channel_min_max, fake_quantize, linear_quant_params, weight_fake_quantize
 from ..formats.lsq import learned_step_quantize, lsq_grad_factor, lsq_range
-from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step
+from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step, read_flag
 
 class _WeightQuantizer(nn.Module):
     """What both weight quantizers share: options, the ``enabled`` switch, and a buffer flag
@@ -30,9 +30,10 @@ class _WeightQuantizer(nn.Module):
         self.enabled = True  # False: the float weight passes through (e.g. during calibration)
         self.label = type(self).__name__  # named in errors; EMAFakeQuantizer sets "weight quantizer (<weight>)"
         self._ready: tuple[tuple[int, int], bool] | None = None  # (flag buffer identity and version, value)
+        self._known: bool | None = False  # the flag as our own writes left it (compiled forwards read this); None: re-read
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> _WeightQuantizer:
-        apply_keeping_float32(self, super()._apply, fn, *args, **kwargs)
+        apply_keeping_float32(self, super()._apply, fn, *args, **kwargs)  # moves and casts keep the flag's value
         return self
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,10 @@ class _WeightQuantizer(nn.Module):
     def _has_state(self) -> bool:
         """The flag buffer's value: read through a numpy view on the CPU (any write is seen), once
         per identity and version of the buffer elsewhere (no device sync per step)."""
+        if torch.compiler.is_compiling():  # a host mirror (a buffer's value cannot be read in a graph)
+            if self._known is None:
+                self._known = read_flag(getattr(self, self._flag))  # a graph break, once after a load
+            return self._known
         flag = getattr(self, self._flag)
         if flag.is_cpu:
             return bool(flag.detach().numpy()[()])
@@ -58,6 +63,12 @@ class _WeightQuantizer(nn.Module):
 
     def _mark_ready(self) -> None:
         getattr(self, self._flag).fill_(1)
+        self._known = True
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        flag = getattr(self, self._flag)
+        self._known = None if flag.is_meta else bool(flag.item())
 
 
 class LearnedStepWeight(_WeightQuantizer):
@@ -95,7 +106,8 @@ class LearnedStepWeight(_WeightQuantizer):
             if not self.training:
                 return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
             self.init_step(weight)
-        check_finite_step(self.step, self.label)
+        if not torch.compiler.is_compiling():  # compiled: the Lightning callback checks after each step
+            check_finite_step(self.step, self.label)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)
         q_min, q_max = self.lsq_range
