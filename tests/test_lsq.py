@@ -67,7 +67,8 @@ def test_activation_step_starts_from_the_tracked_range_and_then_learns() -> None
     x = (torch.rand(100) * 3).requires_grad_()
     y = fq(x)  # first quantized training call: EMA update, then step = 1 / scale
     assert fq.iter_count.item() == 2 and fq.step_initialized.item() == 1
-    assert_close(fq.step.detach(), 1 / fq.scale, rtol=0, atol=0)
+    assert fq.step.shape == (1,)  # 1-D: FSDP2 shards parameters, never 0-d ones
+    assert_close(fq.step.detach(), (1 / fq.scale).reshape(1), rtol=0, atol=0)
     y.sum().backward()
     assert fq.step.grad is not None and fq.step.grad.abs().item() > 0
     fq(torch.rand(100) * 100)  # from now on the step is learned, the range no longer tracked
@@ -227,3 +228,17 @@ def test_collapsed_step_sizes_are_named_after_each_epoch() -> None:
     healthy = EMAFakeQuant(learned_step=True)
     tiny_trainer(max_epochs=1, callbacks=[healthy]).fit(tiny_model(), tiny_loader())
     assert healthy.quantizer.collapsed_steps() == {}
+
+
+def test_a_checkpoint_with_a_zero_dimensional_step_still_loads() -> None:
+    """Steps were 0-d before FSDP2 support made them 1-D: older checkpoints load into the new shape."""
+    fq = FakeLinearQuantization(8, "asymmetric_unsigned", learned_step=True)
+    state = {k: v.clone() for k, v in fq.state_dict().items()}
+    state["step"] = torch.tensor(0.25)
+    fq.load_state_dict(state)
+    assert fq.step.shape == (1,) and fq.step.item() == 0.25
+    weight = LearnedStepWeight(None, 4, "symmetric", None)
+    state = {k: v.clone() for k, v in weight.state_dict().items()}
+    state["step"] = torch.tensor(0.5)
+    weight.load_state_dict(state)
+    assert weight.step.shape == (1,) and weight.step.item() == 0.5

@@ -478,7 +478,7 @@ def _train_block(
     params = {id(layer): AdaScaleParams(layer.weight.detach(), bits, weight_axis(layer)) for layer in layers}
     for layer in layers:
         layer._modules["weight_fake_quant"].enabled = False  # the float weight reaches the AdaScale swap
-    swapper = WeightSwapper(lambda entry, module: params[id(module)](entry.param))
+    swapper = WeightSwapper(lambda entry, module, current: params[id(module)](current))
     readers = direct_readers(block)
     for layer in layers:
         swapper.add(SwappedParam("weight", layer.weight, [Slot(layer, "weight", "weight", tuple(readers.get(id(layer), ())))]))

@@ -74,16 +74,27 @@ def log_hparams(trainer: pl.Trainer, callback: pl.Callback) -> None:
 
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+FSDP2 = "ModelParallelStrategy"
+
+
+def is_fsdp2(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer shards parameters with FSDP2 (Lightning's ``ModelParallelStrategy``)."""
+    return type(trainer.strategy).__name__ == FSDP2
 
 
 def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: pl.Callback) -> None:
-    """Refuse, with the reason, what the quantizers cannot work with: sharded strategies (each
-    rank holds a slice of every weight, while per-tensor ranges, noise and bits need whole
-    tensors). ``torch.compile``d LightningModules train: the swap hooks are traced into the graph."""
+    """Refuse, with the reason, the sharded strategies a callback cannot work with: FSDP2
+    (``ModelParallelStrategy``) trains with the callbacks that quantize in the forward (each
+    forward sees the gathered full tensors); the others need whole tensors outside a forward.
+    ``torch.compile``d LightningModules train: the swap hooks are traced into the graph."""
     name = type(callback).__name__
     strategy = type(trainer.strategy).__name__
+    supports = getattr(callback, "supports_fsdp2", False)
+    if strategy == FSDP2 and supports:
+        return
     if strategy in SHARDED_STRATEGIES:
+        use = "strategy=ModelParallelStrategy (FSDP2: fully_shard in configure_model) or 'ddp'" if supports else "strategy='ddp' (or 'auto')"
         raise ValueError(
             f"{name} does not support strategy={strategy}: it shards every weight across ranks, while the "
-            "quantizer needs whole tensors (ranges, bits, noise per tensor). Use strategy='ddp' (or 'auto')"
+            f"quantizer needs whole tensors (ranges, bits, noise per tensor) outside the forward. Use {use}"
         )

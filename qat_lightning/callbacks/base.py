@@ -34,6 +34,7 @@ class QuantizationCallback(pl.Callback):
     conflict_hint: ClassVar[str] = ""
     coverage: CoverageReport | None = None  # what this callback quantizes, set at setup
     compiled: bool = False  # the LightningModule (or a submodule) is torch.compile'd; set at setup
+    supports_fsdp2: ClassVar[bool] = False  # trains under ModelParallelStrategy (fully_shard)
 
     def quantizes(self) -> frozenset[str]:
         """What this callback quantizes: a subset of ``{"weights", "activations"}``."""

@@ -17,10 +17,10 @@ from .._options import args_doc, declared
 from .._validate import check_bool, check_number
 from ..quantizers.diffq import DiffQConfig, DiffQuantizer
 from ..quantizers.noise_rng import MAX_SEED
-from ..export.packing import save_quantized
+from ..export.packing import _state, save_quantized, write_packed
 from ..app.plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion
-from ._param_groups import init_arguments, move_to_own_group
+from ._param_groups import init_arguments, is_fsdp2, move_to_own_group
 from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 
@@ -111,6 +111,8 @@ class DiffQ(QuantizationCallback):
     STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "min_bits", "max_bits", "param", "extra_bits", "suffix",
                           "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
+    supports_fsdp2 = True
+    _fsdp2 = False  # fitting under ModelParallelStrategy (set at fit start)
     conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ (DiffQ's weights, fake-quantized activations)"
 
     @override
@@ -153,6 +155,9 @@ class DiffQ(QuantizationCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fsdp2 = is_fsdp2(trainer)
+        if self._fsdp2:  # configure_model's fully_shard replaced the parameters with shards
+            self._require_quantizer().rebind()
         if self._pending_rng is not None:
             self._require_quantizer().set_noise_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -181,15 +186,16 @@ class DiffQ(QuantizationCallback):
         if optimizer is not self._bits_optimizer:
             return
         quantizer = self._require_quantizer()
-        if self.penalty > 0:  # bits of layers this step did not use got no penalty in a backward
-            self.add_penalty_gradient(quantizer, only_missing=True)
+        if self.penalty > 0 and any(p.requires_grad and p.grad is None for p in quantizer.parameters()):
+            self.add_penalty_gradient(quantizer, only_missing=True)  # bits of layers this step did not use
         if _metrics_reach_loggers(trainer):  # self.log costs ~0.5 ms: skip steps Lightning would drop
-            with torch.no_grad():
+            with torch.no_grad(), quantizer.gathered():
                 size = quantizer.model_size()
+                bits = quantizer.average_bits()
             if not torch.isfinite(size):  # NaN bits: name them now, not at the next validation
                 quantizer.check_finite()
             pl_module.log("quant/model_size_mb", size, prog_bar=True, on_step=True, on_epoch=False)
-            pl_module.log("quant/avg_bits", quantizer.average_bits(), prog_bar=True, on_step=True, on_epoch=False)
+            pl_module.log("quant/avg_bits", bits, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/penalty", self.penalty * size, on_step=True, on_epoch=False)
 
     def add_penalty_gradient(self, quantizer: DiffQuantizer, only_missing: bool = False) -> None:
@@ -206,10 +212,11 @@ class DiffQ(QuantizationCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
-        true_size = quantizer.true_model_size()
+        with quantizer.gathered():
+            true_size, bits = quantizer.true_model_size(), quantizer.average_bits(exact=True)
         pl_module.log("quant/true_model_size_mb", true_size, on_step=False, on_epoch=True)
         pl_module.log("quant/compression", quantizer.float_model_size() / true_size, on_step=False, on_epoch=True)
-        pl_module.log("quant/true_avg_bits", quantizer.average_bits(exact=True), on_step=False, on_epoch=True)
+        pl_module.log("quant/true_avg_bits", bits, on_step=False, on_epoch=True)
 
     # ----------------------------------------------------------------------------- evaluation
     @override
@@ -240,6 +247,8 @@ class DiffQ(QuantizationCallback):
 
     def _enter_eval(self) -> None:
         quantizer = self._require_quantizer()
+        if self.quantize_eval and self._fsdp2:
+            return  # FSDP2: the hooks quantize each gathered weight in eval forwards (no shard rewritten in place)
         if self.quantize_eval:
             self._swapped_for_stage = quantizer.quantize()
         else:
@@ -256,26 +265,37 @@ class DiffQ(QuantizationCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
         quantizer.size_penalty = 0.0
-        try:
-            quantizer.check_finite()
-        except FloatingPointError as error:
-            where = f" ({self.export_path} not written; the last good checkpoint is the one to export)" if self.export_path else ""
-            raise FloatingPointError(f"DiffQ at the end of fit: {error}{where}") from None
-        stats = quantizer.layer_stats()
-        rank_zero_info("DiffQ: bits per layer at the end of fit\n" + format_layer_table(stats))
-        if self.layer_report is not None and trainer.is_global_zero:
-            path = plot_layer_bits(stats, self._in_log_dir(trainer, self.layer_report))
-            rank_zero_info(f"DiffQ: bits per layer drawn in {path}")
-        if self.export_path is not None:
-            self.export(trainer)
+        with quantizer.gathered():  # FSDP2: whole tensors on every rank for the checks, the table and the file
+            try:
+                quantizer.check_finite()
+            except FloatingPointError as error:
+                where = f" ({self.export_path} not written; the last good checkpoint is the one to export)" if self.export_path else ""
+                raise FloatingPointError(f"DiffQ at the end of fit: {error}{where}") from None
+            stats = quantizer.layer_stats()
+            rank_zero_info("DiffQ: bits per layer at the end of fit\n" + format_layer_table(stats))
+            if self.layer_report is not None and trainer.is_global_zero:
+                path = plot_layer_bits(stats, self._in_log_dir(trainer, self.layer_report))
+                rank_zero_info(f"DiffQ: bits per layer drawn in {path}")
+            if self.export_path is not None:
+                self.export(trainer)
         if self.quantize_on_fit_end:
-            self._require_quantizer().quantize()
+            if self._fsdp2:
+                raise ValueError("DiffQ(quantize_on_fit_end=True) rewrites whole weights in place: not with FSDP2 shards; "
+                                 "export the packed file (export_path) instead")  # fmt: skip
+            quantizer.quantize()
 
     def export(self, trainer: pl.Trainer, path: str | PathLike | None = None) -> Path | None:
         """Write the bit-packed quantized model (rank 0 only); returns the path written."""
         target = self._in_log_dir(trainer, path if path is not None else self.export_path or "model.packed.safetensors")
-        if trainer.is_global_zero:
-            size = save_quantized(self._require_quantizer(), target)
+        quantizer = self._require_quantizer()
+        if self._fsdp2:  # every rank gathers the whole tensors, rank 0 writes them
+            with quantizer.gathered():
+                state = _state(quantizer)
+            if trainer.is_global_zero:
+                size = write_packed(target, *state)
+                rank_zero_info(f"DiffQ: bit-packed model written to {target} ({size / 2**20:.4f} MB)")
+        elif trainer.is_global_zero:
+            size = save_quantized(quantizer, target)
             rank_zero_info(f"DiffQ: bit-packed model written to {target} ({size / 2**20:.4f} MB)")
         self.exported = target
         return target

@@ -164,6 +164,8 @@ def _state(source: nn.Module | DiffQuantizer) -> tuple[dict[str, torch.Tensor], 
     for name, tensor in model.state_dict(keep_vars=False).items():
         if name in covered or (suffix and name.endswith(suffix)):
             continue
+        if type(tensor).__name__ == "DTensor":  # FSDP2: the whole tensor (every rank calls this)
+            tensor = tensor.full_tensor()
         floats[name] = tensor.detach().cpu()
     return floats, quantized, half
 

@@ -12,6 +12,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_STEP = 1e-8
 
 
+def one_dimensional_step(state_dict: dict, prefix: str) -> None:
+    """LSQ steps were 0-d before FSDP2 support made them 1-D (it shards no 0-d parameter): a
+    checkpoint written before loads into the new shape."""
+    step = state_dict.get(prefix + "step")
+    if step is not None and step.dim() == 0:
+        state_dict[prefix + "step"] = step.reshape(1)
+
+
 @torch.compiler.disable
 def read_flag(flag: torch.Tensor) -> bool:
     """A 0-dim flag buffer's value, read eagerly from inside a compiled forward (one graph break)."""

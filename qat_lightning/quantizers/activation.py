@@ -15,7 +15,7 @@ from ..formats.distiller import (
     _TINY, MODES, LinearQuantMode, _PerTensorSTE, f32, fake_quantize, fused_fake_quantize, host_quant_params, per_tensor_plan,
 )  # fmt: skip
 from ..formats.lsq import learned_step_quantize, lsq_grad_factor, lsq_range
-from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step, read_flag
+from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step, one_dimensional_step, read_flag
 
 class FakeLinearQuantization(nn.Module):
     """Fake-quantizes its input over a range tracked with a bias-corrected EMA of batch min/max.
@@ -61,6 +61,10 @@ class FakeLinearQuantization(nn.Module):
         self.enabled = True  # False: pass-through (ranges may still be observed)
         self.label = "FakeLinearQuantization"  # named in errors; EMAFakeQuantizer sets "<module> input"
         self.observe = True  # False: ranges frozen, also in training
+        # FSDP2 (set by EMAFakeQuantizer.rebind): the forward sees a gathered copy of the step, so no numpy
+        # check of it (a view would pin the storage FSDP frees) and an initialised step is written back later
+        self.sharded = False
+        self._pending_step: torch.Tensor | None = None
         self.register_buffer("tracked_biased", torch.zeros(2, dtype=torch.float32))  # EMA of batch [min, max], not bias-corrected
         self.register_buffer("tracked", torch.zeros(2, dtype=torch.float32))  # bias-corrected [min, max]
         self.register_buffer("iter_count", torch.zeros((), dtype=torch.float32))
@@ -68,7 +72,7 @@ class FakeLinearQuantization(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.float32))
         self.register_buffer("clamp_range", torch.zeros(2, dtype=torch.float32))  # [low, high] the input is clamped to
         if learned_step:
-            self.step = nn.Parameter(torch.ones((), dtype=torch.float32))
+            self.step = nn.Parameter(torch.ones(1, dtype=torch.float32))  # 1-D: FSDP2 cannot shard a 0-d parameter
             self.register_buffer("step_initialized", torch.zeros((), dtype=torch.float32))
         self.lsq_range = lsq_range(num_bits, self.mode)
         self._invalidate()
@@ -310,9 +314,11 @@ class FakeLinearQuantization(nn.Module):
         self.step.copy_(1 / self.scale)
         self.step_initialized.fill_(1)
         self._lsq_known = True
+        if self.sharded:  # the step here is FSDP2's gathered copy: write_back_steps puts the value into the shard
+            self._pending_step = self.step.detach().clone()
 
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():  # compiled: the Lightning callback checks after each step
+        if not self.sharded and not torch.compiler.is_compiling():  # else the Lightning callback checks after each step
             check_finite_step(self.step, self.label)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)  # an optimizer step must not make it zero or negative
@@ -321,8 +327,9 @@ class FakeLinearQuantization(nn.Module):
         return learned_step_quantize(x, self.step, zero, q_min, q_max, lsq_grad_factor(x.numel(), q_max))
 
     # ----------------------------------------------------------------------------- plumbing
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        one_dimensional_step(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._invalidate()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FakeLinearQuantization:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from .noise import inject_noise
 from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers
-from .swap import Slot, SwappedParam, WeightSwapper, refresh_rnn
+from .swap import Slot, SwappedParam, WeightSwapper, rebind, refresh_rnn
 from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
@@ -73,6 +74,10 @@ class DiffQConfig:
         self.exclude = check_patterns("exclude", self.exclude)
         self.include = None if self.include is None else check_patterns("include", self.include)
         check_bool("detect_bound", self.detect_bound)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 @torch.compiler.disable
@@ -236,7 +241,7 @@ class DiffQuantizer:
         return self._size.true_bits(qp)
 
     # ----------------------------------------------------------------------------- weights
-    def _substitute(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
+    def _substitute(self, entry: SwappedParam, module: nn.Module, current: torch.Tensor) -> torch.Tensor | None:
         if self._saved is not None:  # quantized in place by quantize()
             if not module.training:
                 return None
@@ -245,9 +250,29 @@ class DiffQuantizer:
             return None
         if torch.compiler.is_compiling():
             return self._traced_weight(entry, module)
+        if current is not entry.param:  # FSDP2 gathered the full tensor for this forward
+            return self._gathered_weight(entry, module, current)
         if module.training:
             return self._noisy_weight(entry) if isinstance(entry, QuantizedParam) else None
         return self._eval_weight(entry)
+
+    def _gathered_weight(self, entry: SwappedParam, module: nn.Module, current: torch.Tensor) -> torch.Tensor | None:
+        """Under FSDP2 (``fully_shard``): the entry's parameter and bits logit are shards; the slot
+        holds the full weight gathered for this forward, and the module that holds the logit its
+        full logit. Both are used; no cache (the gathered tensors are new every forward)."""
+        if isinstance(entry, KeptParam):
+            return None if not entry.half or module.training else current.detach().half().to(current.dtype)
+        slot = entry.slots[0]
+        logit = slot.module._parameters[slot.attr + self.suffix]
+        if _is_dtensor(logit):
+            raise RuntimeError(
+                f"DiffQuantizer under FSDP2: the bits of {entry.name!r} are not gathered while its weight is: "
+                f"fully_shard the module that holds both ({type(slot.module).__name__}) as one unit, or a parent of it"
+            )
+        if not module.training:
+            with torch.no_grad():
+                return self._dequantized(entry, current.detach(), logit.detach())
+        return self._noisy_weight(entry, current, logit)
 
     def _traced_weight(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
         """Inside a ``torch.compile``d forward: the noisy weight :meth:`prepare_compiled_step`
@@ -272,21 +297,27 @@ class DiffQuantizer:
             for qp in self._qparams:
                 self._noisy_weight(qp)
 
-    def _noisy_weight(self, qp: QuantizedParam) -> torch.Tensor:
-        versions = (qp.param._version, qp.logit._version)
-        if qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
+    def _noisy_weight(self, qp: QuantizedParam, p: torch.Tensor | None = None, logit: torch.Tensor | None = None) -> torch.Tensor:
+        """``p`` / ``logit``: FSDP2's gathered tensors, else the entry's own."""
+        gathered = p is not None
+        p, logit = (p, logit) if gathered else (qp.param, qp.logit)
+        versions = (p._version, logit._version)
+        if not gathered and qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
             return qp._noisy[0]  # a tied weight used again in this forward (its backward reuses the memory)
-        p = qp.param
         _, _, span = tensor_range(p)
-        noise = qp.noise_buffer()
+        noise = torch.empty_like(p, memory_format=torch.contiguous_format) if gathered else qp.noise_buffer()
         if self.noise == "gaussian":
             noise, half = noise.normal_(generator=self._rng.generator(p.device)), 0.5
         else:
             noise, half = noise.uniform_(-0.5, 0.5, generator=self._rng.generator(p.device)), 1.0
-        unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
+        if gathered:
+            with torch.no_grad():
+                unit, log_slope, penalty_grad = self._constants_of(logit.detach(), qp)
+        else:
+            unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
             std = (unit * (span * half)).to(p.dtype)
-        noisy = inject_noise(p, qp.logit, std, log_slope, noise, penalty_grad)
+        noisy = inject_noise(p, logit, std, log_slope, noise, penalty_grad)
         qp._noisy = (noisy, *versions, noisy._version)
         return noisy
 
@@ -355,8 +386,11 @@ class DiffQuantizer:
         p = entry.param.detach()
         if isinstance(entry, KeptParam):
             return p.half().to(p.dtype) if entry.half else p
-        bits = self.true_bits(entry)[:, None]
-        levels, mn, mx = uniform_quantize(p.reshape(entry.num_groups, entry.group_size), bits)
+        return self._dequantized(entry, p, entry.logit.detach())
+
+    def _dequantized(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        bits = self._size.true_bits_of(logit)[:, None]
+        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits)
         return uniform_dequantize(levels, mn, mx, bits, dtype=p.dtype).view_as(p)
 
     def new_noise(self) -> None:
@@ -468,6 +502,44 @@ class DiffQuantizer:
         for entry in self._swapped_entries():
             for slot in entry.slots:
                 refresh_rnn(slot.module)
+
+    def rebind(self) -> None:
+        """Re-read every parameter and bits logit from the module that holds it: FSDP2's
+        ``fully_shard`` replaces them with sharded ``DTensor`` parameters after the quantizer was
+        attached (the optimizer then holds those). Forwards use the gathered full tensors."""
+        rebind([*self._qparams, *self._kept])
+        for qp in self._qparams:
+            slot = qp.slots[0]
+            qp.logit = slot.module._parameters[slot.attr + self.suffix]
+            qp._noisy = qp._eval = None
+        self._constants = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2 shards (``DTensor``)."""
+        return any(_is_dtensor(qp.param) for qp in self._qparams)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Inside: every sharded parameter and bits logit is replaced, in the entries, by its full
+        tensor (one all-gather each; every rank must enter), so sizes, statistics, checks and the
+        export see whole tensors. Back to the shards on exit. A no-op when nothing is sharded."""
+        if not self.sharded:
+            yield
+            return
+        shards = [(e, e.param, getattr(e, "logit", None)) for e in [*self._qparams, *self._kept]]
+        try:
+            with torch.no_grad():
+                for entry, param, logit in shards:
+                    entry.param = param.full_tensor() if _is_dtensor(param) else param
+                    if logit is not None:
+                        entry.logit = logit.full_tensor() if _is_dtensor(logit) else logit
+            yield
+        finally:
+            for entry, param, logit in shards:
+                entry.param = param
+                if logit is not None:
+                    entry.logit = logit
 
     def _swapped_entries(self) -> list[SwappedParam]:
         """Entries whose modules see another tensor in some mode (fp32-kept ones never do)."""

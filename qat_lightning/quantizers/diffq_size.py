@@ -55,7 +55,11 @@ class DiffQSize:
 
     def true_bits(self, qp: QuantizedParam) -> torch.Tensor:
         """The stored width of each group of ``qp``: ``round(extra_bits + bits)`` within 1..15."""
-        return (self.extra_bits + self.bits.bits(qp.logit.detach())).round().clamp(1, MAX_QUANT_BITS)
+        return self.true_bits_of(qp.logit.detach())
+
+    def true_bits_of(self, logit: torch.Tensor) -> torch.Tensor:
+        """:meth:`true_bits` of a logit tensor."""
+        return (self.extra_bits + self.bits.bits(logit)).round().clamp(1, MAX_QUANT_BITS)
 
     def all_bits(self, exact: bool, detach: bool = False) -> torch.Tensor:
         """Every group's bits, concatenated in model order: rounded when ``exact``."""

@@ -23,7 +23,7 @@ from .activation import FakeLinearQuantization
 from .fold import fold_batchnorm
 from .factory import FormatQuantizer, activation_quantizer, weight_quantizer
 from .input_scale import InputScale
-from .swap import Slot, SwappedParam, WeightSwapper
+from .swap import Slot, SwappedParam, WeightSwapper, rebind
 from .weight import LearnedStepWeight
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -376,7 +376,9 @@ class EMAFakeQuantizer:
                  if isinstance(getattr(m, "step", None), nn.Parameter)]  # fmt: skip
         if not named:
             return
-        finite = torch.stack([torch.isfinite(step).all() for _, step in named]).tolist()
+        # FSDP2 shards: the whole step on every rank (all of them call this), so all raise alike
+        whole = [step.full_tensor() if type(step).__name__ == "DTensor" else step for _, step in named]
+        finite = torch.stack([torch.isfinite(step).all() for step in whole]).tolist()
         broken = [name for (name, _), ok in zip(named, finite) if not ok]
         if broken:
             raise FloatingPointError(
@@ -465,12 +467,38 @@ class EMAFakeQuantizer:
     def _quantizer_modules(self) -> list[nn.Module]:
         return [*self._created, *self.weight_quantizers().values()]
 
-    def quantized_weight(self, entry: QuantizedSlot) -> torch.Tensor:
-        """What a forward sees for one quantized weight (or bias)."""
-        return bias_fake_quantize(entry.param) if entry.bias else entry.quantizer(entry.param)
+    def rebind(self) -> None:
+        """Re-read every quantized parameter from its module (after FSDP2's ``fully_shard`` replaced
+        them with shards); the forward always quantizes what the module holds."""
+        rebind(self._entries)
+        for module in self._quantizer_modules():
+            module.sharded = True
 
-    def _substitute(self, entry: QuantizedSlot, module: nn.Module) -> torch.Tensor | None:
-        return self.quantized_weight(entry) if self.weights_enabled else None
+    @torch.no_grad()
+    def write_back_steps(self) -> None:
+        """FSDP2: LSQ steps initialised in this step's forward were set on the gathered copies only;
+        put the values into the sharded parameters (before the optimizer step, on every rank)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for module in self._quantizer_modules():
+            pending = getattr(module, "_pending_step", None)
+            if pending is None:
+                continue
+            step = module.step
+            if type(step).__name__ == "DTensor":
+                step.copy_(distribute_tensor(pending.to(step.dtype), step.device_mesh, step.placements))
+            else:
+                step.copy_(pending)
+            module._pending_step = None
+
+    def quantized_weight(self, entry: QuantizedSlot, current: torch.Tensor | None = None) -> torch.Tensor:
+        """What a forward sees for one quantized weight (or bias); ``current``: the tensor in its
+        slot (FSDP2's gathered parameter), else the entry's parameter."""
+        p = entry.param if current is None else current
+        return bias_fake_quantize(p) if entry.bias else entry.quantizer(p)
+
+    def _substitute(self, entry: QuantizedSlot, module: nn.Module, current: torch.Tensor) -> torch.Tensor | None:
+        return self.quantized_weight(entry, current) if self.weights_enabled else None
 
 
 def _quantize_output(module: nn.Module, args: tuple, output: object) -> object:

@@ -43,13 +43,18 @@ class SwappedParam:
 
 
 class WeightSwapper:
-    """Installs the hooks that substitute ``substitute(entry, module)`` for each entry's parameter."""
+    """Installs the hooks that substitute ``substitute(entry, module, current)`` for each entry's
+    parameter; ``current`` is what the slot holds when the forward starts: the entry's parameter,
+    or the full parameter that FSDP2 (``fully_shard``) gathered for this forward in place of its
+    shard. The hook after the forward puts ``current`` back."""
 
-    def __init__(self, substitute: Callable[[SwappedParam, nn.Module], torch.Tensor | None]) -> None:
+    def __init__(self, substitute: Callable[[SwappedParam, nn.Module, torch.Tensor], torch.Tensor | None]) -> None:
         self._substitute = substitute
         # hooked module -> (module whose _parameters hold it, attribute, entry)
         self._by_module: dict[nn.Module, list[tuple[nn.Module, str, SwappedParam]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # (id(owner), attr) -> (hooked module, what the slot held before the swap, the substitute) while swapped
+        self._held: dict[tuple[int, str], tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
 
     def add(self, entry: SwappedParam) -> None:
         for slot in entry.slots:
@@ -73,9 +78,18 @@ class WeightSwapper:
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         swapped = False
+        held = self._held
         for owner, attr, entry in self._by_module[module]:
-            tensor = self._substitute(entry, owner)
+            key = (id(owner), attr)
+            swap = held.get(key)
+            if swap is not None:
+                if owner._parameters[attr] is swap[2]:
+                    continue  # swapped already by an enclosing reader's hook (it puts it back)
+                del held[key]  # left by a forward that never reached its hook after (a failed trace)
+            current = owner._parameters[attr]
+            tensor = self._substitute(entry, owner, current)
             if tensor is not None:
+                held[key] = (module, current, tensor)
                 owner._parameters[attr] = tensor  # bypasses the leaf check of __setattr__ on purpose
                 swapped = True
         if swapped:
@@ -83,12 +97,25 @@ class WeightSwapper:
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         swapped = False
-        for owner, attr, entry in self._by_module[module]:
-            if owner._parameters[attr] is not entry.param:
-                owner._parameters[attr] = entry.param
-                swapped = True
+        held = self._held
+        for owner, attr, _ in self._by_module[module]:
+            key = (id(owner), attr)
+            swap = held.get(key)
+            if swap is not None and swap[0] is module:
+                if owner._parameters[attr] is swap[2]:
+                    owner._parameters[attr] = swap[1]
+                    swapped = True
+                del held[key]
         if swapped:
             refresh_rnn(module)
+
+
+def rebind(entries: list[SwappedParam]) -> None:
+    """Point each entry at the parameter its first slot now holds: FSDP2's ``fully_shard`` replaces
+    a module's parameters with sharded ``DTensor`` ones after the quantizer was attached."""
+    for entry in entries:
+        slot = entry.slots[0]
+        entry.param = slot.module._parameters[slot.attr]
 
 
 def refresh_rnn(module: nn.Module) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 from .._validate import check_choice, check_number
 from ..formats.distiller import _TINY, MODES, LinearQuantMode, channel_min_max, fake_quantize, linear_quant_params, weight_fake_quantize
 from ..formats.lsq import learned_step_quantize, lsq_grad_factor, lsq_range
-from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step, read_flag
+from ._common import _MIN_STEP, HALF_DTYPES, apply_keeping_float32, check_finite_step, one_dimensional_step, read_flag
 
 class _WeightQuantizer(nn.Module):
     """What both weight quantizers share: options, the ``enabled`` switch, and a buffer flag
@@ -28,6 +28,8 @@ class _WeightQuantizer(nn.Module):
         self.param_shape = () if channels is None else (channels,)
         self.register_buffer(self._flag, torch.zeros((), dtype=torch.float32))
         self.enabled = True  # False: the float weight passes through (e.g. during calibration)
+        self.sharded = False  # FSDP2: see FakeLinearQuantization.sharded
+        self._pending_step: torch.Tensor | None = None
         self.label = type(self).__name__  # named in errors; EMAFakeQuantizer sets "weight quantizer (<weight>)"
         self._ready: tuple[tuple[int, int], bool] | None = None  # (flag buffer identity and version, value)
         self._known: bool | None = False  # the flag as our own writes left it (compiled forwards read this); None: re-read
@@ -65,8 +67,9 @@ class _WeightQuantizer(nn.Module):
         getattr(self, self._flag).fill_(1)
         self._known = True
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        one_dimensional_step(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         flag = getattr(self, self._flag)
         self._known = None if flag.is_meta else bool(flag.item())
 
@@ -88,7 +91,7 @@ class LearnedStepWeight(_WeightQuantizer):
 
     def __init__(self, channels: int | None, num_bits: int = 8, mode: str = "symmetric", axis: int | None = 0) -> None:
         super().__init__(channels, num_bits, mode, axis)
-        self.step = nn.Parameter(torch.ones(self.param_shape, dtype=torch.float32))
+        self.step = nn.Parameter(torch.ones(self.param_shape or (1,), dtype=torch.float32))  # 1-D: FSDP2 cannot shard a 0-d parameter
         self.register_buffer("zero", torch.zeros(self.param_shape, dtype=torch.float32))  # torch's convention: q = round(w / step + zero)
         self.lsq_range = lsq_range(num_bits, self.mode)
 
@@ -100,13 +103,15 @@ class LearnedStepWeight(_WeightQuantizer):
         self.step.copy_(1 / scale)
         self.zero.copy_(-zero_point)
         self._mark_ready()
+        if self.sharded:  # FSDP2's gathered copy: EMAFakeQuantizer.write_back_steps puts the value into the shard
+            self._pending_step = self.step.detach().clone()
 
     def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
         if not self._has_state():
             if not self.training:
                 return weight_fake_quantize(weight, self.num_bits, self.mode, self.axis)
             self.init_step(weight)
-        if not torch.compiler.is_compiling():  # compiled: the Lightning callback checks after each step
+        if not self.sharded and not torch.compiler.is_compiling():  # else the Lightning callback checks after each step
             check_finite_step(self.step, self.label)
         with torch.no_grad():
             self.step.clamp_(min=_MIN_STEP)
