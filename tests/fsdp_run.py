@@ -3,7 +3,10 @@ either FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard`` of every Li
 network in ``configure_model``) or DDP. Each rank saves its per-step losses and, at the end of
 training, the whole state (FSDP2's shards gathered).
 
-    python tests/fsdp_run.py OUT_DIR {ema,lsq,int4,diffq} {fsdp2,ddp}
+    python tests/fsdp_run.py OUT_DIR {ema,lsq,int4,diffq} {fsdp2,ddp} [{full,half,resume}]
+
+``full``: two epochs; ``half``: the first, ending with a (distributed) checkpoint; ``resume``: the
+second, from that checkpoint.
 """
 import sys
 import warnings
@@ -58,6 +61,8 @@ class Record(pl.Callback):
 def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:
     if mode == "diffq":
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors"))]
+    if mode == "stack":  # DiffQ's weights (noise generator, bits), LSQ activations (EMA ranges, steps)
+        return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0), EMAFakeQuant(weights=False, learned_step=True)]
     if mode == "int4":
         return [EMAFakeQuant(weight_format="int4_g16", activations=False)]
     return [EMAFakeQuant(learned_step=mode == "lsq", ema_decay=0.9)]
@@ -66,18 +71,21 @@ def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:
 def main() -> None:
     warnings.filterwarnings("ignore")
     out, mode, tag = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    part = sys.argv[4] if len(sys.argv) > 4 else ""
     pl.seed_everything(0, verbose=False)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if tag == "fsdp2" else "ddp"
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks(mode, out, tag), Record(out, tag)],
-        use_distributed_sampler=False, default_root_dir=str(out), val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0,
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2 if part in ("full", "resume") else 1, logger=False,
+        enable_checkpointing=part == "half", enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*callbacks(mode, out, tag), Record(out, tag + part)],
+        use_distributed_sampler=False, default_root_dir=str(out), val_check_interval=2 if not part else 1.0, limit_val_batches=2, num_sanity_val_steps=0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = Sharded(MLP(in_features=16, hidden=(32,), num_classes=8), num_classes=8)
     dataset = tiny_loader(n=64).dataset
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=Interleaved(64))
-    trainer.fit(model, loader, loader)
+    checkpoint = next((out / "checkpoints").glob("*.ckpt"), None) if part == "resume" else None
+    trainer.fit(model, loader, loader, ckpt_path=str(checkpoint) if checkpoint else None)
     if torch.distributed.is_initialized():  # tear gloo down before exit: its threads abort the process otherwise
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -12,9 +12,9 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out: Path, mode: str, strategy: str) -> None:
+def _run(out: Path, mode: str, strategy: str, *part: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fsdp_run.py"), str(out), mode, strategy],
+        [sys.executable, str(ROOT / "tests" / "fsdp_run.py"), str(out), mode, strategy, *part],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,3 +45,18 @@ def test_fsdp2_trains_like_ddp_with_the_same_batches(tmp_path: Path, mode: str) 
 
         ours, reference = load_file(tmp_path / "fsdp2.safetensors"), load_file(tmp_path / "ddp.safetensors")
         assert set(ours) == set(reference) and all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_fsdp2_distributed_checkpoint_resumes_exactly(tmp_path: Path) -> None:
+    """DiffQ (its noise generator's state, the sharded bits) with LSQ activations (EMA ranges,
+    sharded steps): one epoch, a distributed checkpoint (a folder of shards), a second epoch from
+    it in new processes: the losses and the whole state of an uninterrupted two-epoch run."""
+    for part in ("full", "half", "resume"):
+        _run(tmp_path, "stack", "fsdp2", part)
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert checkpoint.is_dir() and any(checkpoint.glob("*.distcp"))
+    full, half, resumed = (torch.load(tmp_path / f"fsdp2{part}_rank0.pt", weights_only=True) for part in ("full", "half", "resume"))
+    assert len(full["losses"]) == 8 and half["losses"] + resumed["losses"] == full["losses"]
+    for key, value in full["state"].items():
+        assert torch.equal(resumed["state"][key], value), key
