@@ -55,7 +55,11 @@ class Record(pl.Callback):
         for key, value in pl_module.state_dict().items():  # every rank: the gathers are collective
             value = value.full_tensor() if type(value).__name__ == "DTensor" else value
             state[key] = value.detach().clone()
-        torch.save({"losses": self.losses, "val_losses": self.val_losses, "state": state}, self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
+        from qat_lightning.export import quantized_state_dict
+
+        quantizer = next(c for c in trainer.callbacks if isinstance(c, (DiffQ, EMAFakeQuant))).quantizer
+        plain = quantized_state_dict(quantizer)  # the plain, quantized model: gathered on every rank
+        torch.save({"losses": self.losses, "val_losses": self.val_losses, "state": state, "plain": plain}, self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
 
 
 def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:

@@ -37,6 +37,10 @@ def test_fsdp2_trains_like_ddp_with_the_same_batches(tmp_path: Path, mode: str) 
     for key, value in ddp["state"].items():
         assert torch.allclose(fsdp[0]["state"][key].float(), value.float(), rtol=1e-4, atol=1e-6), key
         assert torch.equal(fsdp[0]["state"][key], fsdp[1]["state"][key]), key
+    # the plain quantized state dict (save_pretrained after QAT), gathered from the shards
+    assert set(fsdp[0]["plain"]) == set(ddp["plain"]) and not any("fake_quant" in k or k.endswith("_diffq") for k in ddp["plain"])
+    for key, value in ddp["plain"].items():
+        assert torch.allclose(fsdp[0]["plain"][key], value, rtol=1e-4, atol=1e-6), key
     if mode == "lsq":  # initialised in the first forward, on the gathered copies: written back to the shards
         steps = [k for k in ddp["state"] if k.endswith(".step")]
         assert steps and all(not torch.all(fsdp[0]["state"][k] == 1) for k in steps)

@@ -9,6 +9,8 @@ and not the float one::
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +23,48 @@ from ..quantizers.fake_quantizer import WEIGHT_SUFFIX, EMAFakeQuantizer
 Quantizer = DiffQuantizer | EMAFakeQuantizer
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """FSDP2's shard (``DTensor``) gathered into the whole tensor (every rank must call); else the tensor."""
+    return tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
+
+
+@contextlib.contextmanager
+def _whole_steps(quantizer: EMAFakeQuantizer) -> Iterator[None]:
+    """Inside: sharded LSQ steps (FSDP2) replaced by their whole tensors, so a quantizer module
+    computes on plain tensors; back to the shards on exit."""
+    swapped = []
+    try:
+        for module in quantizer._quantizer_modules():
+            step = module._parameters.get("step")
+            if step is not None and type(step).__name__ == "DTensor":
+                module._parameters["step"] = nn.Parameter(step.full_tensor(), requires_grad=False)
+                swapped.append((module, step))
+        yield
+    finally:
+        for module, step in swapped:
+            module._parameters["step"] = step
+
+
 @torch.no_grad()
 def quantized_values(quantizer: Quantizer) -> dict[int, torch.Tensor]:
-    """``id(parameter) -> its quantized value`` for every weight the quantizer quantizes."""
+    """``id(parameter) -> its quantized value`` for every weight the quantizer quantizes (under
+    FSDP2 the whole tensor, gathered on every rank: call it on all of them)."""
     if isinstance(quantizer, DiffQuantizer):
-        values = {id(qp.param): quantizer.quantized_weight(qp) for qp in quantizer.quantized_params()}
-        values.update({id(k.param): quantizer.quantized_weight(k) for k in quantizer._kept if k.half})
+        sharded = {id(e): id(e.param) for e in [*quantizer.quantized_params(), *quantizer._kept]}
+        with quantizer.gathered():
+            values = {sharded[id(qp)]: quantizer.quantized_weight(qp) for qp in quantizer.quantized_params()}
+            values.update({sharded[id(k)]: quantizer.quantized_weight(k) for k in quantizer._kept if k.half})
         return values
     if isinstance(quantizer, EMAFakeQuantizer):
-        return {id(entry.param): quantizer.quantized_weight(entry) for entry in quantizer._entries}
+        with _whole_steps(quantizer):
+            return {id(entry.param): quantizer.quantized_weight(entry, _full(entry.param)) for entry in quantizer._entries}
     raise ValueError(f"quantizer must be a DiffQuantizer or an EMAFakeQuantizer (callback.quantizer); got {type(quantizer).__name__}")
 
 
 def quantized_state_dict(quantizer: Quantizer, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The state dict of ``module`` (default: the quantized model; or any submodule of it, keys
-    relative to it) with quantized weights and no quantizer tensors."""
+    relative to it) with quantized weights and no quantizer tensors; under FSDP2 whole tensors,
+    gathered on every rank (call it on all of them)."""
     model = quantizer.model
     module = model if module is None else module
     if not any(m is module for m in model.modules()):
@@ -46,7 +75,7 @@ def quantized_state_dict(quantizer: Quantizer, module: nn.Module | None = None) 
     for name, tensor in module.state_dict(keep_vars=True).items():
         if f"{WEIGHT_SUFFIX}." in name or (suffix is not None and name.endswith(suffix)):  # every fake quantizer's state; DiffQ's logits
             continue
-        state[name] = values.get(id(tensor), tensor).detach().clone()
+        state[name] = _full(values.get(id(tensor), tensor)).detach().clone()
     return state
 
 
