@@ -3,7 +3,7 @@ either FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard`` of every Li
 network in ``configure_model``) or DDP. Each rank saves its per-step losses and, at the end of
 training, the whole state (FSDP2's shards gathered).
 
-    python tests/fsdp_run.py OUT_DIR {ema,lsq,int4,diffq} {fsdp2,ddp} [{full,half,resume}]
+    python tests/fsdp_run.py OUT_DIR {int4_ema,lsq,diffq,stack} {fsdp2,ddp} [{full,half,resume}]
 
 ``full``: two epochs; ``half``: the first, ending with a (distributed) checkpoint; ``resume``: the
 second, from that checkpoint.
@@ -67,9 +67,9 @@ def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors"))]
     if mode == "stack":  # DiffQ's weights (noise generator, bits), LSQ activations (EMA ranges, steps)
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0), EMAFakeQuant(weights=False, learned_step=True)]
-    if mode == "int4":
-        return [EMAFakeQuant(weight_format="int4_g16", activations=False)]
-    return [EMAFakeQuant(learned_step=mode == "lsq", ema_decay=0.9)]
+    if mode == "int4_ema":  # a number format for the weights, Distiller's EMA ranges for the activations
+        return [EMAFakeQuant(weight_format="int4_g16", ema_decay=0.9)]
+    return [EMAFakeQuant(learned_step=True, ema_decay=0.9)]  # lsq
 
 
 def main() -> None:

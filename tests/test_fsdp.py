@@ -21,7 +21,7 @@ def _run(out: Path, mode: str, strategy: str, *part: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-@pytest.mark.parametrize("mode", ["ema", "lsq", "int4", "diffq"])
+@pytest.mark.parametrize("mode", ["int4_ema", "lsq", "diffq"])
 def test_fsdp2_trains_like_ddp_with_the_same_batches(tmp_path: Path, mode: str) -> None:
     """Per-step losses, validation on the quantized weights, and the whole final state (weights,
     DiffQ bits, EMA ranges, LSQ steps) equal DDP's; both FSDP2 ranks gather the same state; DiffQ's
