@@ -66,7 +66,8 @@ def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:
     if mode == "diffq":
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors"))]
     if mode == "stack":  # DiffQ's weights (noise generator, bits), LSQ activations (EMA ranges, steps)
-        return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0), EMAFakeQuant(weights=False, learned_step=True)]
+        return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors")),
+                EMAFakeQuant(weights=False, learned_step=True)]  # fmt: skip
     if mode == "int4_ema":  # a number format for the weights, Distiller's EMA ranges for the activations
         return [EMAFakeQuant(weight_format="int4_g16", ema_decay=0.9)]
     return [EMAFakeQuant(learned_step=True, ema_decay=0.9)]  # lsq

@@ -5,6 +5,7 @@ generation): the same ops as eager, so losses, weights and quantizer state must 
 the test needs no C++ compiler."""
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -76,6 +77,11 @@ def _fit(callbacks: list[pl.Callback], compiled: bool) -> tuple[Plain, int]:
     return module, sum(counters["graph_break"].values())
 
 
+@functools.cache
+def _float_breaks() -> int:
+    return _fit([], compiled=True)[1]
+
+
 @pytest.mark.parametrize("name", list(CALLBACKS))
 def test_a_compiled_module_trains_as_the_eager_one(name: str) -> None:
     eager, _ = _fit(CALLBACKS[name](), compiled=False)
@@ -86,8 +92,7 @@ def test_a_compiled_module_trains_as_the_eager_one(name: str) -> None:
     assert set(state) == set(reference)
     for key, value in reference.items():
         assert torch.allclose(state[key].float(), value.float(), rtol=1e-5, atol=1e-7), key
-    _, float_breaks = _fit([], compiled=True)  # the quantized path traces whole: no break the float model has not
-    assert breaks == float_breaks
+    assert breaks == _float_breaks()  # the quantized path traces whole: no break the float model has not
 
 
 def test_code_compiled_before_the_hooks_is_not_reused() -> None:
