@@ -2,7 +2,6 @@
 model computed in eval, with torchao's quantized weight tensors."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

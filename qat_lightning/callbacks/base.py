@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..coverage import CoverageReport
-from ._param_groups import check_trainer, log_hparams
+from ._param_groups import check_trainer, is_fsdp2, log_hparams
 
 
 class QuantizationCallback(pl.Callback):
@@ -35,6 +35,7 @@ class QuantizationCallback(pl.Callback):
     coverage: CoverageReport | None = None  # what this callback quantizes, set at setup
     compiled: bool = False  # the LightningModule (or a submodule) is torch.compile'd; set at setup
     supports_fsdp2: ClassVar[bool] = False  # trains under ModelParallelStrategy (fully_shard)
+    fsdp2: bool = False  # the Trainer shards with FSDP2 (ModelParallelStrategy); set at setup
 
     def quantizes(self) -> frozenset[str]:
         """What this callback quantizes: a subset of ``{"weights", "activations"}``."""
@@ -127,9 +128,9 @@ class Stack:
             check_trainer(self.trainer, pl_module, callback)
             log_hparams(self.trainer, callback)
         self.check_conflicts()
-        compiled = is_compiled(pl_module)
+        compiled, fsdp2 = is_compiled(pl_module), is_fsdp2(self.trainer)
         for callback in self.callbacks:
-            callback.compiled = compiled
+            callback.compiled, callback.fsdp2 = compiled, fsdp2
             callback._setup(self.trainer, pl_module, stage)
         if self.callbacks and compiled:
             # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards):

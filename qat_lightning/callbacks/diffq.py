@@ -17,10 +17,10 @@ from .._options import args_doc, declared
 from .._validate import check_bool, check_number
 from ..quantizers.diffq import DiffQConfig, DiffQuantizer
 from ..quantizers.noise_rng import MAX_SEED
-from ..export.packing import _state, save_quantized, write_packed
+from ..export.packing import packed_state, write_packed
 from ..app.plots import format_layer_table, plot_layer_bits
 from ._precision import keep_float32_through_conversion
-from ._param_groups import init_arguments, is_fsdp2, move_to_own_group
+from ._param_groups import init_arguments, move_to_own_group
 from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 
@@ -112,7 +112,6 @@ class DiffQ(QuantizationCallback):
                           "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
     supports_fsdp2 = True
-    _fsdp2 = False  # fitting under ModelParallelStrategy (set at fit start)
     conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ (DiffQ's weights, fake-quantized activations)"
 
     @override
@@ -155,8 +154,7 @@ class DiffQ(QuantizationCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fsdp2 = is_fsdp2(trainer)
-        if self._fsdp2:  # configure_model's fully_shard replaced the parameters with shards
+        if self.fsdp2:  # configure_model's fully_shard replaced the parameters with shards
             self._require_quantizer().rebind()
         if self._pending_rng is not None:
             self._require_quantizer().set_noise_rng_state(self._pending_rng)
@@ -247,7 +245,7 @@ class DiffQ(QuantizationCallback):
 
     def _enter_eval(self) -> None:
         quantizer = self._require_quantizer()
-        if self.quantize_eval and self._fsdp2:
+        if self.quantize_eval and self.fsdp2:
             return  # FSDP2: the hooks quantize each gathered weight in eval forwards (no shard rewritten in place)
         if self.quantize_eval:
             self._swapped_for_stage = quantizer.quantize()
@@ -279,7 +277,7 @@ class DiffQ(QuantizationCallback):
             if self.export_path is not None:
                 self.export(trainer)
         if self.quantize_on_fit_end:
-            if self._fsdp2:
+            if self.fsdp2:
                 raise ValueError("DiffQ(quantize_on_fit_end=True) rewrites whole weights in place: not with FSDP2 shards; "
                                  "export the packed file (export_path) instead")  # fmt: skip
             quantizer.quantize()
@@ -287,15 +285,10 @@ class DiffQ(QuantizationCallback):
     def export(self, trainer: pl.Trainer, path: str | PathLike | None = None) -> Path | None:
         """Write the bit-packed quantized model (rank 0 only); returns the path written."""
         target = self._in_log_dir(trainer, path if path is not None else self.export_path or "model.packed.safetensors")
-        quantizer = self._require_quantizer()
-        if self._fsdp2:  # every rank gathers the whole tensors, rank 0 writes them
-            with quantizer.gathered():
-                state = _state(quantizer)
-            if trainer.is_global_zero:
-                size = write_packed(target, *state)
-                rank_zero_info(f"DiffQ: bit-packed model written to {target} ({size / 2**20:.4f} MB)")
-        elif trainer.is_global_zero:
-            size = save_quantized(quantizer, target)
+        if self.fsdp2 or trainer.is_global_zero:  # FSDP2: every rank gathers the whole tensors
+            state = packed_state(self._require_quantizer())
+        if trainer.is_global_zero:
+            size = write_packed(target, *state)
             rank_zero_info(f"DiffQ: bit-packed model written to {target} ({size / 2**20:.4f} MB)")
         self.exported = target
         return target

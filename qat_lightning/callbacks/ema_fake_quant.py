@@ -15,7 +15,7 @@ from .._validate import check_number, check_patterns
 from ..formats.distiller import DistillerFormat
 from ..quantizers.activation import FakeLinearQuantization
 from ..quantizers.fake_quantizer import EMAFakeQuantizer, FakeQuantConfig
-from ._param_groups import init_arguments, is_fsdp2, move_to_own_group
+from ._param_groups import init_arguments, move_to_own_group
 from .base import QuantizationCallback
 from ._resume import attached_elsewhere, check_resumed_options, guard_checkpoint
 
@@ -100,7 +100,6 @@ class EMAFakeQuant(QuantizationCallback):
 
     order = 10
     supports_fsdp2 = True
-    _fsdp2 = False  # fitting under ModelParallelStrategy (set at fit start)
     conflict_hint = "use EMAFakeQuant(weights=False) next to DiffQ or AdaScale (their weights, fake-quantized activations)"
 
     @override
@@ -149,8 +148,7 @@ class EMAFakeQuant(QuantizationCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fsdp2 = is_fsdp2(trainer)
-        if self._fsdp2:  # configure_model's fully_shard replaced the parameters with shards
+        if self.fsdp2:  # configure_model's fully_shard replaced the parameters with shards
             self._require_quantizer().rebind()
         steps = self._require_quantizer().parameters()
         lr = self.step_lr
@@ -179,12 +177,12 @@ class EMAFakeQuant(QuantizationCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.options["learned_step"] and (self.compiled or self._fsdp2 or pl_module.device.type != "cpu"):  # else the forward checks
+        if self.options["learned_step"] and (self.compiled or self.fsdp2 or pl_module.device.type != "cpu"):  # else the forward checks
             self._require_quantizer().check_finite()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if self._fsdp2 and self.options["learned_step"]:
+        if self.fsdp2 and self.options["learned_step"]:
             self._require_quantizer().write_back_steps()
         if self.freeze_step is not None and trainer.global_step >= self.freeze_step:
             for p in self._require_quantizer().parameters():  # frozen step sizes: no update

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.diffq_records import KeptParam
+from ..quantizers.swap import full_tensor
 from ..formats.uniform import compute_dtype, uniform_dequantize, uniform_quantize
 
 FORMAT = "qat_lightning.packed"
@@ -145,14 +146,18 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
     return result
 
 
-def _state(source: nn.Module | DiffQuantizer) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor], set[str]]:
-    """(float tensors, quantized tensors, fp16-kept names) of a model or of a quantizer's model."""
+def packed_state(source: nn.Module | DiffQuantizer) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor], set[str]]:
+    """(float tensors, quantized tensors, fp16-kept names) of a model or of a quantizer's model:
+    what :func:`write_packed` writes. Under FSDP2 the whole tensors, gathered from the shards: a
+    collective, every rank must call it."""
     if isinstance(source, DiffQuantizer):
-        try:
-            source.check_finite()  # names the tensor (or its bits) before anything is quantized
-        except FloatingPointError as error:
-            raise FloatingPointError(f"not writing the packed file: {error} (nothing was written)") from None
-        model, quantized = source.model, quantized_tensors(source)
+        with source.gathered():
+            try:
+                source.check_finite()  # names the tensor (or its bits) before anything is quantized
+            except FloatingPointError as error:
+                raise FloatingPointError(f"not writing the packed file: {error} (nothing was written)") from None
+            quantized = quantized_tensors(source)
+        model = source.model
         half = {slot.qualified_name for k in source._kept if isinstance(k, KeptParam) and k.half for slot in k.slots}
         suffix = source.suffix
     elif isinstance(source, nn.Module):
@@ -164,9 +169,7 @@ def _state(source: nn.Module | DiffQuantizer) -> tuple[dict[str, torch.Tensor], 
     for name, tensor in model.state_dict(keep_vars=False).items():
         if name in covered or (suffix and name.endswith(suffix)):
             continue
-        if type(tensor).__name__ == "DTensor":  # FSDP2: the whole tensor (every rank calls this)
-            tensor = tensor.full_tensor()
-        floats[name] = tensor.detach().cpu()
+        floats[name] = full_tensor(tensor).detach().cpu()  # FSDP2: the whole tensor (every rank calls this)
     return floats, quantized, half
 
 
@@ -186,7 +189,7 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) ->
 def save_quantized(source: nn.Module | DiffQuantizer, path: str | Path, *, metadata: dict[str, str] | None = None) -> int:
     """Write the bit-packed quantized model of ``source`` (a :class:`DiffQuantizer`, or a plain
     module, stored as float) to ``path`` (safetensors). Returns the file size in bytes."""
-    floats, quantized, half = _state(source)
+    floats, quantized, half = packed_state(source)
     return write_packed(path, floats, quantized, half, metadata=metadata)
 
 
@@ -446,7 +449,7 @@ def load_quantized(path: str | Path, model: nn.Module, strict: bool = True, pref
 
 def quantize_state_dict(quantizer: DiffQuantizer) -> dict[str, torch.Tensor]:
     """The state dict :func:`load_quantized` produces, computed directly (for tests and comparisons)."""
-    floats, quantized, half = _state(quantizer)
+    floats, quantized, half = packed_state(quantizer)
     state = {k: (v.half().to(v.dtype) if k in half and v.is_floating_point() else v) for k, v in floats.items()}
     for name, q in quantized.items():
         state[name] = q.dequantize()

@@ -19,13 +19,9 @@ from torch import nn
 
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.fake_quantizer import WEIGHT_SUFFIX, EMAFakeQuantizer
+from ..quantizers.swap import full_tensor, is_dtensor
 
 Quantizer = DiffQuantizer | EMAFakeQuantizer
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """FSDP2's shard (``DTensor``) gathered into the whole tensor (every rank must call); else the tensor."""
-    return tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
 
 
 @contextlib.contextmanager
@@ -36,7 +32,7 @@ def _whole_steps(quantizer: EMAFakeQuantizer) -> Iterator[None]:
     try:
         for module in quantizer._quantizer_modules():
             step = module._parameters.get("step")
-            if step is not None and type(step).__name__ == "DTensor":
+            if step is not None and is_dtensor(step):
                 module._parameters["step"] = nn.Parameter(step.full_tensor(), requires_grad=False)
                 swapped.append((module, step))
         yield
@@ -57,7 +53,7 @@ def quantized_values(quantizer: Quantizer) -> dict[int, torch.Tensor]:
         return values
     if isinstance(quantizer, EMAFakeQuantizer):
         with _whole_steps(quantizer):
-            return {id(entry.param): quantizer.quantized_weight(entry, _full(entry.param)) for entry in quantizer._entries}
+            return {id(entry.param): quantizer.quantized_weight(entry, full_tensor(entry.param)) for entry in quantizer._entries}
     raise ValueError(f"quantizer must be a DiffQuantizer or an EMAFakeQuantizer (callback.quantizer); got {type(quantizer).__name__}")
 
 
@@ -75,7 +71,7 @@ def quantized_state_dict(quantizer: Quantizer, module: nn.Module | None = None) 
     for name, tensor in module.state_dict(keep_vars=True).items():
         if f"{WEIGHT_SUFFIX}." in name or (suffix is not None and name.endswith(suffix)):  # every fake quantizer's state; DiffQ's logits
             continue
-        state[name] = _full(values.get(id(tensor), tensor)).detach().clone()
+        state[name] = full_tensor(values.get(id(tensor), tensor)).detach().clone()
     return state
 
 

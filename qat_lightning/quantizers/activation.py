@@ -132,22 +132,11 @@ class FakeLinearQuantization(nn.Module):
 
     @torch.no_grad()
     def _traced_update(self, x: torch.Tensor) -> None:
-        """:meth:`update_range` in tensor ops: the step count and the bias correction from the
-        buffers (float64, as the host path computes ``1 - d**step``); a batch with NaN/Inf leaves
-        the EMA as it was (raising needs the host, as on CUDA)."""
+        """:meth:`update_range` in tensor ops: the device path, its step count read from the buffer
+        (a batch with NaN/Inf leaves the EMA as it was: raising needs the host, as on CUDA)."""
         mn, mx = torch.aminmax(x.detach())
-        current = torch.stack([mn, mx]).float()
-        if dist.is_available() and dist.is_initialized():
-            current = torch.stack([-current[0], current[1]])
-            dist.all_reduce(current, op=dist.ReduceOp.MAX)
-            current = torch.stack([-current[0], current[1]])
-        step = self.iter_count + 1
-        self.iter_count.copy_(step)
-        updated = torch.lerp(self.tracked_biased, current, 1 - self.ema_decay)
-        self.tracked_biased.copy_(torch.where(torch.isfinite(current).all(), updated, self.tracked_biased))
-        correction = (1 - torch.pow(self.ema_decay, step.double())).float()
-        self.tracked.copy_(self.tracked_biased / correction)
-        self._update_params()
+        current = self._global_range(mn, mx)
+        self._update_on_device(current if current is not None else torch.stack([mn, mx]).float(), self.iter_count + 1)
 
     # ----------------------------------------------------------------------------- state
     # The buffers are the single source of truth. On the CPU every forward reads them through
@@ -245,11 +234,7 @@ class FakeLinearQuantization(nn.Module):
         the few fused in-place ops on CUDA.
         """
         mn, mx = torch.aminmax(x.detach())
-        current = None
-        if dist.is_available() and dist.is_initialized():
-            current = torch.stack([-mn, mx]).float()
-            dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
-            current[0].neg_()
+        current = self._global_range(mn, mx)
         if not self.iter_count.is_cpu:
             step, learned = self._steps() + 1, self._host.learned_ready
             self._update_on_device(current if current is not None else torch.stack([mn, mx]).float(), step)
@@ -265,13 +250,28 @@ class FakeLinearQuantization(nn.Module):
             )
         self._update_on_host(lo, hi, self._steps() + 1)
 
-    def _update_on_device(self, current: torch.Tensor, step: int) -> None:
+    @staticmethod
+    def _global_range(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor | None:
+        """``[min, max]`` over every rank under ``torch.distributed`` (float32), else None."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        current = torch.stack([-mn, mx]).float()
+        dist.all_reduce(current, op=dist.ReduceOp.MAX)  # every rank: global min and max
+        current[0].neg_()
+        return current
+
+    def _update_on_device(self, current: torch.Tensor, step: int | torch.Tensor) -> None:
         """Device-side update, no host sync; a batch with NaN/Inf leaves the EMA as it was (raising
-        would need a sync: the CPU path raises)."""
+        would need a sync: the CPU path raises). ``step``: the new count, a host integer, or a
+        0-d tensor inside a compiled forward (its bias correction in float64, as the host computes it)."""
         self.iter_count.fill_(step)
         updated = torch.lerp(self.tracked_biased, current, 1 - self.ema_decay)  # biased * d + (1 - d) * current
         self.tracked_biased.copy_(torch.where(torch.isfinite(current).all(), updated, self.tracked_biased))
-        torch.div(self.tracked_biased, 1 - self.ema_decay**step, out=self.tracked)
+        if isinstance(step, torch.Tensor):
+            correction = (1 - torch.pow(self.ema_decay, step.double())).float()
+        else:
+            correction = 1 - self.ema_decay**step
+        torch.div(self.tracked_biased, correction, out=self.tracked)
         self._update_params()
 
     def _update_on_host(self, lo: float, hi: float, step: int) -> None:

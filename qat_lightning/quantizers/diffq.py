@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import warnings
-import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from .noise import inject_noise
 from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers
-from .swap import Slot, SwappedParam, WeightSwapper, rebind, refresh_rnn
+from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
 from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
@@ -74,10 +73,6 @@ class DiffQConfig:
         self.exclude = check_patterns("exclude", self.exclude)
         self.include = None if self.include is None else check_patterns("include", self.include)
         check_bool("detect_bound", self.detect_bound)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 @torch.compiler.disable
@@ -264,7 +259,7 @@ class DiffQuantizer:
             return None if not entry.half or module.training else current.detach().half().to(current.dtype)
         slot = entry.slots[0]
         logit = slot.module._parameters[slot.attr + self.suffix]
-        if _is_dtensor(logit):
+        if is_dtensor(logit):
             raise RuntimeError(
                 f"DiffQuantizer under FSDP2: the bits of {entry.name!r} are not gathered while its weight is: "
                 f"fully_shard the module that holds both ({type(slot.module).__name__}) as one unit, or a parent of it"
@@ -302,7 +297,7 @@ class DiffQuantizer:
         gathered = p is not None
         p, logit = (p, logit) if gathered else (qp.param, qp.logit)
         versions = (p._version, logit._version)
-        if not gathered and qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
+        if qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
             return qp._noisy[0]  # a tied weight used again in this forward (its backward reuses the memory)
         _, _, span = tensor_range(p)
         noise = torch.empty_like(p, memory_format=torch.contiguous_format) if gathered else qp.noise_buffer()
@@ -318,7 +313,8 @@ class DiffQuantizer:
         with torch.no_grad():
             std = (unit * (span * half)).to(p.dtype)
         noisy = inject_noise(p, logit, std, log_slope, noise, penalty_grad)
-        qp._noisy = (noisy, *versions, noisy._version)
+        if not gathered:  # FSDP2's gathered tensors are new every forward: nothing to reuse, nothing kept
+            qp._noisy = (noisy, *versions, noisy._version)
         return noisy
 
     # ----------------------------------------------------------------------------- noise RNG
@@ -517,9 +513,9 @@ class DiffQuantizer:
     @property
     def sharded(self) -> bool:
         """Whether the parameters are FSDP2 shards (``DTensor``)."""
-        return any(_is_dtensor(qp.param) for qp in self._qparams)
+        return any(is_dtensor(qp.param) for qp in self._qparams)
 
-    @contextlib.contextmanager
+    @contextmanager
     def gathered(self) -> Iterator[None]:
         """Inside: every sharded parameter and bits logit is replaced, in the entries, by its full
         tensor (one all-gather each; every rank must enter), so sizes, statistics, checks and the
@@ -531,9 +527,9 @@ class DiffQuantizer:
         try:
             with torch.no_grad():
                 for entry, param, logit in shards:
-                    entry.param = param.full_tensor() if _is_dtensor(param) else param
+                    entry.param = full_tensor(param)
                     if logit is not None:
-                        entry.logit = logit.full_tensor() if _is_dtensor(logit) else logit
+                        entry.logit = full_tensor(logit)
             yield
         finally:
             for entry, param, logit in shards:

@@ -23,7 +23,7 @@ from .activation import FakeLinearQuantization
 from .fold import fold_batchnorm
 from .factory import FormatQuantizer, activation_quantizer, weight_quantizer
 from .input_scale import InputScale
-from .swap import Slot, SwappedParam, WeightSwapper, rebind
+from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind
 from .weight import LearnedStepWeight
 
 DEFAULT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -377,8 +377,7 @@ class EMAFakeQuantizer:
         if not named:
             return
         # FSDP2 shards: the whole step on every rank (all of them call this), so all raise alike
-        whole = [step.full_tensor() if type(step).__name__ == "DTensor" else step for _, step in named]
-        finite = torch.stack([torch.isfinite(step).all() for step in whole]).tolist()
+        finite = torch.stack([torch.isfinite(full_tensor(step)).all() for _, step in named]).tolist()
         broken = [name for (name, _), ok in zip(named, finite) if not ok]
         if broken:
             raise FloatingPointError(
@@ -485,7 +484,7 @@ class EMAFakeQuantizer:
             if pending is None:
                 continue
             step = module.step
-            if type(step).__name__ == "DTensor":
+            if is_dtensor(step):
                 step.copy_(distribute_tensor(pending.to(step.dtype), step.device_mesh, step.placements))
             else:
                 step.copy_(pending)

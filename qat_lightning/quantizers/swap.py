@@ -50,8 +50,8 @@ class WeightSwapper:
 
     def __init__(self, substitute: Callable[[SwappedParam, nn.Module, torch.Tensor], torch.Tensor | None]) -> None:
         self._substitute = substitute
-        # hooked module -> (module whose _parameters hold it, attribute, entry)
-        self._by_module: dict[nn.Module, list[tuple[nn.Module, str, SwappedParam]]] = {}
+        # hooked module -> (module whose _parameters hold it, attribute, entry, the slot's key in _held)
+        self._by_module: dict[nn.Module, list[tuple[nn.Module, str, SwappedParam, tuple[int, str]]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # (id(owner), attr) -> (hooked module, what the slot held before the swap, the substitute) while swapped
         self._held: dict[tuple[int, str], tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
@@ -63,11 +63,11 @@ class WeightSwapper:
                     self._by_module[hooked] = []
                     self._handles.append(hooked.register_forward_pre_hook(self._pre_hook))
                     self._handles.append(hooked.register_forward_hook(self._post_hook, always_call=True))
-                self._by_module[hooked].append((slot.module, slot.attr, entry))
+                self._by_module[hooked].append((slot.module, slot.attr, entry, (id(slot.module), slot.attr)))
 
     def entries(self) -> list[SwappedParam]:
         """Every entry added, once."""
-        unique = {id(e): e for slots in self._by_module.values() for _, _, e in slots}
+        unique = {id(e): e for slots in self._by_module.values() for _, _, e, _ in slots}
         return list(unique.values())
 
     def remove(self) -> None:
@@ -79,8 +79,7 @@ class WeightSwapper:
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         swapped = False
         held = self._held
-        for owner, attr, entry in self._by_module[module]:
-            key = (id(owner), attr)
+        for owner, attr, entry, key in self._by_module[module]:
             swap = held.get(key)
             if swap is not None:
                 if owner._parameters[attr] is swap[2]:
@@ -98,8 +97,7 @@ class WeightSwapper:
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         swapped = False
         held = self._held
-        for owner, attr, _ in self._by_module[module]:
-            key = (id(owner), attr)
+        for owner, attr, _, key in self._by_module[module]:
             swap = held.get(key)
             if swap is not None and swap[0] is module:
                 if owner._parameters[attr] is swap[2]:
@@ -108,6 +106,18 @@ class WeightSwapper:
                 del held[key]
         if swapped:
             refresh_rnn(module)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an FSDP2 shard (``torch.distributed.tensor.DTensor``), by name: no
+    import of torch.distributed where it is not built."""
+    return type(tensor).__name__ == "DTensor"
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard gathered into the whole tensor (a collective: every rank must call); any
+    other tensor as it is."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def rebind(entries: list[SwappedParam]) -> None:
