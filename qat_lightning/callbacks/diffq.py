@@ -67,6 +67,9 @@ class DiffQ(QuantizationCallback):
         group_size: int = 8,
         min_size: float = 0.01,
         float16: bool = False,
+        scale: str = "tensor",
+        scale_group_size: int = 32,
+        scale_dtype: str = "float16",
         min_bits: float = 2,
         max_bits: float = 15,
         param: str = "bits",
@@ -108,7 +111,7 @@ class DiffQ(QuantizationCallback):
 
     # ----------------------------------------------------------------------------- structure
     # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
-    STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "min_bits", "max_bits", "param", "extra_bits", "suffix",
+    STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "scale", "scale_group_size", "scale_dtype", "min_bits", "max_bits", "param", "extra_bits", "suffix",
                           "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
     supports_fsdp2 = True

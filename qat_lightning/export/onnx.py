@@ -27,7 +27,7 @@ from torch import nn
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.factory import FormatQuantizer
 from ..quantizers.fake_quantizer import WEIGHT_SUFFIX
-from ..formats.uniform import uniform_quantize
+from ..formats.uniform import cell_size, grid_quantize, per_cell
 from ..quantizers._common import _MIN_STEP
 from ..quantizers.activation import FakeLinearQuantization
 from ..quantizers.weight import LearnedStepWeight, WeightRange
@@ -304,7 +304,8 @@ def _check_diffq(diffq: DiffQuantizer) -> None:
 
 
 def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
-    """Replace each DiffQ weight initializer by uint8 levels + DequantizeLinear(axis 0 over groups)."""
+    """Replace each DiffQ weight initializer by uint8 levels + DequantizeLinear (axis 0: a scale per
+    cell of entries sharing a width and a range) + the cell's min, reshaped to the weight."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -319,22 +320,26 @@ def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
         name = names[0]
         p = qp.param.detach().cpu()
         bits = diffq.true_bits(qp).cpu()
-        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None].to(p.dtype))
+        levels, mn, mx = grid_quantize(p, bits.to(p.dtype), qp.group_size, qp.range_block, qp.scale_dtype)
+        # one scale and one offset per cell (the finer of the bit groups and the range blocks), formed
+        # as grid_dequantize forms them; the reference grid: one min for the whole tensor
+        cell = cell_size(qp.group_size, qp.range_block)
         span = (mx.double() - mn.double()).float()
-        scale = (1 / (2 ** bits.float() - 1)) * span  # the step of each group, as uniform_dequantize forms it
+        scale = per_cell(1 / (2 ** bits.float() - 1), qp.group_size, cell) * per_cell(span, qp.range_block, cell)
+        offset = per_cell(mn.float(), qp.range_block, cell)[:, None]
         prefix = f"{name}::"
         graph.initializer.remove(initializers[name])
         graph.initializer.extend([
-            numpy_helper.from_array(levels.to(torch.uint8).numpy(), prefix + "levels"),
+            numpy_helper.from_array(levels.reshape(-1, cell).to(torch.uint8).numpy(), prefix + "levels"),
             numpy_helper.from_array(scale.numpy(), prefix + "scale"),
-            numpy_helper.from_array(torch.zeros(qp.num_groups, dtype=torch.uint8).numpy(), prefix + "zero"),
+            numpy_helper.from_array(torch.zeros(scale.numel(), dtype=torch.uint8).numpy(), prefix + "zero"),
             numpy_helper.from_array(torch.tensor(list(p.shape), dtype=torch.int64).numpy(), prefix + "shape"),
-            numpy_helper.from_array(mn.float().reshape(()).numpy(), prefix + "min"),
+            numpy_helper.from_array(offset.numpy(), prefix + "min"),
         ])  # fmt: skip
         nodes += [
             helper.make_node("DequantizeLinear", [prefix + "levels", prefix + "scale", prefix + "zero"], [prefix + "dq"], axis=0),
-            helper.make_node("Reshape", [prefix + "dq", prefix + "shape"], [prefix + "flat"]),
-            helper.make_node("Add", [prefix + "flat", prefix + "min"], [name]),
+            helper.make_node("Add", [prefix + "dq", prefix + "min"], [prefix + "shifted"]),
+            helper.make_node("Reshape", [prefix + "shifted", prefix + "shape"], [name]),
         ]
     for node in reversed(nodes):
         graph.node.insert(0, node)

@@ -5,11 +5,14 @@ Layout of a file written by :func:`save_quantized`:
 * tensors (safetensors, no code): for every quantized parameter ``<name>::levels`` (uint8, the
   integer levels bit-packed per width: all groups of width 1 first, then 2, ..., least
   significant bit first), ``<name>::bits`` (uint8, each group's width minus the smallest width,
-  packed at ``ceil(log2(1 + max - min))`` bits) and ``<name>::range`` (``[min, max]`` in float32,
-  float64 for float64 parameters); every other parameter and buffer as itself (fp16 where the
-  quantizer keeps it in fp16).
+  packed at ``ceil(log2(1 + max - min))`` bits) and ``<name>::range`` (``[[min...], [max...]]``,
+  one column per range block of ``range_block`` contiguous entries: one for the reference grid, in
+  float32 (float64 for float64 parameters); per channel or group in the quantizer's
+  ``scale_dtype``); every other parameter and buffer as itself (fp16 where the quantizer keeps it
+  in fp16).
 * metadata (the safetensors JSON header): ``format``, ``version``, ``layout`` (JSON: per name its
-  kind, shape, dtype, stored dtype, group size, widths, aliases of tied parameters), any extra
+  kind, shape, dtype, stored dtype, group size, widths, range block and dtype, aliases of tied
+  parameters), any extra
   metadata, and ``sha256`` over all of that and every tensor's name, dtype, shape and bytes, so a
   tampered or corrupted file is refused.
 
@@ -37,10 +40,11 @@ from torch import nn
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.diffq_records import KeptParam
 from ..quantizers.swap import full_tensor
-from ..formats.uniform import compute_dtype, uniform_dequantize, uniform_quantize
+from ..formats.uniform import SCALE_DTYPES, compute_dtype, grid_dequantize, grid_quantize, range_block
 
 FORMAT = "qat_lightning.packed"
-VERSION = 2
+VERSION = 3  # 3: a range per block (channel / group grids); version 2 files (one range per tensor) still read
+READABLE_VERSIONS = ("2", "3")
 MAX_BITS = 15
 QUANTIZED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 TENSOR_DTYPES = {
@@ -118,31 +122,41 @@ def unpack_levels(data: torch.Tensor, group_bits: torch.Tensor, group_size: int)
 # ------------------------------------------------------------------------------------------- model
 @dataclass
 class QuantizedTensor:
-    """One quantized tensor: integer levels per group, each group's width, one min/max per tensor
-    (in :func:`~qat_lightning.formats.uniform.compute_dtype` of ``dtype``)."""
+    """One quantized tensor: integer levels per group, each group's width, a min / max per range
+    block of ``range_block`` entries (in :func:`~qat_lightning.formats.uniform.compute_dtype` of
+    ``dtype``, holding values of ``scale_dtype`` where given: that is how they are stored)."""
 
     levels: torch.Tensor  # (groups, group_size), int
     group_bits: torch.Tensor  # (groups,), int 1..15
-    min: torch.Tensor
+    min: torch.Tensor  # (blocks,)
     max: torch.Tensor
     shape: tuple[int, ...]
     dtype: torch.dtype
     aliases: list[str] = field(default_factory=list)
+    range_block: int = 0  # entries per range; 0: the whole tensor
+    scale_dtype: torch.dtype | None = None  # None: stored in compute_dtype(dtype), the reference grid
+
+    @property
+    def block(self) -> int:
+        return self.range_block or self.levels.numel()
 
     def dequantize(self) -> torch.Tensor:
-        bits = self.group_bits[:, None]
-        return uniform_dequantize(self.levels, self.min, self.max, bits, dtype=self.dtype).view(self.shape)
+        return grid_dequantize(self.levels, self.min.reshape(-1), self.max.reshape(-1), self.group_bits, self.block, dtype=self.dtype).view(self.shape)
+
+
+def _quantize(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None,
+              aliases: list[str]) -> QuantizedTensor:  # fmt: skip
+    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype)
+    return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype)
 
 
 def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
     """The true quantization of every parameter ``quantizer`` quantizes, by state-dict name."""
     result = {}
     for qp in quantizer.quantized_params():
-        p = qp.param.detach()
-        bits = quantizer.true_bits(qp).to(torch.int64)
-        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits[:, None])
         names = [slot.qualified_name for slot in qp.slots]
-        result[names[0]] = QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, names[1:])
+        bits = quantizer.true_bits(qp).to(torch.int64)
+        result[names[0]] = _quantize(qp.param.detach(), bits, qp.group_size, qp.range_block, qp.scale_dtype, names[1:])
     return result
 
 
@@ -216,10 +230,12 @@ def write_packed(
         bits_bits = math.ceil(math.log2(1 + int(q.group_bits.max()) - low))
         tensors[f"{name}::levels"] = pack_levels(q.levels, q.group_bits)
         tensors[f"{name}::bits"] = pack_uint(q.group_bits - low, bits_bits)
-        tensors[f"{name}::range"] = torch.stack([q.min, q.max]).to(compute_dtype(q.dtype))
+        range_dtype = q.scale_dtype or compute_dtype(q.dtype)
+        tensors[f"{name}::range"] = torch.stack([q.min.reshape(-1), q.max.reshape(-1)]).to(range_dtype)
         layout[name] = {"kind": "quantized", "shape": list(q.shape), "dtype": _dtype_name(q.dtype),
                         "groups": q.group_bits.numel(), "group_size": q.levels.shape[1], "min_bits": low,
-                        "bits_bits": bits_bits, "aliases": list(q.aliases)}  # fmt: skip
+                        "bits_bits": bits_bits, "range_block": q.block, "range_dtype": _dtype_name(range_dtype),
+                        "aliases": list(q.aliases)}  # fmt: skip
     for name, t in floats.items():
         stored = t.half() if name in half and t.is_floating_point() else t
         tensors[name] = stored.contiguous()
@@ -254,8 +270,8 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable qat_lightning packed file (truncated or not safetensors): {error}") from error
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} is not a qat_lightning packed file (format {header.get('format')!r})")
-    if header.get("version") != str(VERSION):
-        raise ValueError(f"{path} has format version {header.get('version')!r}; this qat_lightning reads version {VERSION}")
+    if header.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has format version {header.get('version')!r}; this qat_lightning reads versions {', '.join(READABLE_VERSIONS)}")
     if header.get("sha256") != _digest(header, tensors):
         raise ValueError(f"{path}: contents do not match the checksum in its header (tampered or corrupted)")
     try:
@@ -263,7 +279,7 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
     except (json.JSONDecodeError, TypeError) as error:
         raise ValueError(f"{path}: layout: not valid JSON ({error})") from error
     try:
-        return _rebuild(layout, tensors)
+        return _rebuild(layout, tensors, int(header["version"]))
     except _LayoutError as error:
         raise ValueError(f"{path}: {error}") from None
 
@@ -316,15 +332,16 @@ def _stored(
     if key not in tensors:
         raise _LayoutError(f"layout of {name!r}: tensor {key!r} is missing from the file")
     t = tensors[key]
+    verb = "imply" if implied_by.startswith("fields") else "implies"
     if t.dtype != dtype:
-        raise _LayoutError(f"layout of {name!r}: tensor {key!r} is {t.dtype}, {implied_by} implies {dtype}")
+        raise _LayoutError(f"layout of {name!r}: tensor {key!r} is {t.dtype}, {implied_by} {verb} {dtype}")
     expected = (t.numel(),) if shape is None else shape
     if tuple(t.shape) != expected:
-        raise _LayoutError(f"layout of {name!r}: tensor {key!r} has shape {tuple(t.shape)}, {implied_by} implies {expected}")
+        raise _LayoutError(f"layout of {name!r}: tensor {key!r} has shape {tuple(t.shape)}, {implied_by} {verb} {expected}")
     return t
 
 
-def _rebuild(layout: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _rebuild(layout: Any, tensors: Mapping[str, torch.Tensor], version: int = VERSION) -> dict[str, torch.Tensor]:
     """Validate every field of ``layout`` against the stored tensors, then dequantize.
 
     Nothing is allocated from a header value before it is checked against stored byte counts:
@@ -343,7 +360,7 @@ def _rebuild(layout: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torc
             used.add(name)
             new_names = [name]
         elif kind == "quantized":
-            plan = _plan_quantized(name, entry, tensors)
+            plan = _plan_quantized(name, entry, tensors, version)
             plans.append((name, plan))
             used.update(f"{name}::{part}" for part in ("levels", "bits", "range"))
             new_names = [name, *plan["aliases"]]
@@ -376,7 +393,7 @@ def _plan_tensor(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torc
     return {"kind": "tensor", "dtype": dtype, "tensor": tensor}
 
 
-def _plan_quantized(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def _plan_quantized(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], version: int = VERSION) -> dict[str, Any]:
     shape = _shape(entry, name)
     dtype = _dtype(entry, name, "dtype", QUANTIZED_DTYPES)
     groups = _field(entry, name, "groups", int, 1, MAX_NUMEL)
@@ -399,11 +416,23 @@ def _plan_quantized(name: str, entry: Mapping[str, Any], tensors: Mapping[str, t
     if bits.numel() != packed_bytes(bits_bits, groups):
         raise _LayoutError(f"layout of {name!r}: fields 'groups' and 'bits_bits' imply {packed_bytes(bits_bits, groups)} bytes of widths; "
                            f"tensor '{name}::bits' holds {bits.numel()}")  # fmt: skip
-    value_range = _stored(tensors, name, f"{name}::range", compute_dtype(dtype), (2,), implied_by="field 'dtype'")
-    if not torch.isfinite(value_range).all() or value_range[0] > value_range[1]:
-        raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' must hold finite [min, max] with min <= max; got {value_range.tolist()}")
+    if version == 2:  # one range per tensor, in the compute dtype
+        block, range_dtype = numel, compute_dtype(dtype)
+        value_range = _stored(tensors, name, f"{name}::range", range_dtype, (2,), implied_by="field 'dtype'")[:, None]
+    else:
+        block = _field(entry, name, "range_block", int, 1, numel)
+        if numel % block or (block % group_size and group_size % block):
+            raise _LayoutError(f"layout of {name!r}: field 'range_block' {block} must divide the {numel} entries and nest with "
+                               f"field 'group_size' {group_size} (one divides the other)")  # fmt: skip
+        range_dtype = _dtype(entry, name, "range_dtype", {**SCALE_DTYPES, "float64": torch.float64})
+        value_range = _stored(tensors, name, f"{name}::range", range_dtype, (2, numel // block),
+                              implied_by="fields 'range_dtype', 'range_block' and 'shape'")  # fmt: skip
+    if not torch.isfinite(value_range).all() or (value_range[0] > value_range[1]).any():
+        raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' must hold finite [min, max] pairs with min <= max; "
+                           f"got {value_range[:, :4].tolist()}")  # fmt: skip
     return {"kind": "quantized", "shape": shape, "dtype": dtype, "groups": groups, "group_size": group_size, "min_bits": min_bits,
-            "bits_bits": bits_bits, "aliases": aliases, "levels": levels, "bits": bits, "range": value_range}  # fmt: skip
+            "bits_bits": bits_bits, "aliases": aliases, "levels": levels, "bits": bits, "range": value_range,
+            "range_block": block}  # fmt: skip
 
 
 def _dequantize_plan(name: str, plan: dict[str, Any]) -> torch.Tensor:
@@ -416,8 +445,9 @@ def _dequantize_plan(name: str, plan: dict[str, Any]) -> torch.Tensor:
         raise _LayoutError(f"layout of {name!r}: the widths (tensor '{name}::bits', fields 'min_bits', 'bits_bits', 'group_size') "
                            f"imply {expected} bytes of levels; tensor '{name}::levels' holds {plan['levels'].numel()}")  # fmt: skip
     levels = unpack_levels(plan["levels"], group_bits, plan["group_size"])
-    low, high = plan["range"]
-    return QuantizedTensor(levels, group_bits, low, high, plan["shape"], plan["dtype"]).dequantize()
+    work = compute_dtype(plan["dtype"])
+    low, high = plan["range"].to(work)
+    return QuantizedTensor(levels, group_bits, low, high, plan["shape"], plan["dtype"], range_block=plan["range_block"]).dequantize()
 
 
 def load_quantized(path: str | Path, model: nn.Module, strict: bool = True, prefix: str = "") -> nn.Module:
@@ -479,8 +509,9 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         p = state[name].detach().cpu()
         group_size = p.numel() // logit.numel()
         bits = (formulas.extra_bits + formulas.get_bits(logit.float())).round().clamp(1, MAX_BITS).to(torch.int64)
-        levels, mn, mx = uniform_quantize(p.reshape(logit.numel(), group_size), bits[:, None])
-        quantized[name] = QuantizedTensor(levels, bits, mn, mx, tuple(p.shape), p.dtype)
+        block, _ = range_block(tuple(p.shape), formulas.scale, formulas.scale_group_size)
+        scale_dtype = None if formulas.scale == "tensor" else SCALE_DTYPES[formulas.scale_dtype]
+        quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [])
         owners[p.untyped_storage().data_ptr()] = name
     floats, half = {}, set()
     threshold = formulas.min_size * 2**20 / 4

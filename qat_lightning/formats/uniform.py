@@ -10,6 +10,8 @@ of bfloat16 at 11 bits) and is 1 ulp off at 8.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -53,3 +55,105 @@ def uniform_dequantize(
     span = (mx.double() - mn.double()).to(work)
     unit = 1 / (2 ** bits.to(work) - 1)
     return (levels.to(work) * unit * span + mn.to(work)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- grids
+# DiffQ's grids beyond the reference's one range per tensor: a [min, max] per block of ``block``
+# contiguous entries (a row of a weight: per channel; part of a row: per group), stored in
+# ``scale_dtype``, and a bit width per group of ``group_size`` entries. One of the two partitions
+# nests in the other, so every entry's step is ``unit[its group] * span[its block]``: the math works
+# on "cells" of ``min(group_size, block)`` entries, the finer of the two.
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def range_block(shape: tuple[int, ...], scale: str, scale_group_size: int) -> tuple[int, str]:
+    """Entries per range block of a tensor of ``shape`` on grid ``scale`` ('tensor', 'channel',
+    'group'), and what the grid became there ('' when as asked): a 1-D tensor has one range; a
+    row that ``scale_group_size`` does not divide has one range per row."""
+    numel = math.prod(shape)
+    if scale == "tensor" or numel == 0:
+        return max(numel, 1), ""
+    row = numel // shape[0] if len(shape) >= 2 else numel
+    if scale == "channel":
+        return (row, "") if len(shape) >= 2 else (numel, "one range (1-D)")
+    if row % scale_group_size == 0:
+        return scale_group_size, ""
+    return row, f"one range per channel (group {scale_group_size} does not divide rows of {row})"
+
+
+def cell_size(group_size: int, block: int) -> int:
+    """Entries per cell: the finer of the two partitions, which must nest."""
+    if block % group_size and group_size % block:
+        raise ValueError(f"bit groups of {group_size} and range blocks of {block} entries do not nest")
+    return min(group_size, block)
+
+
+def per_cell(values: torch.Tensor, unit: int, cell: int) -> torch.Tensor:
+    """``values`` (one per unit of ``unit`` entries) repeated for each cell of ``cell`` entries."""
+    return values if unit == cell else values.repeat_interleave(unit // cell)
+
+
+def block_range(p: torch.Tensor, block: int, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of each block of ``block`` contiguous entries of ``p`` (flattened), in
+    :func:`compute_dtype`; with ``scale_dtype`` (where they are stored) the nearest values of that
+    dtype outside them, so that the stored range still holds the whole block (rounding to nearest
+    can swap the ends of a narrow block: bfloat16 keeps 8 bits)."""
+    mn, mx = torch.aminmax(p.detach().reshape(-1, block).to(compute_dtype(p.dtype)), dim=1)
+    if scale_dtype is not None:
+        mn, mx = _round_outward(mn, scale_dtype, down=True), _round_outward(mx, scale_dtype, down=False)
+    return mn, mx
+
+
+def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` towards -inf (``down``) or +inf, returned in ``x``'s dtype."""
+    near = x.to(dtype)
+    wrong = near.to(x.dtype) > x if down else near.to(x.dtype) < x
+    if wrong.any():
+        near = torch.where(wrong, torch.nextafter(near, torch.full_like(near, -math.inf if down else math.inf)), near)
+    return near.to(x.dtype)
+
+
+def grid_quantize(
+    p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``p`` with one width per group of ``group_size`` entries (``bits``: one per group)
+    and one range per block of ``block`` entries. Returns int16 levels ``(groups, group_size)`` and
+    the ranges ``(min, max)``, one per block.
+
+    ``block == p.numel()`` without ``scale_dtype`` is the reference grid (:func:`uniform_quantize`,
+    bit for bit). Otherwise the ranges are rounded outwards to ``scale_dtype`` first (they hold
+    their block) and the levels clamped to the grid (against the division's last-ulp rounding)."""
+    numel = p.numel()
+    groups = numel // group_size
+    bits = bits.reshape(groups)
+    if block == numel and scale_dtype is None:
+        levels, mn, mx = uniform_quantize(p.reshape(groups, group_size), bits[:, None])
+        return levels, mn.reshape(1), mx.reshape(1)
+    cell = cell_size(group_size, block)
+    x = p.detach().to(compute_dtype(p.dtype)).reshape(-1, cell)
+    mn, mx = block_range(p, block, scale_dtype)
+    span = mx - mn
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    top = 2 ** bits.to(x.dtype) - 1
+    levels = ((x - per_cell(mn, block, cell)[:, None]) / per_cell(safe_span, block, cell)[:, None] * per_cell(top, group_size, cell)[:, None]).round()
+    levels = torch.minimum(levels.clamp_(min=0), per_cell(top, group_size, cell)[:, None])
+    return levels.to(torch.int16).reshape(groups, group_size), mn, mx
+
+
+def grid_dequantize(
+    levels: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: torch.Tensor, block: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`grid_quantize`, flattened: ``min + level / (2**bits - 1) * (max - min)``
+    per entry, computed in :func:`compute_dtype` of ``dtype`` and rounded once into ``dtype``."""
+    groups, group_size = levels.shape
+    numel = groups * group_size
+    if block == numel and mn.numel() == 1:
+        return uniform_dequantize(levels, mn.reshape(()), mx.reshape(()), bits.reshape(groups, 1), dtype=dtype).reshape(-1)
+    work = compute_dtype(dtype)
+    cell = cell_size(group_size, block)
+    span = (mx.double() - mn.double()).to(work)
+    unit = 1 / (2 ** bits.reshape(groups).to(work) - 1)
+    step = per_cell(unit, group_size, cell) * per_cell(span, block, cell)
+    values = levels.reshape(-1, cell).to(work) * step[:, None] + per_cell(mn.to(work), block, cell)[:, None]
+    return values.to(dtype).reshape(-1)

@@ -27,7 +27,7 @@ from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
-from ..formats.uniform import tensor_range, uniform_dequantize, uniform_quantize
+from ..formats.uniform import SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, per_cell, range_block, tensor_range
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
@@ -41,6 +41,13 @@ class DiffQConfig:
     float16: bool = option(False, "keep the unquantized tensors in fp16 (counted as 16 bits, rounded in eval)")
     group_size: int = option(8, "weights sharing one learned bit width; must divide each quantized tensor's size; 0: one per "
                                 "tensor (the reference's default 1 doubles parameter memory)")
+    scale: str = option("tensor", "range grid of the true quantization and the noise: 'tensor' (the reference: one fp32 min / max "
+                                  "per tensor, bit-equal to diffq-fixed), 'channel' (one per output channel: per row of the weight) "
+                                  "or 'group' (one per scale_group_size entries of a row)")
+    scale_group_size: int = option(32, "entries sharing one range with scale='group' (>= 1); a row it does not divide gets one "
+                                       "range (reported by coverage()); bit groups and ranges must nest")
+    scale_dtype: str = option("float16", "storage of the channel / group ranges (counted in the size): 'float16', 'bfloat16' "
+                                         "or 'float32'; the tensor grid keeps the reference's fp32")
     min_bits: float = option(2, "lower bound of the learned bits, 0 < min_bits < init_bits < max_bits <= 15")
     max_bits: float = option(15, "upper bound of the learned bits (at most 15)")
     param: str = option("bits", "'bits': sigmoid interpolation of the bits; 'noise': of the log noise scale")
@@ -58,6 +65,9 @@ class DiffQConfig:
         check_number("min_size", self.min_size, low=0, high=MAX_MIN_SIZE_MB)
         check_bool("float16", self.float16)
         check_number("group_size", self.group_size, low=0, integer=True)
+        check_choice("scale", self.scale, ("tensor", "channel", "group"))
+        check_number("scale_group_size", self.scale_group_size, low=1, integer=True)
+        check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         check_number("min_bits", self.min_bits, low=0, low_open=True, high=MAX_QUANT_BITS, high_open=True)
         check_number("max_bits", self.max_bits, low=self.min_bits, low_open=True, high=MAX_QUANT_BITS)
         check_number("init_bits", self.init_bits, low=self.min_bits, high=self.max_bits, low_open=True, high_open=True)
@@ -191,6 +201,7 @@ class DiffQuantizer:
                 key = id(param) if self.detect_bound else id(slot)
                 found.setdefault(key, (param, []))[1].append(slot)
         self._kept_reasons: dict[int, str] = {}
+        self._grid_notes: dict[int, str] = {}
         for param, slots in found.values():
             # a tied tensor is excluded by any of its names (GPT-2's lm_head.weight is transformer.wte.weight)
             excluded = any(fnmatch(s.qualified_name, pat) or fnmatch(s.attr, pat) for s in slots for pat in self.exclude)
@@ -218,9 +229,20 @@ class DiffQuantizer:
                 f"(shape {tuple(param.shape)}, {param.numel()} entries): pick a group_size that divides it, "
                 f"group_size=0 (one group per tensor), or exclude it with exclude=[{qualified!r}]"
             )
+        block, note = range_block(tuple(param.shape), self.scale, self.scale_group_size)
+        if block % group_size and group_size % block:
+            raise ValueError(
+                f"group_size={self.group_size} and the {self.scale!r} ranges of parameter {qualified!r} (shape "
+                f"{tuple(param.shape)}: one per {block} entries) do not nest: a bit group must lie within one range or a "
+                f"range within one bit group; pick a group_size that divides {block} or a multiple of it, or exclude it "
+                f"with exclude=[{qualified!r}]"
+            )
+        if note:
+            self._grid_notes[id(param)] = note
         logit = nn.Parameter(torch.full((param.numel() // group_size,), self._bits.init_logit(self.init_bits), dtype=torch.float32, device=param.device))
         slot.module.register_parameter(slot.attr + self.suffix, logit)
-        return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size)
+        scale_dtype = None if self.scale == "tensor" else SCALE_DTYPES[self.scale_dtype]
+        return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size, range_block=block, scale_dtype=scale_dtype)
 
     # ----------------------------------------------------------------------------- bits
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
@@ -299,7 +321,6 @@ class DiffQuantizer:
         versions = (p._version, logit._version)
         if qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
             return qp._noisy[0]  # a tied weight used again in this forward (its backward reuses the memory)
-        _, _, span = tensor_range(p)
         noise = torch.empty_like(p, memory_format=torch.contiguous_format) if gathered else qp.noise_buffer()
         if self.noise == "gaussian":
             noise, half = noise.normal_(generator=self._rng.generator(p.device)), 0.5
@@ -311,11 +332,23 @@ class DiffQuantizer:
         else:
             unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
-            std = (unit * (span * half)).to(p.dtype)
+            std = self._noise_std(qp, p, unit, half)
         noisy = inject_noise(p, logit, std, log_slope, noise, penalty_grad)
         if not gathered:  # FSDP2's gathered tensors are new every forward: nothing to reuse, nothing kept
             qp._noisy = (noisy, *versions, noisy._version)
         return noisy
+
+    @staticmethod
+    def _noise_std(qp: QuantizedParam, p: torch.Tensor, unit: torch.Tensor, half: float) -> torch.Tensor:
+        """The noise scale of each cell of ``p``: ``unit * span * half``, ``span`` the range of the
+        cell's block (the whole tensor's on the reference grid: one value per group)."""
+        if qp.range_block == p.numel():
+            _, _, span = tensor_range(p)
+            return (unit * (span * half)).to(p.dtype)
+        mn, mx = block_range(p, qp.range_block)
+        cell = cell_size(qp.group_size, qp.range_block)
+        span = per_cell(mx.sub_(mn).mul_(half), qp.range_block, cell)
+        return per_cell(unit, qp.group_size, cell).mul(span).to(p.dtype)
 
     # ----------------------------------------------------------------------------- noise RNG
     def seed_noise(self, seed: int | None) -> None:
@@ -385,9 +418,9 @@ class DiffQuantizer:
         return self._dequantized(entry, p, entry.logit.detach())
 
     def _dequantized(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
-        bits = self._size.true_bits_of(logit)[:, None]
-        levels, mn, mx = uniform_quantize(p.reshape(qp.num_groups, qp.group_size), bits)
-        return uniform_dequantize(levels, mn, mx, bits, dtype=p.dtype).view_as(p)
+        bits = self._size.true_bits_of(logit)
+        levels, mn, mx = grid_quantize(p, bits, qp.group_size, qp.range_block, qp.scale_dtype)
+        return grid_dequantize(levels, mn, mx, bits, qp.range_block, dtype=p.dtype).view_as(p)
 
     def new_noise(self) -> None:
         """Draw fresh noise at the next training forward.
@@ -537,6 +570,12 @@ class DiffQuantizer:
                 if logit is not None:
                     entry.logit = logit
 
+    def _grid_name(self, qp: QuantizedParam) -> str:
+        if qp.scale_dtype is None:
+            return "one fp32 range per tensor"
+        where = "channel" if self.scale == "channel" else f"{qp.range_block} entries"
+        return f"a {self.scale_dtype} range per {where}"
+
     def _swapped_entries(self) -> list[SwappedParam]:
         """Entries whose modules see another tensor in some mode (fp32-kept ones never do)."""
         return [*self._qparams, *(k for k in self._kept if k.half)]
@@ -552,7 +591,8 @@ class DiffQuantizer:
     def coverage(self) -> CoverageReport:
         """Every parameter: quantized with learned bits, or kept float and why (no activations:
         DiffQ quantizes weights; add ``EMAFakeQuant(weights=False)`` for them)."""
-        quantized = {id(qp.param): f"diffq {self.min_bits:g}..{self.max_bits:g} learned bits, groups of {qp.group_size}"
+        quantized = {id(qp.param): f"diffq {self.min_bits:g}..{self.max_bits:g} learned bits, groups of {qp.group_size}, "
+                                   + self._grid_notes.get(id(qp.param), self._grid_name(qp))
                      for qp in self._qparams}  # fmt: skip
         own = {id(qp.logit) for qp in self._qparams}
         return CoverageReport("DiffQ", weight_rows(self.model, quantized, self._kept_reasons, own))
@@ -575,6 +615,11 @@ class DiffQuantizer:
     def average_bits(self, exact: bool = False) -> torch.Tensor:
         """Mean number of bits per quantized weight (``extra_bits`` included); not differentiable."""
         return self._size.average_bits(exact)
+
+    def stored_bits(self) -> float:
+        """Bits per quantized weight as stored (payload, each group's width, the ranges, headers):
+        the "bits per weight including scales" to compare with other formats."""
+        return self._size.stored_bits()
 
     def size_gradient(self) -> list[torch.Tensor]:
         """``d model_size() / d logit`` for each logit of :meth:`parameters`, in closed form without

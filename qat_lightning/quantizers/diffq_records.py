@@ -16,6 +16,8 @@ class QuantizedParam(SwappedParam):
 
     logit: nn.Parameter | None = None
     group_size: int = 0
+    range_block: int = 0  # entries per [min, max] range block (the whole tensor on the reference grid)
+    scale_dtype: torch.dtype | None = None  # where the ranges are stored; None: the reference's exact fp32
     _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
     _eval: tuple[torch.Tensor, int, int] | None = None
     _buffer: torch.Tensor | None = None  # the last noisy weight, refilled in place once free
@@ -24,6 +26,15 @@ class QuantizedParam(SwappedParam):
     @property
     def num_groups(self) -> int:
         return self.param.numel() // self.group_size
+
+    @property
+    def num_ranges(self) -> int:
+        return self.param.numel() // self.range_block
+
+    @property
+    def scale_bits(self) -> int:
+        """Bits of one stored range end (min or max)."""
+        return 32 if self.scale_dtype is None else torch.finfo(self.scale_dtype).bits
 
     def drop_noise(self) -> None:
         self._noisy = None

@@ -4,10 +4,12 @@ closed form and per-tensor statistics.
 
 Size of one quantized tensor with ``G`` groups of ``g`` weights at ``b_i`` bits::
 
-    sum_i g * b_i  +  G * ceil(log2(max_i b_i - min_bits + 1))  +  72
+    sum_i g * b_i  +  G * ceil(log2(max_i b_i - min_bits + 1))  +  R * 2 * s  +  8
 
-(payload, each group's width stored in as few bits as the widest needs, and an fp32 min / max
-plus one byte of header); tensors left float count 32 bits per entry (16 with ``float16``).
+(payload, each group's width stored in as few bits as the widest needs, a min and a max of ``s``
+bits for each of the ``R`` range blocks, and one byte of header: on the reference grid one fp32
+min / max per tensor, 72 bits in all); tensors left float count 32 bits per entry (16 with
+``float16``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,12 @@ from .diffq_records import KeptParam, QuantizedParam
 
 MEGABYTE_BITS = 8 * 2**20
 MAX_QUANT_BITS = 15
-HEADER_BITS = 72  # fp32 min and max, and one byte of header, per quantized tensor
+HEADER_BITS = 8  # one byte of header per quantized tensor, besides its ranges
+
+
+def fixed_bits(qp: QuantizedParam) -> int:
+    """Bits of ``qp`` that do not depend on its widths: its ranges (a min and a max per block) and header."""
+    return qp.num_ranges * 2 * qp.scale_bits + HEADER_BITS
 
 
 @dataclass
@@ -92,7 +99,7 @@ class DiffQSize:
         with torch.no_grad():  # bits needed to store each group's number of bits: a constant for the gradient
             max_bits = torch.segment_reduce(bits.detach(), "max", lengths=layout.lengths)
             bits_bits = torch.ceil(torch.log2((max_bits.round() - self.bits.min_bits + 1).clamp(min=1)))
-            header = torch.dot(bits_bits, layout.lengths_float) + HEADER_BITS * len(self.quantized)
+            header = torch.dot(bits_bits, layout.lengths_float) + sum(fixed_bits(qp) for qp in self.quantized)
         return (payload + header + kept_bits) / MEGABYTE_BITS
 
     @torch.no_grad()
@@ -108,11 +115,23 @@ class DiffQSize:
 
     @torch.no_grad()
     def average_bits(self, exact: bool = False) -> torch.Tensor:
-        """Mean bits per quantized weight (``extra_bits`` included); NaN when nothing is quantized."""
+        """Mean bits per quantized weight (``extra_bits`` included, the stored widths and ranges not:
+        :meth:`stored_bits` counts them); NaN when nothing is quantized."""
         if not self.quantized:
             return torch.tensor(float("nan"), dtype=torch.float32)
         numel = sum(qp.param.numel() for qp in self.quantized)
         return torch.dot(self.all_bits(exact, detach=True), self.layout().group_sizes) / numel
+
+    @torch.no_grad()
+    def stored_bits(self) -> float:
+        """Bits per quantized weight as stored: payload, widths, ranges and headers (what
+        :func:`~qat_lightning.save_quantized` writes for them, before byte padding); NaN when
+        nothing is quantized."""
+        if not self.quantized:
+            return float("nan")
+        numel = sum(qp.param.numel() for qp in self.quantized)
+        kept = self._kept_bits()
+        return (self.model_size(exact=True).item() * MEGABYTE_BITS - kept) / numel
 
     @torch.no_grad()
     def layer_stats(self) -> list[dict[str, Any]]:
@@ -123,7 +142,7 @@ class DiffQSize:
         for qp in self.quantized:
             bits = self.true_bits(qp)
             bits_bits = math.ceil(math.log2(max(bits.max().item() - self.bits.min_bits + 1, 1)))
-            size_bits = (bits.sum().item() * qp.group_size) + bits_bits * qp.num_groups + HEADER_BITS
+            size_bits = (bits.sum().item() * qp.group_size) + bits_bits * qp.num_groups + fixed_bits(qp)
             stats.append(dict(name=qp.name, shape=tuple(qp.param.shape), numel=qp.param.numel(), quantized=True,
                               group_size=qp.group_size, bits_mean=bits.mean().item(),
                               bits_std=bits.std(unbiased=False).item(), bits_min=bits.min().item(),

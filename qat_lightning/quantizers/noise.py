@@ -1,8 +1,8 @@
 """Noise injection as one fused autograd op.
 
 ``inject_noise(p, logit, std, log_slope, noise)`` turns ``noise`` (a tensor shaped like ``p``
-holding unit noise, overwritten) into ``p + std[g] * noise`` for equal contiguous groups ``g`` of
-``p`` and returns it; ``std`` is a function of ``logit`` whose logarithmic derivative
+holding unit noise, overwritten) into ``p + std[c] * noise`` for equal contiguous cells ``c`` of
+``p`` (each logit group ``g`` of ``p`` made of one or more cells) and returns it; ``std`` is a function of ``logit`` whose logarithmic derivative
 ``log_slope = (d std / d logit) / std`` the caller computes in closed form. Autograd records a
 single node: the backward is the identity for ``p`` (no copy) and one multiply-reduce per group
 for the logit, the minimum work the DiffQ gradient needs.
@@ -35,18 +35,19 @@ class _InjectNoise(torch.autograd.Function):
         noise: torch.Tensor,
         penalty_grad: torch.Tensor | None,
     ) -> torch.Tensor:
-        groups = std.shape[0]
-        ctx.groups = groups
+        cells = std.shape[0]
+        ctx.groups, ctx.cells = log_slope.shape[0], cells
         ctx.penalty_grad = penalty_grad
         ctx.reconstruct = p.dtype in RECONSTRUCTED_DTYPES
         if ctx.reconstruct:
-            rows = noise.view(groups, -1)
-            torch.addcmul(p.reshape(groups, -1), rows, std[:, None], out=rows)
+            rows = noise.view(cells, -1)
+            torch.addcmul(p.reshape(cells, -1), rows, std[:, None], out=rows)
             ctx.mark_dirty(noise)
             ctx.save_for_backward(p, noise, log_slope)
             return noise
-        ctx.save_for_backward(noise, std * log_slope)
-        return torch.addcmul(p.reshape(groups, -1), noise.view(groups, -1), std[:, None]).view_as(p)
+        # d std / d logit per cell: a group's cells share its logit (and its log slope)
+        ctx.save_for_backward(noise, (std.view(ctx.groups, -1) * log_slope[:, None]).view(-1))
+        return torch.addcmul(p.reshape(cells, -1), noise.view(cells, -1), std[:, None]).view_as(p)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -61,14 +62,18 @@ class _InjectNoise(torch.autograd.Function):
             if ctx.reconstruct:
                 p, noisy, slope = ctx.saved_tensors  # slope: d log(std) / d logit
                 product = noisy.sub_(p).mul_(grad).view(ctx.groups, -1)  # (std * unit noise) * grad
+                grad_std = torch.mv(product, product.new_ones(product.shape[1])).to(slope.dtype)  # faster than .sum(1)
+                if ctx.penalty_grad is None:
+                    return grad, grad_std.mul_(slope), None, None, None, None
+                return grad, torch.addcmul(ctx.penalty_grad, grad_std, slope), None, None, None, None
             else:
-                noise, slope = ctx.saved_tensors  # unit noise, d std / d logit
-                product = noise.mul_(grad).view(ctx.groups, -1)
-            grad_std = torch.mv(product, product.new_ones(product.shape[1])).to(slope.dtype)  # faster than .sum(1)
-            if ctx.penalty_grad is None:
-                grad_logit = grad_std.mul_(slope)
-            else:
-                grad_logit = torch.addcmul(ctx.penalty_grad, grad_std, slope)
+                noise, cell_slope = ctx.saved_tensors  # unit noise, d std / d logit per cell
+                product = noise.mul_(grad).view(ctx.cells, -1)
+                grad_logit = torch.mv(product, product.new_ones(product.shape[1])).to(cell_slope.dtype).mul_(cell_slope)
+                if ctx.cells != ctx.groups:
+                    grad_logit = grad_logit.view(ctx.groups, -1).sum(1)
+            if ctx.penalty_grad is not None:
+                grad_logit = grad_logit.add_(ctx.penalty_grad)
         return grad, grad_logit, None, None, None, None
 
 
@@ -80,8 +85,9 @@ def inject_noise(
     noise: torch.Tensor,
     penalty_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``p + std[:, None] * noise`` over ``std.numel()`` equal groups of ``p``; differentiable in
-    ``p`` and ``logit`` (through ``log_slope = (d std / d logit) / std``), not in ``std`` itself.
+    """``p + std[:, None] * noise`` over ``std.numel()`` equal cells of ``p``; differentiable in
+    ``p`` and ``logit`` (through ``log_slope = (d std / d logit) / std``, one per logit group of
+    ``p``, each group one or more whole cells), not in ``std`` itself.
 
     ``noise`` (contiguous, shaped like ``p``, not requiring grad) holds the unit noise; for float32
     and float64 weights it is overwritten with the result, which is returned; the backward reuses

@@ -1,0 +1,321 @@
+"""DiffQ on per-channel and per-group grids: a [min, max] per output channel or per block of a row,
+stored in fp16 / bf16 / fp32, with the learned bits per group as on the reference grid."""
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qat_lightning import DiffQuantizer
+from qat_lightning.export.packing import load_quantized, quantize_state_dict, read_quantized, save_quantized
+from qat_lightning.formats.uniform import grid_dequantize, grid_quantize, range_block
+from qat_lightning.quantizers.noise import inject_noise
+
+MB = 8 * 2**20
+
+
+def _set_widths(quantizer: DiffQuantizer, widths: list[int]) -> None:
+    with torch.no_grad():
+        for qp in quantizer.quantized_params():
+            target = torch.tensor(widths, dtype=torch.float32).repeat(qp.logit.numel() // len(widths) + 1)[: qp.logit.numel()]
+            t = ((target - quantizer.min_bits) / (quantizer.max_bits - quantizer.min_bits)).clamp(1e-6, 1 - 1e-6)
+            qp.logit.copy_(torch.log(t / (1 - t)))
+
+
+def test_channel_grid_by_hand() -> None:
+    """Two rows, each with its own [min, max], 2 bits (levels 0..3) in row 0 and 1 bit in row 1."""
+    p = torch.tensor([[0.0, 0.9, 2.1, 3.0], [-1.0, -0.4, 0.2, 1.0]])
+    levels, mn, mx = grid_quantize(p, torch.tensor([2.0, 1.0]), group_size=4, block=4, scale_dtype=torch.float32)
+    assert torch.equal(mn, torch.tensor([0.0, -1.0])) and torch.equal(mx, torch.tensor([3.0, 1.0]))
+    # row 0: step 1 -> 0, 0.9 -> 1, 2.1 -> 2, 3; row 1: step 2 -> -1 -> 0, -0.4 (0.3 of a step) -> 0, 0.2 (0.6) -> 1, 1
+    assert levels.tolist() == [[0, 1, 2, 3], [0, 0, 1, 1]]
+    back = grid_dequantize(levels, mn, mx, torch.tensor([2.0, 1.0]), block=4).view(2, 4)
+    assert torch.equal(back, torch.tensor([[0.0, 1.0, 2.0, 3.0], [-1.0, -1.0, 1.0, 1.0]]))
+
+
+def test_group_grid_with_bit_groups_coarser_than_ranges() -> None:
+    """Ranges per 2 entries, one width (3 bits) for all 8: each pair spans its own 7 steps."""
+    p = torch.tensor([0.0, 7.0, 10.0, 17.0, -7.0, 0.0, 1.0, 1.0])
+    levels, mn, mx = grid_quantize(p, torch.tensor([3.0]), group_size=8, block=2, scale_dtype=torch.float32)
+    assert mn.tolist() == [0.0, 10.0, -7.0, 1.0] and mx.tolist() == [7.0, 17.0, 0.0, 1.0]
+    assert levels.tolist() == [[0, 7, 0, 7, 0, 7, 0, 0]]  # a constant block: level 0, no division by zero
+    assert torch.equal(grid_dequantize(levels, mn, mx, torch.tensor([3.0]), block=2), p)
+
+
+def test_reference_grid_is_the_reference_arithmetic() -> None:
+    """One range per tensor without a scale dtype: exactly the reference order of operations."""
+    torch.manual_seed(0)
+    p = torch.randn(16, 8)
+    bits = torch.tensor([3.0, 5.0]).repeat(8)
+    levels, mn, mx = grid_quantize(p, bits, 8, p.numel())
+    unit = 1 / (2 ** bits[:, None] - 1)
+    expected = ((p.reshape(16, 8) - p.min()) / (p.max() - p.min()) / unit).round()
+    assert torch.equal(levels, expected.to(torch.int16))
+    assert torch.equal(grid_dequantize(levels, mn, mx, bits, p.numel()), (expected * unit * (p.max() - p.min()) + p.min()).reshape(-1))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("group_size, block", [(8, 32), (32, 8), (4, 4), (64, 128)])
+def test_round_trip_and_half_a_step(scale_dtype: torch.dtype, group_size: int, block: int) -> None:
+    """The stored ranges hold their blocks (rounded outwards to the scale dtype); every entry lies
+    within half a step of its cell's grid over that range, and the dequantized values stay inside it."""
+    torch.manual_seed(1)
+    p = torch.randn(16, 128) * torch.logspace(-2, 1, 16)[:, None]  # rows of very different ranges
+    p[0, :4] = torch.tensor([1.001, 1.002, 1.0025, 1.003])  # a narrow block: nearest bf16 would be [1.0, 1.0]
+    bits = torch.randint(2, 9, (p.numel() // group_size,)).float()
+    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype)
+    assert torch.equal(mn, mn.to(scale_dtype).float()) and torch.equal(mx, mx.to(scale_dtype).float())  # stored exactly
+    blocks = p.reshape(-1, block)
+    assert (mn <= blocks.amin(1)).all() and (mx >= blocks.amax(1)).all()
+    if scale_dtype != torch.float32:  # outward by less than one ulp of the scale dtype
+        assert (mn.to(scale_dtype).nextafter(torch.tensor(math.inf, dtype=scale_dtype)).float() > blocks.amin(1)).all()
+    back = grid_dequantize(levels, mn, mx, bits, block)
+    inside = back.reshape(-1, block)
+    # min + level * (unit * span): four roundings of at most an ulp of the span each, one of the sum
+    ulps = 8 * torch.finfo(torch.float32).eps * torch.maximum(mn.abs(), mx.abs())[:, None]
+    assert (inside >= mn[:, None]).all() and (inside <= mx[:, None] + ulps).all()
+    entry_bits = bits.repeat_interleave(group_size)
+    step = ((mx - mn).repeat_interleave(block) / (2**entry_bits - 1)).double()
+    error = (back.double() - p.reshape(-1).double()).abs()
+    assert (error <= step / 2 * (1 + 1e-5) + 1e-7).all(), (error / step).max().item()
+
+
+def test_per_channel_grid_beats_per_tensor_on_outlier_rows() -> None:
+    torch.manual_seed(0)
+    p = torch.randn(64, 64)
+    p[3] *= 50  # one outlier channel
+    bits = torch.full((p.numel() // 8,), 4.0)
+    err = {}
+    for name, block, dtype in [("tensor", p.numel(), None), ("channel", 64, torch.float16)]:
+        levels, mn, mx = grid_quantize(p, bits, 8, block, dtype)
+        err[name] = (grid_dequantize(levels, mn, mx, bits, block).view_as(p) - p).pow(2).mean().item()
+    assert err["channel"] < err["tensor"] / 20, err
+
+
+def test_range_block_per_grid() -> None:
+    assert range_block((64, 32), "tensor", 16) == (2048, "")
+    assert range_block((64, 32), "channel", 16) == (32, "")
+    assert range_block((8, 4, 3, 3), "channel", 16) == (36, "")  # a conv filter per output channel
+    assert range_block((64, 32), "group", 16) == (16, "")
+    assert range_block((64, 48), "group", 32) == (48, "one range per channel (group 32 does not divide rows of 48)")
+    assert range_block((100,), "channel", 16) == (100, "one range (1-D)")
+
+
+# ----------------------------------------------------------------------------------- quantizer
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+
+
+def test_eval_weights_are_the_grid_quantization() -> None:
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="group", scale_group_size=32, scale_dtype="bfloat16",
+                      exclude=["*.bias"], init_bits=4)  # fmt: skip
+    _set_widths(q, [3, 4, 5])
+    for qp in q.quantized_params():
+        assert qp.range_block == 32 and qp.scale_dtype == torch.bfloat16
+        w = qp.param.detach()
+        bits = q.true_bits(qp)
+        rows = w.reshape(-1, 32)
+        mn, mx = rows.amin(1), rows.amax(1)
+        down, up = mn.bfloat16().float(), mx.bfloat16().float()  # nearest, then one bf16 step outwards where it fell inside
+        down = torch.where(down > mn, (down.bfloat16().view(torch.int16) + torch.where(down > 0, -1, 1).short()).view(torch.bfloat16).float(), down)
+        up = torch.where(up < mx, (up.bfloat16().view(torch.int16) + torch.where(up > 0, 1, -1).short()).view(torch.bfloat16).float(), up)
+        assert (down < mn).any() and (up > mx).any() and (down <= mn).all() and (up >= mx).all()
+        mn, mx = down.repeat_interleave(4), up.repeat_interleave(4)  # 4 bit groups of 8 per range of 32
+        top = 2**bits - 1
+        levels = ((w.reshape(-1, 8) - mn[:, None]) / (mx - mn)[:, None] * top[:, None]).round().clamp(min=0)
+        levels = torch.minimum(levels, top[:, None])
+        expected = (levels * (1 / top * (mx - mn))[:, None] + mn[:, None]).view_as(w)
+        assert torch.equal(q.quantized_weight(qp), expected), qp.name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale, group_size", [("channel", 8), ("channel", 0), ("group", 16), ("tensor", 8)])
+def test_noise_and_gradients_equal_autograd_of_the_formula(dtype: torch.dtype, scale: str, group_size: int) -> None:
+    """The noisy weight is ``p + unit(bits[group]) * span[block] / 2 * randn``; the fused op's
+    gradients (weights and logits, penalty off) equal autograd through that formula written out.
+    ``group_size=0`` with channel ranges: one logit whose cells are the rows (both backward paths:
+    float32 recovers the noise, bfloat16 keeps it)."""
+    model = _model().to(dtype)
+    twin = copy.deepcopy(model)  # the same weights, bits and noise below, in plain autograd
+    q = DiffQuantizer(model, min_size=0, group_size=group_size, scale=scale, scale_group_size=16, init_bits=4, exclude=["*.bias"])
+    q.seed_noise(3)
+    with torch.no_grad():
+        for qp in q.quantized_params():
+            qp.logit.uniform_(-1, 1)
+    x = torch.randn(5, 64).to(dtype)
+    model.train()
+    model(x).float().square().sum().backward()
+    ours = [qp.logit.grad.clone() for qp in q.quantized_params()]
+    ours_w = [qp.param.grad.clone() for qp in q.quantized_params()]
+
+    q2 = DiffQuantizer(twin, min_size=0, group_size=group_size, scale=scale, scale_group_size=16, init_bits=4, exclude=["*.bias"])
+    q2.enabled = False
+    generator = torch.Generator().manual_seed(3)
+    noisy = {}
+    for qp, mine in zip(q2.quantized_params(), q.quantized_params()):
+        logit = mine.logit.detach().clone().requires_grad_(True)
+        bits = 2 + 13 * torch.sigmoid(logit)
+        unit = 1 / (2**bits - 1)
+        w = qp.param.detach().float().clone().requires_grad_(True)
+        block = qp.range_block
+        span = (w.detach().reshape(-1, block).amax(1) - w.detach().reshape(-1, block).amin(1)).repeat_interleave(block)
+        noise = torch.empty(w.shape, dtype=dtype).normal_(generator=generator).float()
+        entry_unit = unit.repeat_interleave(qp.group_size)
+        noisy[qp.name] = (w, logit, (w.reshape(-1) + entry_unit * span * 0.5 * noise.reshape(-1)).view_as(w))
+    for qp in q2.quantized_params():
+        qp.param.data = noisy[qp.name][2].detach().to(dtype)
+    out = twin(x)
+    out.float().square().sum().backward()
+    for (name, (w, logit, value)), mine, mine_w in zip(noisy.items(), ours, ours_w):
+        g = dict(twin.named_parameters())[name].grad.float()
+        value.backward(g)
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(mine_w.float(), w.grad, rtol=tolerance, atol=tolerance * w.grad.abs().max().item())
+        torch.testing.assert_close(mine, logit.grad, rtol=tolerance, atol=tolerance * logit.grad.abs().max().item())
+
+
+def test_inject_noise_cells_finer_than_groups() -> None:
+    """Two logits, four cells each (``std`` per cell): the logit gradient sums its cells."""
+    p = torch.zeros(8, 2, requires_grad=True)
+    logit = torch.zeros(2, requires_grad=True)
+    std = torch.arange(1.0, 9.0)
+    noise = torch.ones(8, 2)
+    out = inject_noise(p, logit, std, torch.tensor([1.0, 10.0]), noise.clone())
+    assert torch.equal(out.detach(), std[:, None].expand(8, 2))
+    out.backward(torch.ones(8, 2))
+    # d out / d logit = log_slope * std * noise summed over a group's entries
+    assert torch.equal(logit.grad, torch.tensor([2 * (1 + 2 + 3 + 4) * 1.0, 2 * (5 + 6 + 7 + 8) * 10.0]))
+    half = inject_noise(p.detach().bfloat16().requires_grad_(True), logit, std, torch.tensor([1.0, 10.0]), noise.bfloat16())
+    logit.grad = None
+    half.backward(torch.ones(8, 2, dtype=torch.bfloat16))
+    assert torch.equal(logit.grad, torch.tensor([20.0, 520.0]))
+
+
+def test_size_counts_every_range_and_the_file_matches(tmp_path: Path) -> None:
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", exclude=["*.bias"], init_bits=4)
+    _set_widths(q, [4])
+    # per tensor: 4 bits x entries + ceil(log2(4 - 2 + 1)) = 2 bits per group of 8 + a fp16 min and max per row + 8
+    expected = sum(4 * n + 2 * (n // 8) + rows * 32 + 8 for n, rows in [(64 * 96, 96), (96 * 32, 32)]) + 32 * (96 + 32)
+    assert q.true_model_size() == expected / MB
+    assert q.stored_bits() == pytest.approx((expected - 32 * (96 + 32)) / (64 * 96 + 96 * 32), rel=1e-12)
+    assert q.stored_bits() == pytest.approx(4 + 2 / 8 + 32 / 64 * (96 / 96) * (64 * 96) / (64 * 96 + 96 * 32)
+                                            + 32 / 96 * (96 * 32) / (64 * 96 + 96 * 32) + 16 / (64 * 96 + 96 * 32))  # fmt: skip
+    path = tmp_path / "m.safetensors"
+    size = save_quantized(q, path)
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    # the file's tensors: every level at 4 bits, no widths (one width per tensor: 0 bits each), an fp16
+    # min and max per row, the fp32 biases; the widths' bits and the header byte the estimate counts are not stored
+    stored = sum(n * 4 // 8 + rows * 2 * 2 + rows * 4 for n, rows in [(64 * 96, 96), (96 * 32, 32)])
+    assert size - 8 - header == stored
+    assert stored * 8 == expected - 2 * (64 * 96 + 96 * 32) // 8 - 2 * 8
+
+
+@pytest.mark.parametrize("scale, scale_dtype", [("channel", "float16"), ("group", "bfloat16"), ("group", "float32"), ("tensor", "float16")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_packed_round_trip_is_bit_exact(scale: str, scale_dtype: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    model = _model().to(dtype)
+    q = DiffQuantizer(model, min_size=0, group_size=4, scale=scale, scale_group_size=16, scale_dtype=scale_dtype, min_bits=0.6)
+    _set_widths(q, list(range(1, 16)))
+    save_quantized(q, tmp_path / "m.safetensors")
+    state = read_quantized(tmp_path / "m.safetensors")
+    for qp in q.quantized_params():
+        assert state[qp.name].dtype == dtype and torch.equal(state[qp.name], q.quantized_weight(qp)), qp.name
+    plain = _model().to(dtype)
+    load_quantized(tmp_path / "m.safetensors", plain)
+    expected = quantize_state_dict(q)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        ranges = f.get_tensor("0.weight::range")
+    rows = {"channel": 96, "group": 96 * 64 // 16, "tensor": 1}[scale]
+    stored = torch.float64 if scale == "tensor" and dtype == torch.float64 else (torch.float32 if scale == "tensor" else getattr(torch, scale_dtype))
+    assert ranges.shape == (2, rows) and ranges.dtype == stored
+
+
+def test_version_2_files_still_load(tmp_path: Path) -> None:
+    """A file of the previous format (one range per tensor, shape (2,), no range fields) reads the same."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from qat_lightning.export import packing
+
+    model = _model()
+    q = DiffQuantizer(model, min_size=0)
+    save_quantized(q, tmp_path / "v3.safetensors")
+    with safe_open(str(tmp_path / "v3.safetensors"), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(tmp_path / "v3.safetensors"))
+    layout = json.loads(header["layout"])
+    for name, entry in layout.items():
+        if entry["kind"] == "quantized":
+            del entry["range_block"], entry["range_dtype"]
+            tensors[f"{name}::range"] = tensors[f"{name}::range"].reshape(2)
+    header = {**header, "version": "2", "layout": json.dumps(layout)}
+    header["sha256"] = packing._digest(header, tensors)
+    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=header)
+    old, new = read_quantized(tmp_path / "v2.safetensors"), read_quantized(tmp_path / "v3.safetensors")
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_bad_grid_options_and_layouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="scale must be one of 'tensor', 'channel', 'group'; got 'row'"):
+        DiffQuantizer(_model(), scale="row")
+    with pytest.raises(ValueError, match="scale_group_size"):
+        DiffQuantizer(_model(), scale="group", scale_group_size=0)
+    with pytest.raises(ValueError, match="scale_dtype must be one of 'float16', 'bfloat16', 'float32'"):
+        DiffQuantizer(_model(), scale="channel", scale_dtype="int8")
+    with pytest.raises(ValueError, match=r"group_size=24 and the 'channel' ranges of parameter '0.weight' .*do not nest"):
+        DiffQuantizer(_model(), scale="channel", group_size=24, min_size=0, exclude=["*.bias"])  # rows of 64
+
+
+def test_coverage_names_the_grid_and_where_it_fell_back() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 8))
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="group", scale_group_size=32, exclude=["*.bias"])
+    rows = {r.name: r.format for r in q.coverage().rows}
+    assert rows["0.weight"].endswith("one range per channel (group 32 does not divide rows of 48)")
+    assert rows["1.weight"].endswith("a float16 range per 32 entries")
+    assert q.quantized_params()[0].range_block == 48
+
+
+def test_onnx_export_holds_the_grid_weights(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from qat_lightning.export.onnx import export_onnx
+
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="group", scale_group_size=16, max_bits=8, init_bits=4, exclude=["*.bias"])
+    _set_widths(q, [3, 4, 6])
+    model.eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = model(x)
+    path = export_onnx(model, x, tmp_path / "m.onnx", diffq=q, exporter="legacy")
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        q.enabled = False
+        floating = model(x)
+        q.enabled = True
+    assert (torch.from_numpy(got) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (floating - expected).abs().max() > 1e-2 * expected.abs().max()  # the file holds the quantized weights
+
+
+def test_checkpoint_cli_rebuilds_the_grid(tmp_path: Path) -> None:
+    from qat_lightning.export.packing import quantized_from_checkpoint
+
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", scale_dtype="bfloat16", exclude=["*.bias"])
+    _set_widths(q, [3, 5])
+    config = dict(min_size=0, group_size=8, scale="channel", scale_dtype="bfloat16", exclude=["*.bias"])
+    _, quantized, _ = quantized_from_checkpoint(dict(model.state_dict()), config)
+    for qp in q.quantized_params():
+        assert torch.equal(quantized[qp.name].dequantize(), q.quantized_weight(qp)), qp.name
