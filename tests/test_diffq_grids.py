@@ -319,3 +319,121 @@ def test_checkpoint_cli_rebuilds_the_grid(tmp_path: Path) -> None:
     _, quantized, _ = quantized_from_checkpoint(dict(model.state_dict()), config)
     for qp in q.quantized_params():
         assert torch.equal(quantized[qp.name].dequantize(), q.quantized_weight(qp)), qp.name
+
+
+# ----------------------------------------------------------------------------------- clipping search
+def test_clipping_search_by_hand() -> None:
+    """One outlier in a block of four at 2 bits: the min / max range [0, 12] puts 1, 2, 3 on levels
+    0 and 4 (error 1 + 4 + 1 + 0 = 6); ratio 0.5 ([3, 9]) costs 9 + 1 + 0 + 9 = 19; the search keeps the best."""
+    p = torch.tensor([1.0, 2.0, 3.0, 12.0])
+    bits = torch.tensor([2.0])
+    levels, mn, mx = grid_quantize(p, bits, 4, 4, torch.float32, search=2)  # ratios 1, 0.75, 0.5
+    back = grid_dequantize(levels, mn, mx, bits, 4)
+    errors = {}
+    for ratio in (1.0, 0.75, 0.5):
+        lo, hi = 6.5 - ratio * 5.5, 6.5 + ratio * 5.5
+        step = (hi - lo) / 3
+        q = [lo + step * min(max(round((v - lo) / step), 0), 3) for v in p.tolist()]
+        errors[ratio] = sum((a - b) ** 2 for a, b in zip(q, p.tolist()))
+    best = min(errors, key=errors.get)
+    assert (mn.item(), mx.item()) == pytest.approx((6.5 - best * 5.5, 6.5 + best * 5.5))
+    assert (back - p).square().sum().item() == pytest.approx(errors[best], rel=1e-5)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=str)
+def test_clipping_search_keeps_each_blocks_least_error(scale_dtype: torch.dtype) -> None:
+    """Against a brute force over the same ratios, block by block; never worse than min / max."""
+    from qat_lightning.formats.uniform import clip_ratios
+
+    torch.manual_seed(0)
+    p = torch.randn(32, 64)
+    p[::5, 7] *= 8  # outliers in some rows
+    bits = torch.randint(2, 6, (p.numel() // 16,)).float()
+    levels, mn, mx = grid_quantize(p, bits, 16, 64, scale_dtype, search=8)
+    plain, pmn, pmx = grid_quantize(p, bits, 16, 64, scale_dtype)
+    err = (grid_dequantize(levels, mn, mx, bits, 64) - p.reshape(-1)).square().reshape(32, 64).sum(1)
+    plain_err = (grid_dequantize(plain, pmn, pmx, bits, 64) - p.reshape(-1)).square().reshape(32, 64).sum(1)
+    assert (err <= plain_err * (1 + 1e-6)).all() and (err < plain_err * 0.9).sum() >= 6
+    brute = []
+    for row in range(32):
+        w, b = p[row], bits[row * 4 : row * 4 + 4]
+        best = None
+        for ratio in clip_ratios(8):
+            lo0, hi0 = w.min(), w.max()
+            c, h = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+            lo, hi = (c - ratio * h, c + ratio * h) if ratio < 1 else (lo0, hi0)
+            lo = lo.to(scale_dtype).float() if lo.to(scale_dtype).float() <= lo else lo.to(scale_dtype).nextafter(torch.tensor(-math.inf, dtype=scale_dtype)).float()
+            hi = hi.to(scale_dtype).float() if hi.to(scale_dtype).float() >= hi else hi.to(scale_dtype).nextafter(torch.tensor(math.inf, dtype=scale_dtype)).float()
+            top = (2 ** b - 1).repeat_interleave(16)
+            q = ((w - lo) / (hi - lo) * top).round().clamp(min=0)
+            q = torch.minimum(q, top) * ((1 / top) * (hi - lo)) + lo
+            e = (q - w).square().sum()
+            if best is None or e < best[0]:
+                best = (e, lo, hi)
+        brute.append(best)
+    assert torch.equal(mn, torch.stack([b[1] for b in brute])) and torch.equal(mx, torch.stack([b[2] for b in brute]))
+
+
+def test_range_search_reaches_the_quantizer_the_file_and_the_coverage(tmp_path: Path) -> None:
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", range_search=6, exclude=["*.bias"], init_bits=3)
+    qp = q.quantized_params()[0]
+    levels, mn, mx = grid_quantize(qp.param.detach(), q.true_bits(qp), 8, qp.range_block, torch.float16, search=6)
+    assert torch.equal(q.quantized_weight(qp).reshape(-1), grid_dequantize(levels, mn, mx, q.true_bits(qp), qp.range_block))
+    plain = DiffQuantizer(copy.deepcopy(_model()), min_size=0, group_size=8, scale="channel", exclude=["*.bias"], init_bits=3)
+    assert not torch.equal(q.quantized_weight(qp), plain.quantized_weight(plain.quantized_params()[0]))
+    save_quantized(q, tmp_path / "m.safetensors")
+    state = read_quantized(tmp_path / "m.safetensors")
+    assert torch.equal(state["0.weight"], q.quantized_weight(qp))
+    assert "clipping searched over 7 ratios" in q.coverage().rows[0].format
+    with pytest.raises(ValueError, match="range_search"):
+        DiffQuantizer(_model(), range_search=65)
+
+
+# ----------------------------------------------------------------------------------- straight-through phase
+def test_straight_through_forward_is_the_quantized_model_and_the_bits_get_nothing() -> None:
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", exclude=["*.bias"], init_bits=3)
+    x = torch.randn(6, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    weights = {qp.name: q.quantized_weight(qp).clone().requires_grad_(True) for qp in q.quantized_params()}
+    biases = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if n.endswith("bias")}
+    q.straight_through = True
+    model.train()
+    out = model(x)
+    assert torch.equal(out, expected)  # the forward is the true quantized model
+    out.square().sum().backward()
+    # plain autograd through the quantized values: the straight-through gradient is that of the quantized model
+    F = torch.nn.functional
+    hidden = torch.relu(F.linear(x, weights["0.weight"], biases["0.bias"]))
+    F.linear(hidden, weights["2.weight"], biases["2.bias"]).square().sum().backward()
+    for qp in q.quantized_params():
+        torch.testing.assert_close(qp.param.grad, weights[qp.name].grad, rtol=1e-5, atol=1e-6)
+    assert all(logit.grad is None for logit in q.parameters())
+
+
+def test_callback_switches_to_straight_through_for_the_last_share_of_the_steps(tmp_path: Path) -> None:
+    from qat_lightning import DiffQ
+
+    from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+    seen: list[tuple[int, bool, torch.Tensor]] = []
+
+    class Watch(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            q = diffq.quantizer
+            seen.append((trainer.global_step, q.straight_through, torch.cat([p.detach().clone() for p in q.parameters()])))
+
+    diffq = DiffQ(min_size=0, group_size=4, penalty=5.0, bits_lr=0.1, straight_through_fraction=0.5)
+    trainer = tiny_trainer(tmp_path, max_steps=8, callbacks=[diffq, Watch()])
+    trainer.fit(tiny_model(), tiny_loader(n=128))
+    phases = [s for _, s, _ in seen]
+    assert phases == [False] * 4 + [True] * 4  # steps 0..3 noise, 4..7 straight-through
+    logits = [b for _, _, b in seen]
+    assert not torch.equal(logits[2], logits[3])  # the bits learn in the noise phase
+    assert all(torch.equal(logits[3], b) for b in logits[4:])  # and stay frozen after it
+    assert not diffq.quantizer.straight_through  # back to noise once fit ends
+    with pytest.raises(ValueError, match="straight_through_fraction"):
+        DiffQ(straight_through_fraction=1.5)

@@ -57,9 +57,15 @@ def summarize(
     if diffq is not None:
         q = diffq.quantizer
         summary.update(quantized_size_mb=q.true_model_size(), avg_bits=float(q.average_bits(exact=True)),
-                       estimated_size_mb=float(q.model_size().detach()))  # fmt: skip
+                       stored_bits=q.stored_bits(), estimated_size_mb=float(q.model_size().detach()))  # fmt: skip
     elif ema is not None and ema.options["weights"]:
-        summary.update(quantized_size_mb=ema.quantizer.model_size(), avg_bits=ema.quantizer.bits_per_weight())
+        bits = ema.quantizer.bits_per_weight()  # scales included
+        summary.update(quantized_size_mb=ema.quantizer.model_size(), avg_bits=bits, stored_bits=bits)
+    else:  # another library's QAT (qat_lightning.demo.baselines) reports its own size
+        other = next((c for c in callbacks if callable(getattr(c, "model_size", None)) and callable(getattr(c, "bits_per_weight", None))), None)
+        if other is not None:
+            bits = other.bits_per_weight()
+            summary.update(quantized_size_mb=other.model_size(), avg_bits=bits, stored_bits=bits)
     summary.update(compression=float_size / summary["quantized_size_mb"], float_test_acc=float_acc, quantized_test_acc=quantized_acc)
     return summary
 
@@ -108,13 +114,47 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("quantized size (true)", f"{summary['quantized_size_mb']:.4f} MB"),
         ("compression", f"{summary['compression']:.2f}x"),
         ("average bits / weight", f"{summary['avg_bits']:.2f}"),
-        ("float test accuracy", f"{100 * summary['float_test_acc']:.2f} %"),
-        ("quantized test accuracy", f"{100 * summary['quantized_test_acc']:.2f} %"),
     ]
+    metric = summary.get("test_metric", "test/acc")
+    if "stored_bits" in summary:
+        rows.append(("stored bits / weight", f"{summary['stored_bits']:.2f}"))
+    for kind in ("float", "quantized"):
+        value = summary[f"{kind}_test_acc"]
+        rows.append((f"{kind} test accuracy", f"{100 * value:.2f} %") if metric.endswith("acc") else (f"{kind} {metric}", f"{value:.4f}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v:>12}" for k, v in rows]
     rule = "-" * len(lines[0])
     return "\n".join([rule, *lines, rule])
+
+
+def _instantiate_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
+    """The model; ``vocab_size: null`` in its config takes the data module's ``vocab_size``."""
+    if "vocab_size" in cfg.model and cfg.model.vocab_size is None:
+        if not hasattr(datamodule, "vocab_size"):
+            raise ValueError(f"model.vocab_size is null but the data module {type(datamodule).__name__} has no vocab_size: set it")
+        return instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    return instantiate(cfg.model)
+
+
+def pretrain(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """``pretrain.steps`` float training steps (no callbacks, learning rate ``pretrain.lr``) before
+    the quantization-aware fit: a recipe that fine-tunes a trained float model, in one run."""
+    pretrain_cfg = cfg.pretrain
+    steps = int(pretrain_cfg.steps)
+    if steps < 0:
+        raise ValueError(f"pretrain.steps must be >= 0; got {steps}")
+    lr = pretrain_cfg.get("lr")
+    if lr is not None and not hasattr(model, "lr"):
+        raise ValueError(f"pretrain.lr is set but {type(model).__name__} has no lr attribute to set: remove pretrain.lr")
+    saved = getattr(model, "lr", None)
+    if lr is not None:
+        model.lr = float(lr)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = instantiate(cfg.trainer, callbacks=[], max_steps=steps, max_epochs=-1, limit_val_batches=0, **quiet)
+    trainer.fit(model, datamodule=datamodule)
+    if lr is not None:
+        model.lr = saved
+    log.info("pretrained %d float steps", steps)
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -122,7 +162,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    model = _instantiate_model(cfg, datamodule)
+    if cfg.get("pretrain") and cfg.pretrain.get("steps"):
+        pretrain(cfg, model, datamodule)
     callbacks = instantiate_group(cfg.get("callbacks"))
     if cfg.get("progress_bar") and cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(instantiate(cfg.progress_bar))
@@ -137,6 +179,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     metric = cfg.get("test_metric", "test/acc")
     summary = summarize(trainer, model, datamodule, callbacks, metric)
     summary["epochs"] = trainer.current_epoch
+    summary["test_metric"] = metric
     print(format_summary(summary), flush=True)
     diffq = next((c for c in callbacks if isinstance(c, DiffQ) and c.quantizer is not None), None)
     if diffq is not None and output_dir is not None:

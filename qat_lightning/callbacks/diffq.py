@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import asdict
 from os import PathLike
@@ -70,6 +71,7 @@ class DiffQ(QuantizationCallback):
         scale: str = "tensor",
         scale_group_size: int = 32,
         scale_dtype: str = "float16",
+        range_search: int = 0,
         min_bits: float = 2,
         max_bits: float = 15,
         param: str = "bits",
@@ -82,6 +84,7 @@ class DiffQ(QuantizationCallback):
         detect_bound: bool = True,
         bits_lr: float = 1e-3,
         bits_weight_decay: float = 0.0,
+        straight_through_fraction: float = 0.0,
         quantize_eval: bool = True,
         quantize_on_fit_end: bool = False,
         export_path: str | None = None,
@@ -93,6 +96,8 @@ class DiffQ(QuantizationCallback):
         self.penalty = check_number("penalty", penalty, low=0)
         self.bits_lr = check_number("bits_lr", bits_lr, low=0, low_open=True)
         self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
+        self.straight_through_fraction = check_number("straight_through_fraction", straight_through_fraction, low=0, high=1)
+        self._straight_through_step: int | None = None
         self.quantize_eval = check_bool("quantize_eval", quantize_eval)
         self.quantize_on_fit_end = check_bool("quantize_on_fit_end", quantize_on_fit_end)
         if export_path is not None and not isinstance(export_path, (str, PathLike)):
@@ -111,7 +116,8 @@ class DiffQ(QuantizationCallback):
 
     # ----------------------------------------------------------------------------- structure
     # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
-    STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "scale", "scale_group_size", "scale_dtype", "min_bits", "max_bits", "param", "extra_bits", "suffix",
+    STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "scale", "scale_group_size", "scale_dtype",
+                          "range_search", "min_bits", "max_bits", "param", "extra_bits", "suffix",
                           "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
     supports_fsdp2 = True
@@ -166,6 +172,26 @@ class DiffQ(QuantizationCallback):
         # the penalty's gradient is added inside each backward through a noisy weight (no extra
         # pass over the bits); Lightning divides the loss of each accumulated batch the same way
         self._require_quantizer().size_penalty = self.penalty / trainer.accumulate_grad_batches
+        self._straight_through_step = None
+        if self.straight_through_fraction > 0:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("DiffQ(straight_through_fraction > 0) needs a known number of training steps: set the "
+                                 "Trainer's max_steps or max_epochs")  # fmt: skip
+            self._straight_through_step = int(round((1 - self.straight_through_fraction) * total))
+
+    def _update_phase(self, trainer: pl.Trainer) -> None:
+        """Noise injection, then (the last ``straight_through_fraction`` of the steps) the true
+        quantized weights through a straight-through estimator with the bits frozen. Decided by
+        the global step alone, so a resumed run is in the same phase."""
+        quantizer = self._require_quantizer()
+        late = self._straight_through_step is not None and trainer.global_step >= self._straight_through_step
+        if late != quantizer.straight_through:
+            quantizer.straight_through = late
+            quantizer.size_penalty = 0.0 if late else self.penalty / trainer.accumulate_grad_batches
+            if late:
+                rank_zero_info(f"DiffQ: step {trainer.global_step}: bits frozen at {float(quantizer.average_bits(exact=True)):.2f} "
+                               "on average; training on the true quantized weights (straight-through) from here")  # fmt: skip
 
     def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""
@@ -175,6 +201,7 @@ class DiffQ(QuantizationCallback):
     # ----------------------------------------------------------------------------- training
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._update_phase(trainer)
         if self.compiled:  # the noise generators cannot be traced: draw the noisy weights now
             self._require_quantizer().prepare_compiled_step()
         else:
@@ -187,7 +214,10 @@ class DiffQ(QuantizationCallback):
         if optimizer is not self._bits_optimizer:
             return
         quantizer = self._require_quantizer()
-        if self.penalty > 0 and any(p.requires_grad and p.grad is None for p in quantizer.parameters()):
+        if quantizer.straight_through:  # bits frozen: no gradient, no penalty (Adam skips them)
+            for logit in quantizer.parameters():
+                logit.grad = None
+        elif self.penalty > 0 and any(p.requires_grad and p.grad is None for p in quantizer.parameters()):
             self.add_penalty_gradient(quantizer, only_missing=True)  # bits of layers this step did not use
         if _metrics_reach_loggers(trainer):  # self.log costs ~0.5 ms: skip steps Lightning would drop
             with torch.no_grad(), quantizer.gathered():
@@ -266,6 +296,7 @@ class DiffQ(QuantizationCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
         quantizer.size_penalty = 0.0
+        quantizer.straight_through = False
         with quantizer.gathered():  # FSDP2: whole tensors on every rank for the checks, the table and the file
             try:
                 quantizer.check_finite()
@@ -311,6 +342,7 @@ class DiffQ(QuantizationCallback):
             "penalty": self.penalty,
             "bits_lr": self.bits_lr,
             "bits_weight_decay": self.bits_weight_decay,
+            "straight_through_fraction": self.straight_through_fraction,
         }
         if self.quantizer is not None:
             state["noise_rng"] = self.quantizer.noise_rng_state()
@@ -322,7 +354,7 @@ class DiffQ(QuantizationCallback):
         check_resumed_options("DiffQ", structural, current["config"], self.STRUCTURAL_OPTIONS)
         if warn:  # init_bits, noise (config) and the bits group's lr / decay, the penalty
             training = {k: v for k, v in state.get("config", {}).items() if k not in self.STRUCTURAL_OPTIONS}
-            training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay") if k in state})
+            training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay", "straight_through_fraction") if k in state})
             check_resumed_options("DiffQ", training, {**current["config"], **current}, ())
 
     @override
@@ -345,6 +377,9 @@ CALLBACK_OPTIONS = {
     "penalty": "weight of the model size (MB) in the training objective",
     "bits_lr": "learning rate of the bits param group (the demo uses 1e-2)",
     "bits_weight_decay": "weight decay of the bits param group",
+    "straight_through_fraction": "share of the training steps, at the end, that train on the true quantized weights "
+                                 "(straight-through estimator) with the bits frozen, after noise injection (0 .. 1; 0: noise "
+                                 "throughout, the reference)",
     "quantize_eval": "validate / test / predict on the true quantized weights",
     "quantize_on_fit_end": "leave the true quantized weights in the model after fit",
     "export_path": "write the bit-packed model there at the end of fit (relative: inside the log dir; None: nowhere)",

@@ -145,8 +145,8 @@ class QuantizedTensor:
 
 
 def _quantize(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None,
-              aliases: list[str]) -> QuantizedTensor:  # fmt: skip
-    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype)
+              aliases: list[str], search: int = 0) -> QuantizedTensor:  # fmt: skip
+    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype, search)
     return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype)
 
 
@@ -156,7 +156,7 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
     for qp in quantizer.quantized_params():
         names = [slot.qualified_name for slot in qp.slots]
         bits = quantizer.true_bits(qp).to(torch.int64)
-        result[names[0]] = _quantize(qp.param.detach(), bits, qp.group_size, qp.range_block, qp.scale_dtype, names[1:])
+        result[names[0]] = _quantize(qp.param.detach(), bits, qp.group_size, qp.range_block, qp.scale_dtype, names[1:], qp.range_search)
     return result
 
 
@@ -511,7 +511,7 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         bits = (formulas.extra_bits + formulas.get_bits(logit.float())).round().clamp(1, MAX_BITS).to(torch.int64)
         block, _ = range_block(tuple(p.shape), formulas.scale, formulas.scale_group_size)
         scale_dtype = None if formulas.scale == "tensor" else SCALE_DTYPES[formulas.scale_dtype]
-        quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [])
+        quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [], formulas.range_search)
         owners[p.untyped_storage().data_ptr()] = name
     floats, half = {}, set()
     threshold = formulas.min_size * 2**20 / 4

@@ -115,30 +115,68 @@ def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Ten
 
 
 def grid_quantize(
-    p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None = None,
+    search: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Quantize ``p`` with one width per group of ``group_size`` entries (``bits``: one per group)
     and one range per block of ``block`` entries. Returns int16 levels ``(groups, group_size)`` and
     the ranges ``(min, max)``, one per block.
 
     ``block == p.numel()`` without ``scale_dtype`` is the reference grid (:func:`uniform_quantize`,
     bit for bit). Otherwise the ranges are rounded outwards to ``scale_dtype`` first (they hold
-    their block) and the levels clamped to the grid (against the division's last-ulp rounding)."""
+    their block) and the levels clamped to the grid (against the division's last-ulp rounding).
+
+    ``search`` > 0: each block's range is also tried shrunk about its centre by the ratios
+    :func:`clip_ratios` (entries beyond it take the end levels), and the range of least squared
+    error over the block is kept (ModelOpt's / AWQ's clipping search, at each group's own width)."""
     numel = p.numel()
     groups = numel // group_size
     bits = bits.reshape(groups)
-    if block == numel and scale_dtype is None:
+    if block == numel and scale_dtype is None and not search:
         levels, mn, mx = uniform_quantize(p.reshape(groups, group_size), bits[:, None])
         return levels, mn.reshape(1), mx.reshape(1)
     cell = cell_size(group_size, block)
     x = p.detach().to(compute_dtype(p.dtype)).reshape(-1, cell)
     mn, mx = block_range(p, block, scale_dtype)
+    top = per_cell(2 ** bits.to(x.dtype) - 1, group_size, cell)[:, None]
+    levels = _levels(x, mn, mx, top, block, cell)
+    if search:
+        error = _block_error(x, levels, mn, mx, top, block, cell)
+        exact_mn, exact_mx = block_range(p, block) if scale_dtype is not None else (mn, mx)
+        centre, half = (exact_mn + exact_mx) / 2, (exact_mx - exact_mn) / 2  # shrunk from the block's own ends
+        for ratio in clip_ratios(search)[1:]:
+            lo, hi = centre - ratio * half, centre + ratio * half
+            if scale_dtype is not None:
+                lo, hi = _round_outward(lo, scale_dtype, down=True), _round_outward(hi, scale_dtype, down=False)
+            trial = _levels(x, lo, hi, top, block, cell)
+            trial_error = _block_error(x, trial, lo, hi, top, block, cell)
+            better = trial_error < error
+            error = torch.where(better, trial_error, error)
+            mn, mx = torch.where(better, lo, mn), torch.where(better, hi, mx)
+            levels = torch.where(per_cell(better, block, cell)[:, None], trial, levels)
+    return levels.to(torch.int16).reshape(groups, group_size), mn, mx
+
+
+def clip_ratios(search: int) -> list[float]:
+    """The range ratios a clipping search of ``search`` candidates tries: 1 (the min / max range)
+    down to 0.5, evenly spaced."""
+    return [1.0 - 0.5 * i / search for i in range(search + 1)]
+
+
+def _levels(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, top: torch.Tensor, block: int, cell: int) -> torch.Tensor:
+    """Float levels (rounded, clamped to ``[0, top]``) of the cells ``x`` over the block ranges."""
     span = mx - mn
     safe_span = torch.where(span > 0, span, torch.ones_like(span))
-    top = 2 ** bits.to(x.dtype) - 1
-    levels = ((x - per_cell(mn, block, cell)[:, None]) / per_cell(safe_span, block, cell)[:, None] * per_cell(top, group_size, cell)[:, None]).round()
-    levels = torch.minimum(levels.clamp_(min=0), per_cell(top, group_size, cell)[:, None])
-    return levels.to(torch.int16).reshape(groups, group_size), mn, mx
+    levels = ((x - per_cell(mn, block, cell)[:, None]) / per_cell(safe_span, block, cell)[:, None] * top).round()
+    return torch.minimum(levels.clamp_(min=0), top)
+
+
+def _block_error(x: torch.Tensor, levels: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, top: torch.Tensor,
+                 block: int, cell: int) -> torch.Tensor:  # fmt: skip
+    """Squared error of each block's dequantized levels against ``x`` (as :func:`grid_dequantize` forms them)."""
+    step = (1 / top) * per_cell(mx - mn, block, cell)[:, None]
+    value = levels * step + per_cell(mn, block, cell)[:, None]
+    return (value - x).square_().reshape(-1, block).sum(1)
 
 
 def grid_dequantize(

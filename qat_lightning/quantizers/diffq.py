@@ -48,6 +48,9 @@ class DiffQConfig:
                                        "range (reported by coverage()); bit groups and ranges must nest")
     scale_dtype: str = option("float16", "storage of the channel / group ranges (counted in the size): 'float16', 'bfloat16' "
                                          "or 'float32'; the tensor grid keeps the reference's fp32")
+    range_search: int = option(0, "clipping search at true quantization: each range block also tries this many ranges "
+                                  "shrunk about its centre (down to half) and keeps the one of least squared error "
+                                  "(0 .. 64; 0: the min / max range, the reference)")
     min_bits: float = option(2, "lower bound of the learned bits, 0 < min_bits < init_bits < max_bits <= 15")
     max_bits: float = option(15, "upper bound of the learned bits (at most 15)")
     param: str = option("bits", "'bits': sigmoid interpolation of the bits; 'noise': of the log noise scale")
@@ -68,6 +71,7 @@ class DiffQConfig:
         check_choice("scale", self.scale, ("tensor", "channel", "group"))
         check_number("scale_group_size", self.scale_group_size, low=1, integer=True)
         check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
+        check_number("range_search", self.range_search, low=0, high=64, integer=True)
         check_number("min_bits", self.min_bits, low=0, low_open=True, high=MAX_QUANT_BITS, high_open=True)
         check_number("max_bits", self.max_bits, low=self.min_bits, low_open=True, high=MAX_QUANT_BITS)
         check_number("init_bits", self.init_bits, low=self.min_bits, high=self.max_bits, low_open=True, high_open=True)
@@ -142,6 +146,7 @@ class DiffQuantizer:
 
         self.model = model
         self.enabled = True  # False: modules see their float weights in training and eval
+        self._straight_through = False
         self._bits = BitsParameterization(self.min_bits, self.max_bits, self.param)
         self._qparams: list[QuantizedParam] = []
         self._kept: list[KeptParam] = []
@@ -173,6 +178,19 @@ class DiffQuantizer:
                 f"min_size={self.min_size} MB ({self._min_numel} entries)",
                 stacklevel=2,
             )
+
+    @property
+    def straight_through(self) -> bool:
+        """When True, training forwards see the true quantized weights through a straight-through
+        estimator (``p + (q(p) - p).detach()``: the gradient reaches ``p`` unchanged) instead of the
+        noisy ones, at the bits the logits hold now, which get no gradient (frozen; no penalty):
+        the last phase of training adapts the weights to their grid. False: noise injection."""
+        return self._straight_through
+
+    @straight_through.setter
+    def straight_through(self, value: bool) -> None:
+        self._straight_through = check_bool("straight_through", value)
+        self.new_noise()
 
     @property
     def size_penalty(self) -> float:
@@ -242,7 +260,8 @@ class DiffQuantizer:
         logit = nn.Parameter(torch.full((param.numel() // group_size,), self._bits.init_logit(self.init_bits), dtype=torch.float32, device=param.device))
         slot.module.register_parameter(slot.attr + self.suffix, logit)
         scale_dtype = None if self.scale == "tensor" else SCALE_DTYPES[self.scale_dtype]
-        return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size, range_block=block, scale_dtype=scale_dtype)
+        return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size, range_block=block, scale_dtype=scale_dtype,
+                              range_search=self.range_search)
 
     # ----------------------------------------------------------------------------- bits
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
@@ -270,7 +289,9 @@ class DiffQuantizer:
         if current is not entry.param:  # FSDP2 gathered the full tensor for this forward
             return self._gathered_weight(entry, module, current)
         if module.training:
-            return self._noisy_weight(entry) if isinstance(entry, QuantizedParam) else None
+            if not isinstance(entry, QuantizedParam):
+                return None
+            return self._straight_through_weight(entry, entry.param, entry.logit) if self._straight_through else self._noisy_weight(entry)
         return self._eval_weight(entry)
 
     def _gathered_weight(self, entry: SwappedParam, module: nn.Module, current: torch.Tensor) -> torch.Tensor | None:
@@ -289,6 +310,8 @@ class DiffQuantizer:
         if not module.training:
             with torch.no_grad():
                 return self._dequantized(entry, current.detach(), logit.detach())
+        if self._straight_through:
+            return self._straight_through_weight(entry, current, logit)
         return self._noisy_weight(entry, current, logit)
 
     def _traced_weight(self, entry: SwappedParam, module: nn.Module) -> torch.Tensor | None:
@@ -300,6 +323,8 @@ class DiffQuantizer:
             return self.quantized_weight(entry)
         if not isinstance(entry, QuantizedParam):
             return None
+        if self._straight_through:
+            return self._straight_through_weight(entry, entry.param, entry.logit)
         if entry._noisy is None:
             _no_drawn_noise(entry.name)
         return entry._noisy[0]
@@ -310,7 +335,7 @@ class DiffQuantizer:
         backward runs DiffQ's own autograd node, penalty included). The same noise as an eager
         forward that uses the weights in registration order."""
         self.new_noise()
-        if self.enabled and self._saved is None:
+        if self.enabled and self._saved is None and not self._straight_through:
             for qp in self._qparams:
                 self._noisy_weight(qp)
 
@@ -337,6 +362,12 @@ class DiffQuantizer:
         if not gathered:  # FSDP2's gathered tensors are new every forward: nothing to reuse, nothing kept
             qp._noisy = (noisy, *versions, noisy._version)
         return noisy
+
+    def _straight_through_weight(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        """``p + (q(p) - p).detach()``: the true quantized values forward, the identity backward."""
+        with torch.no_grad():
+            delta = self._dequantized(qp, p.detach(), logit.detach()).sub_(p.detach())
+        return p + delta
 
     @staticmethod
     def _noise_std(qp: QuantizedParam, p: torch.Tensor, unit: torch.Tensor, half: float) -> torch.Tensor:
@@ -419,7 +450,7 @@ class DiffQuantizer:
 
     def _dequantized(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
         bits = self._size.true_bits_of(logit)
-        levels, mn, mx = grid_quantize(p, bits, qp.group_size, qp.range_block, qp.scale_dtype)
+        levels, mn, mx = grid_quantize(p, bits, qp.group_size, qp.range_block, qp.scale_dtype, qp.range_search)
         return grid_dequantize(levels, mn, mx, bits, qp.range_block, dtype=p.dtype).view_as(p)
 
     def new_noise(self) -> None:
@@ -593,6 +624,7 @@ class DiffQuantizer:
         DiffQ quantizes weights; add ``EMAFakeQuant(weights=False)`` for them)."""
         quantized = {id(qp.param): f"diffq {self.min_bits:g}..{self.max_bits:g} learned bits, groups of {qp.group_size}, "
                                    + self._grid_notes.get(id(qp.param), self._grid_name(qp))
+                                   + (f", clipping searched over {qp.range_search + 1} ratios" if qp.range_search else "")
                      for qp in self._qparams}  # fmt: skip
         own = {id(qp.logit) for qp in self._qparams}
         return CoverageReport("DiffQ", weight_rows(self.model, quantized, self._kept_reasons, own))

@@ -18,6 +18,7 @@ class QuantizedParam(SwappedParam):
     group_size: int = 0
     range_block: int = 0  # entries per [min, max] range block (the whole tensor on the reference grid)
     scale_dtype: torch.dtype | None = None  # where the ranges are stored; None: the reference's exact fp32
+    range_search: int = 0  # clipping candidates tried per range block at true quantization
     _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
     _eval: tuple[torch.Tensor, int, int] | None = None
     _buffer: torch.Tensor | None = None  # the last noisy weight, refilled in place once free
