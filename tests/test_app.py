@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -36,7 +37,11 @@ def test_every_config_option_composes_and_instantiates(group: str, tmp_path: Pat
         if group in ("callbacks", "ptq"):
             objects = instantiate_group(node)
             assert all(hasattr(o, "setup") for o in objects)
+        elif group == "experiment":  # a recipe: sets several groups; its callbacks instantiate
+            assert all(hasattr(o, "setup") for o in instantiate_group(cfg.callbacks)), option
         elif node and "_target_" in node:
+            if group == "model" and "vocab_size" in node and node.vocab_size is None:  # the app takes it from the data
+                node = OmegaConf.merge(node, {"vocab_size": 97})
             if group in ("trainer", "logger"):
                 node = OmegaConf.merge(node, {"default_root_dir" if group == "trainer" else "save_dir": str(tmp_path)})
             assert instantiate(node) is not None
@@ -159,3 +164,22 @@ def test_misspelled_keys_fail_with_hydras_own_message() -> None:
     cfg = compose_train(["+callbacks.diffq.penaltyy=3"])  # forced in with +: the callback names it
     with pytest.raises(InstantiationException, match="penaltyy"):
         instantiate_group(cfg.callbacks)
+
+
+def test_lm_experiment_pretrains_then_fine_tunes_and_reports_bits_per_character(tmp_path: Path) -> None:
+    """experiment=lm_diffq: float pretraining, then DiffQ on the decoder; the summary names the metric."""
+    result = _run_app(tmp_path, "experiment=lm_diffq", "pretrain.steps=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                      "data.val_windows=32", "data.test_windows=32", "model.layers=1", "logger=none")  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_metric"] == "test/bpc" and 0 < summary["quantized_test_acc"] < 8
+    assert 2 < summary["stored_bits"] < 6 and summary["stored_bits"] > summary["avg_bits"]  # widths and ranges counted
+    assert "quantized test/bpc" in result.stdout and "pretrained 2 float steps" in result.stdout + result.stderr
+    assert "a float16 range per channel" in result.stdout + result.stderr  # the coverage report names the grid
+
+
+def test_pretrain_refuses_a_learning_rate_the_model_cannot_take() -> None:
+    from qat_lightning.app.train import pretrain
+
+    cfg = compose_train(["pretrain.steps=1", "pretrain.lr=0.1"])
+    with pytest.raises(ValueError, match="pretrain.lr is set but Module has no lr attribute"):
+        pretrain(cfg, torch.nn.Module(), None)

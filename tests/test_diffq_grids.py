@@ -437,3 +437,75 @@ def test_callback_switches_to_straight_through_for_the_last_share_of_the_steps(t
     assert not diffq.quantizer.straight_through  # back to noise once fit ends
     with pytest.raises(ValueError, match="straight_through_fraction"):
         DiffQ(straight_through_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------------- learned ranges
+def test_learned_grid_gradients_by_hand() -> None:
+    """One block [0, 1] at 1 bit (levels 0, 1), q = level * span + min with the level's gradient
+    straight through: x = 0.75 rounds up to 1, d q / d max = -(x - min) / span + level = 0.25,
+    d q / d min = (x - min) / span - level = -0.25, d q / d x = 1; x = 0.2 rounds to 0: -0.2 and 0.2;
+    x = 1.5 lies beyond the range: clipped to max, d q / d max = 1, d q / d min = 0, d q / d x = 0;
+    x = 1 is the max itself: its gradient passes whole (no tie split at the end)."""
+    from qat_lightning.formats.uniform import learned_grid_fake_quantize
+
+    for x_value, expected in [(0.75, (1.0, -0.25, 0.25, 1.0)), (1.5, (1.0, 0.0, 1.0, 0.0)), (0.2, (0.0, 0.2, -0.2, 1.0)), (1.0, (1.0, 0.0, 0.0, 1.0))]:
+        x = torch.tensor([x_value], requires_grad=True)
+        mn, mx = torch.tensor([0.0], requires_grad=True), torch.tensor([1.0], requires_grad=True)
+        q = learned_grid_fake_quantize(x, torch.tensor([1.0]), 1, 1, mn, mx)
+        q.sum().backward()
+        got = (q.item(), mn.grad.item(), mx.grad.item(), x.grad.item())
+        assert got == pytest.approx(expected, abs=1e-6), (x_value, got)
+
+
+def test_learned_grid_forward_is_the_true_quantization() -> None:
+    from qat_lightning.formats.uniform import learned_grid_fake_quantize
+
+    torch.manual_seed(0)
+    p = torch.randn(8, 64)
+    bits = torch.randint(2, 7, (p.numel() // 16,)).float()
+    mn, mx = p.reshape(-1, 32).amin(1) * 0.7, p.reshape(-1, 32).amax(1) * 0.8  # clipped ranges
+    for dtype in (None, torch.float16):
+        levels, smn, smx = grid_quantize(p, bits, 16, 32, dtype, ranges=(mn, mx))
+        assert torch.equal(learned_grid_fake_quantize(p, bits, 16, 32, mn, mx, dtype).reshape(-1), grid_dequantize(levels, smn, smx, bits, 32))
+        assert (levels == 0).any() and (levels.float() == (2 ** bits[:, None] - 1)).any()  # clipped entries on the ends
+
+
+def test_learned_ranges_start_train_export_and_reload(tmp_path: Path) -> None:
+    from qat_lightning.export.packing import quantized_from_checkpoint
+
+    model = _model()
+    options = dict(min_size=0, group_size=8, scale="channel", range_search=4, learn_ranges=True, exclude=["*.bias"], init_bits=3)
+    q = DiffQuantizer(model, **options)
+    names = [n for n, _ in model.named_parameters() if n.endswith("_range_diffq")]
+    assert names == ["0.weight_range_diffq", "2.weight_range_diffq"]
+    assert all(torch.isnan(qp.ranges).all() for qp in q.quantized_params())
+    before = [q.quantized_weight(qp) for qp in q.quantized_params()]
+    q.straight_through = True  # starts the ranges from the searched ones: the same quantized weights
+    for qp, value in zip(q.quantized_params(), before):
+        assert torch.isfinite(qp.ranges).all() and torch.equal(q.quantized_weight(qp), value)
+    x = torch.randn(4, 64)
+    model.train()
+    out = model(x)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(out.detach(), model(x))
+    out.square().sum().backward()
+    assert all(qp.ranges.grad is not None and qp.ranges.grad.abs().sum() > 0 for qp in q.quantized_params())
+    with torch.no_grad():
+        for qp in q.quantized_params():
+            qp.ranges.mul_(0.8)  # as an optimizer step would move them
+    changed = [q.quantized_weight(qp) for qp in q.quantized_params()]
+    assert not torch.equal(changed[0], before[0])
+    save_quantized(q, tmp_path / "m.safetensors")
+    state = read_quantized(tmp_path / "m.safetensors")
+    _, rebuilt, _ = quantized_from_checkpoint(dict(model.state_dict()), options)
+    for qp, value in zip(q.quantized_params(), changed):
+        assert torch.equal(state[qp.name], value) and torch.equal(rebuilt[qp.name].dequantize(), value), qp.name
+    assert "0.weight_range_diffq" not in state  # the ranges are stored as the file's ranges, not as tensors
+
+
+def test_learned_ranges_need_the_straight_through_phase() -> None:
+    from qat_lightning import DiffQ
+
+    with pytest.raises(ValueError, match="learn_ranges=True .* set straight_through_fraction > 0"):
+        DiffQ(learn_ranges=True)

@@ -105,3 +105,10 @@ def test_llama_qat_example_smoke() -> None:
     result = _run("examples/llama_qat.py", "--smoke")
     table = result.stdout.split("| scheme |")[1]
     assert "int4_g32 + int8_per_token | 5.00 |" in table and "LSQ W4" in table and "DiffQ" in table
+
+
+def test_diffq_lm_benchmark_smoke() -> None:
+    result = _run("benchmarks/diffq_lm.py", "--recipes", "lm_diffq", "lm_lsq_w4", "--threads", "1", "pretrain.steps=2",
+                  "trainer.max_steps=2", "data.val_windows=32", "data.test_windows=32", "model.layers=1")  # fmt: skip
+    table = result.stdout.split("| recipe (experiment=) |")[1]
+    assert "| lm_diffq |" in table and "| lm_lsq_w4 | 4.22 |" in table

@@ -72,6 +72,7 @@ class DiffQ(QuantizationCallback):
         scale_group_size: int = 32,
         scale_dtype: str = "float16",
         range_search: int = 0,
+        learn_ranges: bool = False,
         min_bits: float = 2,
         max_bits: float = 15,
         param: str = "bits",
@@ -85,6 +86,7 @@ class DiffQ(QuantizationCallback):
         bits_lr: float = 1e-3,
         bits_weight_decay: float = 0.0,
         straight_through_fraction: float = 0.0,
+        range_lr: float | None = None,
         quantize_eval: bool = True,
         quantize_on_fit_end: bool = False,
         export_path: str | None = None,
@@ -98,6 +100,10 @@ class DiffQ(QuantizationCallback):
         self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
         self.straight_through_fraction = check_number("straight_through_fraction", straight_through_fraction, low=0, high=1)
         self._straight_through_step: int | None = None
+        self.range_lr = None if range_lr is None else check_number("range_lr", range_lr, low=0, low_open=True)
+        if learn_ranges is True and not self.straight_through_fraction:
+            raise ValueError("learn_ranges=True learns the ranges in the straight-through phase: set straight_through_fraction > 0 "
+                             "(e.g. 0.3)")  # fmt: skip
         self.quantize_eval = check_bool("quantize_eval", quantize_eval)
         self.quantize_on_fit_end = check_bool("quantize_on_fit_end", quantize_on_fit_end)
         if export_path is not None and not isinstance(export_path, (str, PathLike)):
@@ -117,7 +123,7 @@ class DiffQ(QuantizationCallback):
     # ----------------------------------------------------------------------------- structure
     # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "scale", "scale_group_size", "scale_dtype",
-                          "range_search", "min_bits", "max_bits", "param", "extra_bits", "suffix",
+                          "range_search", "learn_ranges", "min_bits", "max_bits", "param", "extra_bits", "suffix",
                           "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
     supports_fsdp2 = True
@@ -164,6 +170,9 @@ class DiffQ(QuantizationCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fsdp2:  # configure_model's fully_shard replaced the parameters with shards
+            if self.config.learn_ranges:
+                raise ValueError("DiffQ(learn_ranges=True) starts the ranges from whole weights: not under FSDP2 yet; use "
+                                 "range_search (searched ranges work with FSDP2) or DDP")  # fmt: skip
             self._require_quantizer().rebind()
         if self._pending_rng is not None:
             self._require_quantizer().set_noise_rng_state(self._pending_rng)
@@ -197,6 +206,10 @@ class DiffQ(QuantizationCallback):
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""
         quantizer = self._require_quantizer()
         self._bits_optimizer = move_to_own_group(trainer, quantizer.parameters(), self.bits_lr, self.bits_weight_decay)
+        ranges = [qp.ranges for qp in quantizer.quantized_params() if qp.ranges is not None]
+        if ranges and trainer.optimizers:  # LSQ's default: a tenth of the weights' learning rate
+            lr = self.range_lr if self.range_lr is not None else 0.1 * trainer.optimizers[0].param_groups[0]["lr"]
+            move_to_own_group(trainer, ranges, lr, 0.0)
 
     # ----------------------------------------------------------------------------- training
     @override
@@ -343,6 +356,7 @@ class DiffQ(QuantizationCallback):
             "bits_lr": self.bits_lr,
             "bits_weight_decay": self.bits_weight_decay,
             "straight_through_fraction": self.straight_through_fraction,
+            "range_lr": self.range_lr,
         }
         if self.quantizer is not None:
             state["noise_rng"] = self.quantizer.noise_rng_state()
@@ -354,7 +368,7 @@ class DiffQ(QuantizationCallback):
         check_resumed_options("DiffQ", structural, current["config"], self.STRUCTURAL_OPTIONS)
         if warn:  # init_bits, noise (config) and the bits group's lr / decay, the penalty
             training = {k: v for k, v in state.get("config", {}).items() if k not in self.STRUCTURAL_OPTIONS}
-            training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay", "straight_through_fraction") if k in state})
+            training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay", "straight_through_fraction", "range_lr") if k in state})
             check_resumed_options("DiffQ", training, {**current["config"], **current}, ())
 
     @override
@@ -380,6 +394,8 @@ CALLBACK_OPTIONS = {
     "straight_through_fraction": "share of the training steps, at the end, that train on the true quantized weights "
                                  "(straight-through estimator) with the bits frozen, after noise injection (0 .. 1; 0: noise "
                                  "throughout, the reference)",
+    "range_lr": "learning rate of the learned ranges' param group (learn_ranges; None: 0.1 x the optimizer's first "
+                "group's lr, as LSQ's step sizes), no weight decay",
     "quantize_eval": "validate / test / predict on the true quantized weights",
     "quantize_on_fit_end": "leave the true quantized weights in the model after fit",
     "export_path": "write the bit-packed model there at the end of fit (relative: inside the log dir; None: nowhere)",

@@ -27,7 +27,7 @@ from torch import nn
 from ..quantizers.diffq import DiffQuantizer
 from ..quantizers.factory import FormatQuantizer
 from ..quantizers.fake_quantizer import WEIGHT_SUFFIX
-from ..formats.uniform import cell_size, grid_quantize, per_cell
+from ..formats.uniform import cell_size, per_cell
 from ..quantizers._common import _MIN_STEP
 from ..quantizers.activation import FakeLinearQuantization
 from ..quantizers.weight import LearnedStepWeight, WeightRange
@@ -320,7 +320,7 @@ def _store_diffq_weights(path: Path, diffq: DiffQuantizer) -> None:
         name = names[0]
         p = qp.param.detach().cpu()
         bits = diffq.true_bits(qp).cpu()
-        levels, mn, mx = grid_quantize(p, bits.to(p.dtype), qp.group_size, qp.range_block, qp.scale_dtype, qp.range_search)
+        levels, mn, mx = diffq.grid_levels(qp, p, bits.to(p.dtype))
         # one scale and one offset per cell (the finer of the bit groups and the range blocks), formed
         # as grid_dequantize forms them; the reference grid: one min for the whole tensor
         cell = cell_size(qp.group_size, qp.range_block)

@@ -145,8 +145,9 @@ class QuantizedTensor:
 
 
 def _quantize(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None,
-              aliases: list[str], search: int = 0) -> QuantizedTensor:  # fmt: skip
-    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype, search)
+              aliases: list[str], search: int = 0, ranges: torch.Tensor | None = None) -> QuantizedTensor:  # fmt: skip
+    learned = None if ranges is None or not torch.isfinite(ranges).all() else (ranges[0], ranges[1])
+    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype, search, ranges=learned)
     return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype)
 
 
@@ -156,7 +157,10 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
     for qp in quantizer.quantized_params():
         names = [slot.qualified_name for slot in qp.slots]
         bits = quantizer.true_bits(qp).to(torch.int64)
-        result[names[0]] = _quantize(qp.param.detach(), bits, qp.group_size, qp.range_block, qp.scale_dtype, names[1:], qp.range_search)
+        p = qp.param.detach()
+        levels, mn, mx = quantizer.grid_levels(qp, p, bits)
+        result[names[0]] = QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, names[1:],
+                                           qp.range_block, qp.scale_dtype)  # fmt: skip
     return result
 
 
@@ -503,7 +507,7 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
     quantized: dict[str, QuantizedTensor] = {}
     owners: dict[int, str] = {}
     for key, logit in state.items():
-        if not key.endswith(suffix) or key[: -len(suffix)] not in state:
+        if not key.endswith(suffix) or key[: -len(suffix)] not in state or key.endswith("_range" + suffix):
             continue
         name = key[: -len(suffix)]
         p = state[name].detach().cpu()
@@ -511,7 +515,9 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         bits = (formulas.extra_bits + formulas.get_bits(logit.float())).round().clamp(1, MAX_BITS).to(torch.int64)
         block, _ = range_block(tuple(p.shape), formulas.scale, formulas.scale_group_size)
         scale_dtype = None if formulas.scale == "tensor" else SCALE_DTYPES[formulas.scale_dtype]
-        quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [], formulas.range_search)
+        ranges = state.get(name + "_range" + suffix)  # learned ranges (learn_ranges), NaN until started
+        quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [], formulas.range_search,
+                                    None if ranges is None else ranges.detach().cpu().float())  # fmt: skip
         owners[p.untyped_storage().data_ptr()] = name
     floats, half = {}, set()
     threshold = formulas.min_size * 2**20 / 4

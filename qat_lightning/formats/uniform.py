@@ -116,7 +116,7 @@ def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Ten
 
 def grid_quantize(
     p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None = None,
-    search: int = 0,
+    search: int = 0, ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Quantize ``p`` with one width per group of ``group_size`` entries (``bits``: one per group)
     and one range per block of ``block`` entries. Returns int16 levels ``(groups, group_size)`` and
@@ -128,10 +128,21 @@ def grid_quantize(
 
     ``search`` > 0: each block's range is also tried shrunk about its centre by the ratios
     :func:`clip_ratios` (entries beyond it take the end levels), and the range of least squared
-    error over the block is kept (ModelOpt's / AWQ's clipping search, at each group's own width)."""
+    error over the block is kept (ModelOpt's / AWQ's clipping search, at each group's own width).
+
+    ``ranges``: given (learned) ``(min, max)`` per block instead, rounded to nearest in
+    ``scale_dtype``; entries beyond them take the end levels."""
     numel = p.numel()
     groups = numel // group_size
     bits = bits.reshape(groups)
+    if ranges is not None:
+        cell = cell_size(group_size, block)
+        mn, mx = (r.detach().to(compute_dtype(p.dtype)) for r in ranges)
+        if scale_dtype is not None:
+            mn, mx = mn.to(scale_dtype).to(mn.dtype), mx.to(scale_dtype).to(mx.dtype)
+        top = per_cell(2 ** bits.to(mn.dtype) - 1, group_size, cell)[:, None]
+        x = p.detach().to(compute_dtype(p.dtype)).reshape(-1, cell)
+        return _levels(x, mn, mx, top, block, cell).to(torch.int16).reshape(groups, group_size), mn, mx
     if block == numel and scale_dtype is None and not search:
         levels, mn, mx = uniform_quantize(p.reshape(groups, group_size), bits[:, None])
         return levels, mn.reshape(1), mx.reshape(1)
@@ -195,3 +206,29 @@ def grid_dequantize(
     step = per_cell(unit, group_size, cell) * per_cell(span, block, cell)
     values = levels.reshape(-1, cell).to(work) * step[:, None] + per_cell(mn.to(work), block, cell)[:, None]
     return values.to(dtype).reshape(-1)
+
+
+def learned_grid_fake_quantize(
+    p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor,
+    scale_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The values :func:`grid_quantize` with ``ranges=(mn, mx)`` and :func:`grid_dequantize` give,
+    differentiable in ``p``, ``mn`` and ``mx`` as LSQ is: entries are clipped to the grid's ends
+    (an entry beyond its range moves the range, not itself), then rounded with the gradient passed
+    straight through; the ranges' rounding to ``scale_dtype`` is straight-through too."""
+    work = compute_dtype(p.dtype)
+    cell = cell_size(group_size, block)
+    if scale_dtype is not None:
+        mn = mn + (mn.detach().to(scale_dtype).to(mn.dtype) - mn.detach())
+        mx = mx + (mx.detach().to(scale_dtype).to(mx.dtype) - mx.detach())
+    mn, mx = mn.to(work), mx.to(work)
+    top = per_cell(2 ** bits.reshape(-1).to(work) - 1, group_size, cell)[:, None]
+    span = mx - mn
+    safe_span = torch.where(span.detach() > 0, span, torch.ones_like(span))
+    x = p.to(work).reshape(-1, cell)
+    low, width = per_cell(mn, block, cell)[:, None], per_cell(safe_span, block, cell)[:, None]
+    t = (x - low) / width * top
+    t = torch.where(t > top, top, torch.where(t < 0, torch.zeros_like(t), t))  # LSQ: clip, then round; an end itself passes
+    t = t + (t.detach().round() - t.detach())
+    step = (1 / top) * per_cell(span, block, cell)[:, None]
+    return (t * step + low).to(p.dtype).view_as(p)

@@ -27,7 +27,8 @@ from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
-from ..formats.uniform import SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, per_cell, range_block, tensor_range
+from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, learned_grid_fake_quantize,
+                               per_cell, range_block, tensor_range)  # fmt: skip
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
@@ -51,6 +52,10 @@ class DiffQConfig:
     range_search: int = option(0, "clipping search at true quantization: each range block also tries this many ranges "
                                   "shrunk about its centre (down to half) and keeps the one of least squared error "
                                   "(0 .. 64; 0: the min / max range, the reference)")
+    learn_ranges: bool = option(False, "in the straight-through phase, learn each range block's min and max (LSQ-style: the "
+                                       "gradient passes the rounding, the clamp stops it), from the searched ranges at the "
+                                       "switch; parameters '<param>_range<suffix>', trained by the optimizer group that holds "
+                                       "them (the weights' unless moved)")
     min_bits: float = option(2, "lower bound of the learned bits, 0 < min_bits < init_bits < max_bits <= 15")
     max_bits: float = option(15, "upper bound of the learned bits (at most 15)")
     param: str = option("bits", "'bits': sigmoid interpolation of the bits; 'noise': of the log noise scale")
@@ -72,6 +77,7 @@ class DiffQConfig:
         check_number("scale_group_size", self.scale_group_size, low=1, integer=True)
         check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         check_number("range_search", self.range_search, low=0, high=64, integer=True)
+        check_bool("learn_ranges", self.learn_ranges)
         check_number("min_bits", self.min_bits, low=0, low_open=True, high=MAX_QUANT_BITS, high_open=True)
         check_number("max_bits", self.max_bits, low=self.min_bits, low_open=True, high=MAX_QUANT_BITS)
         check_number("init_bits", self.init_bits, low=self.min_bits, high=self.max_bits, low_open=True, high_open=True)
@@ -190,6 +196,8 @@ class DiffQuantizer:
     @straight_through.setter
     def straight_through(self, value: bool) -> None:
         self._straight_through = check_bool("straight_through", value)
+        if value and self.learn_ranges:
+            self._start_learned_ranges()
         self.new_noise()
 
     @property
@@ -260,8 +268,12 @@ class DiffQuantizer:
         logit = nn.Parameter(torch.full((param.numel() // group_size,), self._bits.init_logit(self.init_bits), dtype=torch.float32, device=param.device))
         slot.module.register_parameter(slot.attr + self.suffix, logit)
         scale_dtype = None if self.scale == "tensor" else SCALE_DTYPES[self.scale_dtype]
+        ranges = None
+        if self.learn_ranges:  # NaN until the straight-through phase starts them from the searched ranges
+            ranges = nn.Parameter(torch.full((2, param.numel() // block), float("nan"), dtype=torch.float32, device=param.device))
+            slot.module.register_parameter(slot.attr + "_range" + self.suffix, ranges)
         return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size, range_block=block, scale_dtype=scale_dtype,
-                              range_search=self.range_search)
+                              range_search=self.range_search, ranges=ranges)
 
     # ----------------------------------------------------------------------------- bits
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
@@ -364,7 +376,12 @@ class DiffQuantizer:
         return noisy
 
     def _straight_through_weight(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
-        """``p + (q(p) - p).detach()``: the true quantized values forward, the identity backward."""
+        """``p + (q(p) - p).detach()``: the true quantized values forward, the identity backward;
+        with learned ranges, LSQ's gradient for ``p`` and the ranges."""
+        ranges = self.learned_ranges(qp)
+        if ranges is not None:
+            bits = self._size.true_bits_of(logit.detach())
+            return learned_grid_fake_quantize(p, bits, qp.group_size, qp.range_block, ranges[0], ranges[1], qp.scale_dtype)
         with torch.no_grad():
             delta = self._dequantized(qp, p.detach(), logit.detach()).sub_(p.detach())
         return p + delta
@@ -435,7 +452,8 @@ class DiffQuantizer:
 
     def _eval_weight(self, entry: SwappedParam) -> torch.Tensor:
         logit_version = entry.logit._version if isinstance(entry, QuantizedParam) else 0
-        versions = (entry.param._version, logit_version)
+        ranges_version = entry.ranges._version if isinstance(entry, QuantizedParam) and entry.ranges is not None else 0
+        versions = (entry.param._version, logit_version, ranges_version)
         if entry._eval is None or entry._eval[1:] != versions:
             entry._eval = (self.quantized_weight(entry), *versions)
         return entry._eval[0]
@@ -450,8 +468,36 @@ class DiffQuantizer:
 
     def _dequantized(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
         bits = self._size.true_bits_of(logit)
-        levels, mn, mx = grid_quantize(p, bits, qp.group_size, qp.range_block, qp.scale_dtype, qp.range_search)
+        levels, mn, mx = self.grid_levels(qp, p, bits)
         return grid_dequantize(levels, mn, mx, bits, qp.range_block, dtype=p.dtype).view_as(p)
+
+    def grid_levels(self, qp: QuantizedParam, p: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer levels and the ranges (one per block) of ``p`` at ``bits`` per group: the learned
+        ranges once they are trained, else the (searched) min / max ranges."""
+        ranges = self.learned_ranges(qp)
+        return grid_quantize(p, bits, qp.group_size, qp.range_block, qp.scale_dtype, qp.range_search,
+                             ranges=None if ranges is None else (ranges[0], ranges[1]))  # fmt: skip
+
+    def learned_ranges(self, qp: QuantizedParam) -> torch.Tensor | None:
+        """``qp``'s learned ``[min, max]`` per block (shape ``(2, blocks)``) once the straight-through
+        phase has started them, else None."""
+        ranges = qp.ranges
+        if ranges is None:
+            return None
+        if torch.compiler.is_compiling():
+            return ranges if qp._ranges_ready[1] else None
+        if qp._ranges_ready[0] != ranges._version:  # a load_state_dict / an optimizer step bumped it
+            qp._ranges_ready = (ranges._version, bool(torch.isfinite(ranges).all()))
+        return ranges if qp._ranges_ready[1] else None
+
+    @torch.no_grad()
+    def _start_learned_ranges(self) -> None:
+        """Start every learned range that has no value yet from the (searched) min / max ranges."""
+        for qp in self._qparams:
+            if qp.ranges is not None and self.learned_ranges(qp) is None:
+                _, mn, mx = grid_quantize(qp.param.detach(), self.true_bits(qp), qp.group_size, qp.range_block, qp.scale_dtype,
+                                          qp.range_search)  # fmt: skip
+                qp.ranges.copy_(torch.stack([mn, mx]).float())
 
     def new_noise(self) -> None:
         """Draw fresh noise at the next training forward.
@@ -526,6 +572,8 @@ class DiffQuantizer:
         broken = [qp.name for qp in self._qparams if not torch.isfinite(qp.param).all()]
         broken += [f"{qp.name} (its bits, {qp.slots[0].qualified_name}{self.suffix})" for qp in self._qparams
                    if not torch.isfinite(qp.logit).all()]  # fmt: skip
+        broken += [f"{qp.name} (its learned ranges)" for qp in self._qparams  # NaN is "not started"; Inf is broken
+                   if qp.ranges is not None and torch.isinf(qp.ranges).any()]  # fmt: skip
         if broken:
             raise FloatingPointError(
                 f"DiffQuantizer: NaN or Inf in {broken}; their quantized values would be meaningless. The model "
@@ -626,7 +674,7 @@ class DiffQuantizer:
                                    + self._grid_notes.get(id(qp.param), self._grid_name(qp))
                                    + (f", clipping searched over {qp.range_search + 1} ratios" if qp.range_search else "")
                      for qp in self._qparams}  # fmt: skip
-        own = {id(qp.logit) for qp in self._qparams}
+        own = {id(qp.logit) for qp in self._qparams} | {id(qp.ranges) for qp in self._qparams if qp.ranges is not None}
         return CoverageReport("DiffQ", weight_rows(self.model, quantized, self._kept_reasons, own))
 
     # ----------------------------------------------------------------------------- sizes
@@ -700,8 +748,9 @@ class DiffQuantizer:
             handle.remove()
         for qp in self._qparams:
             slot = qp.slots[0]
-            if slot.attr + self.suffix in slot.module._parameters:
-                del slot.module._parameters[slot.attr + self.suffix]
+            for name in (slot.attr + self.suffix, slot.attr + "_range" + self.suffix):
+                if name in slot.module._parameters:
+                    del slot.module._parameters[name]
         self._qparams.clear()
         self._kept.clear()
         self._constants = None
