@@ -74,26 +74,39 @@ def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:
 
 
 def main() -> None:
+    """``fsdp_run.py OUT MODES TAG [PART]``: MODES comma-separated, trained one after the other in
+    the same two processes (one launch); PART ``full`` (two epochs; FSDP2 also writes a distributed
+    checkpoint after each) or ``resume`` (the second epoch from the first one's checkpoint)."""
     warnings.filterwarnings("ignore")
-    out, mode, tag = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    out, modes, tag = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
     part = sys.argv[4] if len(sys.argv) > 4 else ""
+    for mode in modes:
+        train(out, mode, tag, part, prefix=f"{mode}_" if len(modes) > 1 else "")
+    if torch.distributed.is_initialized():  # tear gloo down before exit: its threads abort the process otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def train(out: Path, mode: str, tag: str, part: str, prefix: str) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     pl.seed_everything(0, verbose=False)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if tag == "fsdp2" else "ddp"
+    saving = part == "full" and tag == "fsdp2"
+    extra = [ModelCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch}", auto_insert_metric_name=False,
+                             save_top_k=-1, every_n_epochs=1)] if saving else []  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_epochs=2 if part in ("full", "resume") else 1, logger=False,
-        enable_checkpointing=part == "half", enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*callbacks(mode, out, tag), Record(out, tag + part)],
+        enable_checkpointing=saving, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*callbacks(mode, out, prefix + tag), Record(out, prefix + tag + part), *extra],
         use_distributed_sampler=False, default_root_dir=str(out), val_check_interval=2 if not part else 1.0, limit_val_batches=2, num_sanity_val_steps=0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = Sharded(MLP(in_features=16, hidden=(32,), num_classes=8), num_classes=8)
     dataset = tiny_loader(n=64).dataset
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=Interleaved(64))
-    checkpoint = next((out / "checkpoints").glob("*.ckpt"), None) if part == "resume" else None
+    checkpoint = out / "checkpoints" / "epoch0.ckpt" if part == "resume" else None
     trainer.fit(model, loader, loader, ckpt_path=str(checkpoint) if checkpoint else None)
-    if torch.distributed.is_initialized():  # tear gloo down before exit: its threads abort the process otherwise
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
