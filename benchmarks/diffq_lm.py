@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from qat_lightning.app.train import _instantiate_model, instantiate_group, pretrain, summarize
 
 CONF = Path(__file__).resolve().parents[1] / "qat_lightning" / "app" / "conf"
-RECIPES = ["lm_float", "lm_torchao_int4_g32", "lm_torchao_int8tok_int4_g32", "lm_lsq_w4", "lm_ema_w4", "lm_diffq_reference",
+RECIPES = ["lm_float", "lm_torchao_int4_g32", "lm_torchao_int8tok_int4_g32", "lm_lsq_w4", "lm_ema_w4", "lm_diffq_reference", "lm_diffq_channel",
            "lm_diffq", "lm_diffq_small", "lm_lsq_w3"]  # fmt: skip
 
 

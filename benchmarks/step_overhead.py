@@ -95,6 +95,9 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
     return {
         "fp32": [],
         "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
+        "diffq_channel": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel")],  # issue 18's grid, noise phase
+        "diffq_channel_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", range_search=10, learn_ranges=True,
+                                    straight_through_fraction=1.0)],  # its straight-through phase (every step)
         "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
         "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
         "torch_ao": [TorchAOEagerQAT()],
@@ -181,7 +184,8 @@ def main() -> None:
         "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 1)",
         "int4_g32": "ours int4_g32 weights", "int8tok_int4_g32": "ours int8_per_token + int4_g32",
         "torchao_int4_g32": "torchao QAT int4_g32", "torchao_int8tok_int4_g32": "torchao QAT int8 token + int4_g32",
-        "reference_g8": "reference diffq (group 8)",
+        "reference_g8": "reference diffq (group 8)", "diffq_channel": "DiffQ per-channel ranges (noise)",
+        "diffq_channel_ste": "DiffQ per-channel, learned ranges (STE)",
     }  # fmt: skip
     print(result["model"])
     print(f"  {'fp32 step':34s} {result['fp32_step_ms']:8.3f} ms")

@@ -26,10 +26,11 @@ def _model() -> nn.Module:
 DIFFQ_CASES = {
     "group_size": 3.5, "min_size": -0.1, "float16": "yes", "min_bits": 0, "max_bits": 16, "param": "logit",
     "noise": "laplace", "init_bits": 1, "extra_bits": "one", "suffix": "", "exclude": 5, "include": 6, "detect_bound": 2,
+    "scale": "row", "scale_group_size": 0, "scale_dtype": "int8", "range_search": -1, "learn_ranges": "yes",
 }  # fmt: skip
 CASES: dict[type, dict[str, Any]] = {
     DiffQ: {**DIFFQ_CASES, "penalty": -1, "bits_lr": 0, "bits_weight_decay": -1, "quantize_eval": None, "quantize_on_fit_end": "no",
-            "export_path": 3, "layer_report": 3.0, "seed": -1},
+            "export_path": 3, "layer_report": 3.0, "seed": -1, "straight_through_fraction": 2, "range_lr": 0},
     DiffQuantizer: {**DIFFQ_CASES, "model": "not a module"},
     EMAFakeQuant: {"weight_bits": 1, "activation_bits": 17, "weight_mode": "ternary", "activation_mode": "x", "per_channel": "y",
                    "ema_decay": 1.0, "weights": 0.5, "activations": "no", "quantize_inputs": 1.5, "exclude": 3, "include": 4,

@@ -57,6 +57,8 @@ def _loader() -> DataLoader:
 
 CALLBACKS: dict[str, Callable[[], list[pl.Callback]]] = {
     "diffq": lambda: [DiffQ(min_size=0, penalty=1.0, seed=0)],
+    "diffq_channel_learned_ranges": lambda: [DiffQ(min_size=0, penalty=1.0, seed=0, scale="channel", range_search=4,
+                                                   straight_through_fraction=0.5, learn_ranges=True)],
     "ema_w8a8": lambda: [EMAFakeQuant()],
     "lsq_w4a8": lambda: [EMAFakeQuant(learned_step=True, weight_bits=4)],
     **{spec: (lambda spec=spec: [EMAFakeQuant(weight_format=spec, activations=False)])

@@ -498,6 +498,7 @@ class DiffQuantizer:
                 _, mn, mx = grid_quantize(qp.param.detach(), self.true_bits(qp), qp.group_size, qp.range_block, qp.scale_dtype,
                                           qp.range_search)  # fmt: skip
                 qp.ranges.copy_(torch.stack([mn, mx]).float())
+                qp._ranges_ready = (qp.ranges._version, True)  # a host flag compiled forwards read
 
     def new_noise(self) -> None:
         """Draw fresh noise at the next training forward.
