@@ -2,8 +2,9 @@
 
 ``inject_noise(p, logit, std, log_slope, noise)`` turns ``noise`` (a tensor shaped like ``p``
 holding unit noise, overwritten) into ``p + std[c] * noise`` for equal contiguous cells ``c`` of
-``p`` (each logit group ``g`` of ``p`` made of one or more cells) and returns it; ``std`` is a function of ``logit`` whose logarithmic derivative
-``log_slope = (d std / d logit) / std`` the caller computes in closed form. Autograd records a
+``p`` (each logit group ``g`` made of one or more cells) and returns it; ``std`` is a function
+of ``logit`` whose logarithmic derivative ``log_slope = (d std / d logit) / std`` the caller
+computes in closed form. Autograd records a
 single node: the backward is the identity for ``p`` (no copy) and one multiply-reduce per group
 for the logit, the minimum work the DiffQ gradient needs.
 
@@ -63,17 +64,16 @@ class _InjectNoise(torch.autograd.Function):
                 p, noisy, slope = ctx.saved_tensors  # slope: d log(std) / d logit
                 product = noisy.sub_(p).mul_(grad).view(ctx.groups, -1)  # (std * unit noise) * grad
                 grad_std = torch.mv(product, product.new_ones(product.shape[1])).to(slope.dtype)  # faster than .sum(1)
-                if ctx.penalty_grad is None:
-                    return grad, grad_std.mul_(slope), None, None, None, None
-                return grad, torch.addcmul(ctx.penalty_grad, grad_std, slope), None, None, None, None
+                penalty = ctx.penalty_grad
+                grad_logit = grad_std.mul_(slope) if penalty is None else torch.addcmul(penalty, grad_std, slope)
             else:
                 noise, cell_slope = ctx.saved_tensors  # unit noise, d std / d logit per cell
                 product = noise.mul_(grad).view(ctx.cells, -1)
                 grad_logit = torch.mv(product, product.new_ones(product.shape[1])).to(cell_slope.dtype).mul_(cell_slope)
-                if ctx.cells != ctx.groups:
+                if ctx.cells != ctx.groups:  # a group's cells add up
                     grad_logit = grad_logit.view(ctx.groups, -1).sum(1)
-            if ctx.penalty_grad is not None:
-                grad_logit = grad_logit.add_(ctx.penalty_grad)
+                if ctx.penalty_grad is not None:
+                    grad_logit = grad_logit.add_(ctx.penalty_grad)
         return grad, grad_logit, None, None, None, None
 
 
