@@ -65,8 +65,10 @@ class Record(pl.Callback):
 def callbacks(mode: str, out: Path, tag: str) -> list[pl.Callback]:
     if mode == "diffq":
         return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors"))]
-    if mode == "stack":  # DiffQ's weights (noise generator, bits), LSQ activations (EMA ranges, steps)
-        return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors")),
+    if mode == "stack":  # DiffQ's weights on per-channel ranges (noise generator, bits, the straight-through
+        # phase for the last 2 of 8 steps), LSQ activations (EMA ranges, steps)
+        return [DiffQ(min_size=0, exclude=["*.bias"], penalty=5.0, bits_lr=0.05, seed=0, export_path=str(out / f"{tag}.safetensors"),
+                      scale="channel", range_search=4, straight_through_fraction=0.25),
                 EMAFakeQuant(weights=False, learned_step=True)]  # fmt: skip
     if mode == "int4_ema":  # a number format for the weights, Distiller's EMA ranges for the activations
         return [EMAFakeQuant(weight_format="int4_g16", ema_decay=0.9)]

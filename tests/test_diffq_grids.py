@@ -411,7 +411,25 @@ def test_straight_through_forward_is_the_quantized_model_and_the_bits_get_nothin
     F.linear(hidden, weights["2.weight"], biases["2.bias"]).square().sum().backward()
     for qp in q.quantized_params():
         torch.testing.assert_close(qp.param.grad, weights[qp.name].grad, rtol=1e-5, atol=1e-6)
-    assert all(logit.grad is None for logit in q.parameters())
+    assert all(torch.equal(logit.grad, torch.zeros_like(logit)) for logit in q.parameters())  # frozen, still in the graph
+
+
+def test_every_parameter_gets_a_gradient_in_both_phases() -> None:
+    """DDP's reducer expects a gradient for every parameter in every step: the learned ranges in the
+    noise phase (before they start) and the frozen bits in the straight-through phase get zeros."""
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", learn_ranges=True, exclude=["*.bias"], init_bits=4)
+    x = torch.randn(4, 64)
+    model.train()
+    for phase in (False, True):
+        q.straight_through = phase
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, (phase, missing)
+        ranges = [qp.ranges.grad for qp in q.quantized_params()]
+        assert all((g == 0).all() for g in ranges) != phase  # zero before the phase, learned in it
+        assert all((logit.grad == 0).all() for logit in q.parameters()) == phase  # learned before, frozen in it
 
 
 def test_callback_switches_to_straight_through_for_the_last_share_of_the_steps(tmp_path: Path) -> None:
@@ -478,7 +496,7 @@ def test_learned_ranges_start_train_export_and_reload(tmp_path: Path) -> None:
     q = DiffQuantizer(model, **options)
     names = [n for n, _ in model.named_parameters() if n.endswith("_range_diffq")]
     assert names == ["0.weight_range_diffq", "2.weight_range_diffq"]
-    assert all(torch.isnan(qp.ranges).all() for qp in q.quantized_params())
+    assert all(torch.equal(qp.ranges, torch.zeros_like(qp.ranges)) for qp in q.quantized_params())  # not started
     before = [q.quantized_weight(qp) for qp in q.quantized_params()]
     q.straight_through = True  # starts the ranges from the searched ones: the same quantized weights
     for qp, value in zip(q.quantized_params(), before):

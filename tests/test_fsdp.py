@@ -24,17 +24,17 @@ def _run(out: Path, mode: str, strategy: str, *part: str) -> None:
 def format_and_lsq_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both modes trained in one launch per strategy (two processes each)."""
     out = tmp_path_factory.mktemp("fsdp_modes")
-    _run(out, "int4_ema,lsq", "fsdp2")
-    _run(out, "int4_ema,lsq", "ddp")
+    _run(out, "int4_ema,lsq,diffq", "fsdp2")
+    _run(out, "int4_ema,lsq,diffq", "ddp")
     return out
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-@pytest.mark.parametrize("mode", ["int4_ema", "lsq"])
+@pytest.mark.parametrize("mode", ["int4_ema", "lsq", "diffq"])
 def test_fsdp2_trains_like_ddp_with_the_same_batches(format_and_lsq_runs: Path, mode: str) -> None:
     """Per-step losses, validation on the quantized weights, the whole final state (weights, EMA
-    ranges, LSQ steps) and the plain quantized state dict equal DDP's; both FSDP2 ranks gather the
-    same state."""
+    ranges, LSQ steps, DiffQ bits on the reference grid) and the plain quantized state dict equal
+    DDP's; both FSDP2 ranks gather the same state."""
     fsdp = [torch.load(format_and_lsq_runs / f"{mode}_fsdp2_rank{r}.pt", weights_only=True) for r in range(2)]
     ddp = torch.load(format_and_lsq_runs / f"{mode}_ddp_rank0.pt", weights_only=True)
     assert len(fsdp[0]["losses"]) == 4 and len(fsdp[0]["val_losses"]) == 2
@@ -56,8 +56,9 @@ def test_fsdp2_trains_like_ddp_with_the_same_batches(format_and_lsq_runs: Path, 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_fsdp2_diffq_equals_ddp_and_its_distributed_checkpoint_resumes_exactly(tmp_path: Path) -> None:
-    """DiffQ (its noise generator's state, the sharded bits) with LSQ activations (EMA ranges,
-    sharded steps), two epochs: equal to DDP (losses, state, the packed file written from the
+    """DiffQ on per-channel ranges with a clipping search and a straight-through last quarter (its
+    noise generator's state, the sharded bits) with LSQ activations (EMA ranges, sharded steps), two
+    epochs: equal to DDP (losses, state, the packed file written from the
     shards); and the distributed checkpoint (a folder of shards) the run wrote after its first epoch,
     a second epoch from it in new processes: the losses and the whole state of the uninterrupted run."""
     for part in ("full", "resume"):

@@ -199,8 +199,10 @@ class DiffQ(QuantizationCallback):
             quantizer.straight_through = late
             quantizer.size_penalty = 0.0 if late else self.penalty / trainer.accumulate_grad_batches
             if late:
-                rank_zero_info(f"DiffQ: step {trainer.global_step}: bits frozen at {float(quantizer.average_bits(exact=True)):.2f} "
-                               "on average; training on the true quantized weights (straight-through) from here")  # fmt: skip
+                with quantizer.gathered():  # FSDP2: every rank switches at the same step and gathers
+                    bits = float(quantizer.average_bits(exact=True))
+                rank_zero_info(f"DiffQ: step {trainer.global_step}: bits frozen at {bits:.2f} on average; training on the "
+                               "true quantized weights (straight-through) from here")  # fmt: skip
 
     def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""

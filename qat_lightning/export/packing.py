@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quantizers.diffq import DiffQuantizer
+from ..quantizers.diffq import DiffQuantizer, ranges_started
 from ..quantizers.diffq_records import KeptParam
 from ..quantizers.swap import full_tensor
 from ..formats.uniform import SCALE_DTYPES, compute_dtype, grid_dequantize, grid_quantize, range_block
@@ -146,7 +146,7 @@ class QuantizedTensor:
 
 def _quantize(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None,
               aliases: list[str], search: int = 0, ranges: torch.Tensor | None = None) -> QuantizedTensor:  # fmt: skip
-    learned = None if ranges is None or not torch.isfinite(ranges).all() else (ranges[0], ranges[1])
+    learned = None if ranges is None or not ranges_started(ranges) else (ranges[0], ranges[1])
     levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype, search, ranges=learned)
     return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype)
 
@@ -515,7 +515,7 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         bits = (formulas.extra_bits + formulas.get_bits(logit.float())).round().clamp(1, MAX_BITS).to(torch.int64)
         block, _ = range_block(tuple(p.shape), formulas.scale, formulas.scale_group_size)
         scale_dtype = None if formulas.scale == "tensor" else SCALE_DTYPES[formulas.scale_dtype]
-        ranges = state.get(name + "_range" + suffix)  # learned ranges (learn_ranges), NaN until started
+        ranges = state.get(name + "_range" + suffix)  # learned ranges (learn_ranges), zeros until started
         quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [], formulas.range_search,
                                     None if ranges is None else ranges.detach().cpu().float())  # fmt: skip
         owners[p.untyped_storage().data_ptr()] = name

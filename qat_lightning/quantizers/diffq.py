@@ -95,6 +95,18 @@ class DiffQConfig:
         check_bool("detect_bound", self.detect_bound)
 
 
+def ranges_started(ranges: torch.Tensor) -> bool:
+    """Whether learned ranges hold values (they are zeros until the straight-through phase starts
+    them; a model whose every weight is 0 has zero ranges either way)."""
+    return bool(torch.isfinite(ranges).all()) and bool(ranges.any())
+
+
+def _unused(t: torch.Tensor) -> torch.Tensor:
+    """``t * 0``: keeps a parameter a step does not train in the autograd graph with a zero gradient,
+    so that DDP's reducer, which expects a gradient for every parameter, gets one."""
+    return t.mul(0)
+
+
 @torch.compiler.disable
 def _no_drawn_noise(name: str) -> None:
     """Raised eagerly (a traced ``raise`` would take dynamo down with it)."""
@@ -269,8 +281,8 @@ class DiffQuantizer:
         slot.module.register_parameter(slot.attr + self.suffix, logit)
         scale_dtype = None if self.scale == "tensor" else SCALE_DTYPES[self.scale_dtype]
         ranges = None
-        if self.learn_ranges:  # NaN until the straight-through phase starts them from the searched ranges
-            ranges = nn.Parameter(torch.full((2, param.numel() // block), float("nan"), dtype=torch.float32, device=param.device))
+        if self.learn_ranges:  # zeros until the straight-through phase starts them from the searched ranges
+            ranges = nn.Parameter(torch.zeros((2, param.numel() // block), dtype=torch.float32, device=param.device))
             slot.module.register_parameter(slot.attr + "_range" + self.suffix, ranges)
         return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size, range_block=block, scale_dtype=scale_dtype,
                               range_search=self.range_search, ranges=ranges)
@@ -370,6 +382,8 @@ class DiffQuantizer:
             unit, log_slope, penalty_grad = self._step_constants()[qp.logit]
         with torch.no_grad():
             std = self._noise_std(qp, p, unit, half)
+        if qp.ranges is not None and not gathered:  # not learned yet: in the graph with a zero gradient (DDP)
+            logit = logit + _unused(qp.ranges).sum()
         noisy = inject_noise(p, logit, std, log_slope, noise, penalty_grad)
         if not gathered:  # FSDP2's gathered tensors are new every forward: nothing to reuse, nothing kept
             qp._noisy = (noisy, *versions, noisy._version)
@@ -380,11 +394,12 @@ class DiffQuantizer:
         with learned ranges, LSQ's gradient for ``p`` and the ranges."""
         ranges = self.learned_ranges(qp)
         if ranges is not None:
-            bits = self._size.true_bits_of(logit.detach())
+            bits = self._size.true_bits_of(logit.detach()) + _unused(logit)  # frozen bits, still in the graph
             return learned_grid_fake_quantize(p, bits, qp.group_size, qp.range_block, ranges[0], ranges[1], qp.scale_dtype)
         with torch.no_grad():
             delta = self._dequantized(qp, p.detach(), logit.detach()).sub_(p.detach())
-        return p + delta
+        one = _unused(logit).sum().add(1)  # exactly 1; the frozen bits stay in the graph (DDP expects their gradient)
+        return torch.addcmul(p, delta, one)
 
     @staticmethod
     def _noise_std(qp: QuantizedParam, p: torch.Tensor, unit: torch.Tensor, half: float) -> torch.Tensor:
@@ -487,7 +502,7 @@ class DiffQuantizer:
         if torch.compiler.is_compiling():
             return ranges if qp._ranges_ready[1] else None
         if qp._ranges_ready[0] != ranges._version:  # a load_state_dict / an optimizer step bumped it
-            qp._ranges_ready = (ranges._version, bool(torch.isfinite(ranges).all()))
+            qp._ranges_ready = (ranges._version, ranges_started(ranges))
         return ranges if qp._ranges_ready[1] else None
 
     @torch.no_grad()
@@ -573,8 +588,8 @@ class DiffQuantizer:
         broken = [qp.name for qp in self._qparams if not torch.isfinite(qp.param).all()]
         broken += [f"{qp.name} (its bits, {qp.slots[0].qualified_name}{self.suffix})" for qp in self._qparams
                    if not torch.isfinite(qp.logit).all()]  # fmt: skip
-        broken += [f"{qp.name} (its learned ranges)" for qp in self._qparams  # NaN is "not started"; Inf is broken
-                   if qp.ranges is not None and torch.isinf(qp.ranges).any()]  # fmt: skip
+        broken += [f"{qp.name} (its learned ranges)" for qp in self._qparams
+                   if qp.ranges is not None and not torch.isfinite(qp.ranges).all()]  # fmt: skip
         if broken:
             raise FloatingPointError(
                 f"DiffQuantizer: NaN or Inf in {broken}; their quantized values would be meaningless. The model "

@@ -19,7 +19,7 @@ class QuantizedParam(SwappedParam):
     range_block: int = 0  # entries per [min, max] range block (the whole tensor on the reference grid)
     scale_dtype: torch.dtype | None = None  # where the ranges are stored; None: the reference's exact fp32
     range_search: int = 0  # clipping candidates tried per range block at true quantization
-    ranges: nn.Parameter | None = None  # learned [min, max] per block (learn_ranges), NaN until started
+    ranges: nn.Parameter | None = None  # learned [min, max] per block (learn_ranges), zeros until started
     _ranges_ready: tuple[int, bool] = (-1, False)  # (version, finite) of ranges
     _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
     _eval: tuple[torch.Tensor, int, int] | None = None
