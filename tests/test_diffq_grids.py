@@ -527,3 +527,26 @@ def test_learned_ranges_need_the_straight_through_phase() -> None:
 
     with pytest.raises(ValueError, match="learn_ranges=True .* set straight_through_fraction > 0"):
         DiffQ(learn_ranges=True)
+
+
+def test_callback_trains_the_ranges_only_in_the_straight_through_phase(tmp_path: Path) -> None:
+    """Before the phase the ranges' zero gradients are dropped (no optimizer step, no Adam state);
+    in it they start from the searched ranges and learn: Adam counts only those steps."""
+    from qat_lightning import DiffQ
+
+    from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+    seen: list[torch.Tensor] = []
+
+    class Watch(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            seen.append(torch.cat([qp.ranges.detach().reshape(-1).clone() for qp in diffq.quantizer.quantized_params()]))
+
+    diffq = DiffQ(min_size=0, group_size=4, scale="channel", learn_ranges=True, range_lr=1e-2, straight_through_fraction=0.5)
+    trainer = tiny_trainer(tmp_path, max_steps=8, callbacks=[diffq, Watch()])
+    trainer.fit(tiny_model(), tiny_loader(n=128))
+    assert all(not r.any() for r in seen[:4]) and all(r.any() for r in seen[4:])
+    assert not torch.equal(seen[4], seen[7])  # learned
+    optimizer = trainer.optimizers[0]
+    for qp in diffq.quantizer.quantized_params():
+        assert int(optimizer.state[qp.ranges]["step"]) == 4  # the straight-through steps only

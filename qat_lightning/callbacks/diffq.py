@@ -226,9 +226,12 @@ class DiffQ(QuantizationCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        quantizer = self._require_quantizer()
+        for qp in quantizer.quantized_params():  # ranges not started yet: their zero gradient is no step
+            if qp.ranges is not None and qp.ranges.grad is not None and quantizer.learned_ranges(qp) is None:
+                qp.ranges.grad = None
         if optimizer is not self._bits_optimizer:
             return
-        quantizer = self._require_quantizer()
         if quantizer.straight_through:  # bits frozen: no gradient, no penalty (Adam skips them)
             for logit in quantizer.parameters():
                 logit.grad = None
