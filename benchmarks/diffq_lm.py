@@ -49,13 +49,13 @@ def run_seed(seed: int, recipes: list[str], overrides: list[str]) -> dict[str, d
     start = time.time()
     pretrain(base_cfg, model, datamodule)
     print(f"seed {seed}: pretrained {base_cfg.pretrain.steps} steps in {time.time() - start:.0f} s", flush=True)
-    state = (copy.deepcopy(model.state_dict()), datamodule._shuffle.get_state(), torch.get_rng_state())
+    state = (copy.deepcopy(model.state_dict()), datamodule.shuffle_generator.get_state(), torch.get_rng_state())
     results = {}
     for name in recipes:
         cfg = _config(name, overrides + [f"seed={seed}"])
         tuned = _instantiate_model(cfg, datamodule)
         tuned.load_state_dict(state[0])
-        datamodule._shuffle.set_state(state[1])
+        datamodule.shuffle_generator.set_state(state[1])
         torch.set_rng_state(state[2])
         callbacks = instantiate_group(cfg.get("callbacks"))
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)

@@ -13,28 +13,13 @@ import argparse
 import math
 
 import lightning.pytorch as pl
-import pydoc_data.topics
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from qat_lightning import DiffQ, EMAFakeQuant
-
-
-class Chars(Dataset):
-    """Random windows of ``context + 1`` characters (input and next-character target)."""
-
-    def __init__(self, ids: torch.Tensor, context: int, samples: int, seed: int) -> None:
-        self.ids, self.context = ids, context
-        self.starts = torch.randint(0, len(ids) - context - 1, (samples,), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = self.ids[self.starts[i] : self.starts[i] + self.context + 1]
-        return window[:-1], window[1:]
+from qat_lightning.demo.charlm import CharWindows, pydoc_text
 
 
 class Block(nn.Module):
@@ -94,14 +79,14 @@ def main() -> None:
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
 
-    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    text = pydoc_text()
     alphabet = sorted(set(text))
     index = {c: i for i, c in enumerate(alphabet)}
     ids = torch.tensor([index[c] for c in text])
     split = int(0.9 * len(ids))
     samples = 64 if args.smoke else 64 * args.steps
-    train = DataLoader(Chars(ids[:split], args.context, samples, seed=0), batch_size=64, shuffle=False)
-    val = DataLoader(Chars(ids[split:], args.context, 16 if args.smoke else 2048, seed=1), batch_size=64)
+    train = DataLoader(CharWindows(ids[:split], args.context, samples, seed=0), batch_size=64, shuffle=False)
+    val = DataLoader(CharWindows(ids[split:], args.context, 16 if args.smoke else 2048, seed=1), batch_size=64)
 
     model = CharLM(len(alphabet), args.context, dim=32 if args.smoke else 128, depth=1 if args.smoke else 2)
     diffq = DiffQ(penalty=args.penalty, bits_lr=1e-2, min_bits=3, min_size=0.001, exclude=["position"])

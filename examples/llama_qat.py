@@ -21,13 +21,12 @@ import math
 import time
 
 import lightning.pytorch as pl
-import pydoc_data.topics
 import torch
 import torch.nn.functional as F
-from char_lm import Chars  # the same random windows as the char_lm example (this directory)
 from torch.utils.data import DataLoader
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant, EMAFakeQuantizer
+from qat_lightning.demo.charlm import CharWindows, pydoc_text
 
 
 class LlamaLM(pl.LightningModule):
@@ -93,13 +92,13 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    text = pydoc_text()
     alphabet = sorted(set(text))
     ids = torch.tensor([{c: i for i, c in enumerate(alphabet)}[c] for c in text])
     split = int(0.9 * len(ids))
     batch = 32
-    train = lambda steps, seed: DataLoader(Chars(ids[:split], args.context, steps * batch, seed), batch_size=batch)  # noqa: E731
-    val = DataLoader(Chars(ids[split:], args.context, 8 * batch if args.smoke else 64 * batch, seed=99), batch_size=batch)
+    train = lambda steps, seed: DataLoader(CharWindows(ids[:split], args.context, steps * batch, seed), batch_size=batch)  # noqa: E731
+    val = DataLoader(CharWindows(ids[split:], args.context, 8 * batch if args.smoke else 64 * batch, seed=99), batch_size=batch)
 
     start = time.time()
     base = LlamaLM(len(alphabet), args.dim, args.layers, lr=3e-3)

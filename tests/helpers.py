@@ -31,3 +31,12 @@ def tiny_trainer(tmp_path: Any = None, **kwargs: Any) -> pl.Trainer:
         options["default_root_dir"] = str(tmp_path)
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def set_widths(quantizer: Any, widths: list[int]) -> None:
+    """Force a DiffQuantizer's rounded bits, group by group, cycling through ``widths``."""
+    with torch.no_grad():
+        for qp in quantizer.quantized_params():
+            target = torch.tensor(widths, dtype=torch.float32).repeat(qp.logit.numel() // len(widths) + 1)[: qp.logit.numel()]
+            t = ((target - quantizer.min_bits) / (quantizer.max_bits - quantizer.min_bits)).clamp(1e-6, 1 - 1e-6)
+            qp.logit.copy_(torch.log(t / (1 - t)))

@@ -4,6 +4,7 @@ import copy
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -13,15 +14,9 @@ from qat_lightning.export.packing import load_quantized, quantize_state_dict, re
 from qat_lightning.formats.uniform import grid_dequantize, grid_quantize, range_block
 from qat_lightning.quantizers.noise import inject_noise
 
+from .helpers import set_widths
+
 MB = 8 * 2**20
-
-
-def _set_widths(quantizer: DiffQuantizer, widths: list[int]) -> None:
-    with torch.no_grad():
-        for qp in quantizer.quantized_params():
-            target = torch.tensor(widths, dtype=torch.float32).repeat(qp.logit.numel() // len(widths) + 1)[: qp.logit.numel()]
-            t = ((target - quantizer.min_bits) / (quantizer.max_bits - quantizer.min_bits)).clamp(1e-6, 1 - 1e-6)
-            qp.logit.copy_(torch.log(t / (1 - t)))
 
 
 def test_channel_grid_by_hand() -> None:
@@ -113,7 +108,7 @@ def test_eval_weights_are_the_grid_quantization() -> None:
     model = _model()
     q = DiffQuantizer(model, min_size=0, group_size=8, scale="group", scale_group_size=32, scale_dtype="bfloat16",
                       exclude=["*.bias"], init_bits=4)  # fmt: skip
-    _set_widths(q, [3, 4, 5])
+    set_widths(q, [3, 4, 5])
     for qp in q.quantized_params():
         assert qp.range_block == 32 and qp.scale_dtype == torch.bfloat16
         w = qp.param.detach()
@@ -198,7 +193,7 @@ def test_inject_noise_cells_finer_than_groups() -> None:
 def test_size_counts_every_range_and_the_file_matches(tmp_path: Path) -> None:
     model = _model()
     q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", exclude=["*.bias"], init_bits=4)
-    _set_widths(q, [4])
+    set_widths(q, [4])
     # per tensor: 4 bits x entries + ceil(log2(4 - 2 + 1)) = 2 bits per group of 8 + a fp16 min and max per row + 8
     expected = sum(4 * n + 2 * (n // 8) + rows * 32 + 8 for n, rows in [(64 * 96, 96), (96 * 32, 32)]) + 32 * (96 + 32)
     assert q.true_model_size() == expected / MB
@@ -220,7 +215,7 @@ def test_size_counts_every_range_and_the_file_matches(tmp_path: Path) -> None:
 def test_packed_round_trip_is_bit_exact(scale: str, scale_dtype: str, dtype: torch.dtype, tmp_path: Path) -> None:
     model = _model().to(dtype)
     q = DiffQuantizer(model, min_size=0, group_size=4, scale=scale, scale_group_size=16, scale_dtype=scale_dtype, min_bits=0.6)
-    _set_widths(q, list(range(1, 16)))
+    set_widths(q, list(range(1, 16)))
     save_quantized(q, tmp_path / "m.safetensors")
     state = read_quantized(tmp_path / "m.safetensors")
     for qp in q.quantized_params():
@@ -294,7 +289,7 @@ def test_onnx_export_holds_the_grid_weights(tmp_path: Path) -> None:
 
     model = _model()
     q = DiffQuantizer(model, min_size=0, group_size=8, scale="group", scale_group_size=16, max_bits=8, init_bits=4, exclude=["*.bias"])
-    _set_widths(q, [3, 4, 6])
+    set_widths(q, [3, 4, 6])
     model.eval()
     x = torch.randn(4, 64)
     with torch.no_grad():
@@ -314,7 +309,7 @@ def test_checkpoint_cli_rebuilds_the_grid(tmp_path: Path) -> None:
 
     model = _model()
     q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", scale_dtype="bfloat16", exclude=["*.bias"])
-    _set_widths(q, [3, 5])
+    set_widths(q, [3, 5])
     config = dict(min_size=0, group_size=8, scale="channel", scale_dtype="bfloat16", exclude=["*.bias"])
     _, quantized, _ = quantized_from_checkpoint(dict(model.state_dict()), config)
     for qp in q.quantized_params():
@@ -439,7 +434,7 @@ def test_callback_switches_to_straight_through_for_the_last_share_of_the_steps(t
 
     seen: list[tuple[int, bool, torch.Tensor]] = []
 
-    class Watch(__import__("lightning.pytorch").pytorch.Callback):
+    class Watch(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
             q = diffq.quantizer
             seen.append((trainer.global_step, q.straight_through, torch.cat([p.detach().clone() for p in q.parameters()])))
@@ -538,7 +533,7 @@ def test_callback_trains_the_ranges_only_in_the_straight_through_phase(tmp_path:
 
     seen: list[torch.Tensor] = []
 
-    class Watch(__import__("lightning.pytorch").pytorch.Callback):
+    class Watch(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
             seen.append(torch.cat([qp.ranges.detach().reshape(-1).clone() for qp in diffq.quantizer.quantized_params()]))
 
@@ -550,3 +545,34 @@ def test_callback_trains_the_ranges_only_in_the_straight_through_phase(tmp_path:
     optimizer = trainer.optimizers[0]
     for qp in diffq.quantizer.quantized_params():
         assert int(optimizer.state[qp.ranges]["step"]) == 4  # the straight-through steps only
+
+
+def test_learned_ranges_follow_a_loaded_state() -> None:
+    """Whether the ranges are started is a host flag (no device read per step), read again after
+    every load_state_dict: a state from before the phase (zeros) un-starts them, one from inside it
+    starts them in a fresh quantizer."""
+    options = dict(min_size=0, group_size=8, scale="channel", learn_ranges=True, exclude=["*.bias"])
+    model = _model()
+    q = DiffQuantizer(model, **options)
+    before = copy.deepcopy(model.state_dict())
+    q.straight_through = True
+    inside = copy.deepcopy(model.state_dict())
+    assert all(q.learned_ranges(qp) is not None for qp in q.quantized_params())
+    model.load_state_dict(before)
+    assert all(q.learned_ranges(qp) is None for qp in q.quantized_params())
+    fresh = _model()
+    q2 = DiffQuantizer(fresh, **options)
+    fresh.load_state_dict(inside)
+    for qp, theirs in zip(q2.quantized_params(), q.quantized_params()):
+        assert torch.equal(q2.learned_ranges(qp), inside[theirs.name.replace("weight", "weight_range_diffq")])
+
+
+def test_coverage_says_when_the_rows_are_not_output_channels() -> None:
+    """A transposed convolution (like GPT-2's Conv1D) stores its output channels on axis 1: the
+    per-row ranges are reported as rows of the stored weight, not as output channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(8, 16, 8), nn.Linear(16, 8))
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", exclude=["*.bias"])
+    rows = {r.name: r.format for r in q.coverage().rows}
+    assert rows["0.weight"].endswith("a float16 range per row of the stored weight (its output channels lie on another axis)")
+    assert rows["1.weight"].endswith("a float16 range per channel")

@@ -16,6 +16,8 @@ from qat_lightning import DiffQuantizer
 from qat_lightning.export.packing import load_quantized, pack_uint, quantize_state_dict, read_quantized, save_quantized, unpack_uint
 from qat_lightning.demo import MLP
 
+from .helpers import set_widths
+
 
 @pytest.mark.parametrize("width", range(1, 16))
 def test_pack_unpack_every_width(width: int) -> None:
@@ -26,20 +28,11 @@ def test_pack_unpack_every_width(width: int) -> None:
     assert torch.equal(unpack_uint(packed, width, 1001), values)
 
 
-def _set_widths(quantizer: DiffQuantizer, widths: list[int]) -> None:
-    """Force the rounded bits of the groups, cycling through ``widths``."""
-    with torch.no_grad():
-        for qp in quantizer.quantized_params():
-            target = torch.tensor(widths, dtype=torch.float32).repeat(qp.logit.numel() // len(widths) + 1)[: qp.logit.numel()]
-            t = ((target - quantizer.min_bits) / (quantizer.max_bits - quantizer.min_bits)).clamp(1e-6, 1 - 1e-6)
-            qp.logit.copy_(torch.log(t / (1 - t)))
-
-
 def _mixed_model(group_size: int, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, DiffQuantizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 64)).to(dtype)
     quantizer = DiffQuantizer(model, group_size=group_size, min_size=0, min_bits=0.6, max_bits=15, init_bits=8)
-    _set_widths(quantizer, list(range(1, 16)))
+    set_widths(quantizer, list(range(1, 16)))
     return model, quantizer
 
 
@@ -66,7 +59,7 @@ def test_round_trip_is_bit_exact_for_every_width(group_size: int, tmp_path: Path
         assert torch.equal(loaded, quantizer.quantized_weight(qp)), qp.name
         _assert_within_half_a_step(loaded, qp.param, quantizer.true_bits(qp))
     if group_size == 0:  # and a whole tensor at 15 bits (the reference drops 15-bit groups)
-        _set_widths(quantizer, [15])
+        set_widths(quantizer, [15])
         save_quantized(quantizer, tmp_path / "m15.safetensors")
         load_quantized(tmp_path / "m15.safetensors", plain)
         for qp in quantizer.quantized_params():

@@ -227,9 +227,10 @@ class DiffQ(QuantizationCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         quantizer = self._require_quantizer()
-        for qp in quantizer.quantized_params():  # ranges not started yet: their zero gradient is no step
-            if qp.ranges is not None and qp.ranges.grad is not None and quantizer.learned_ranges(qp) is None:
-                qp.ranges.grad = None
+        if self.config.learn_ranges:  # ranges not started yet: their zero gradient is no step
+            for qp in quantizer.quantized_params():
+                if qp.ranges.grad is not None and quantizer.learned_ranges(qp) is None:
+                    qp.ranges.grad = None
         if optimizer is not self._bits_optimizer:
             return
         if quantizer.straight_through:  # bits frozen: no gradient, no penalty (Adam skips them)

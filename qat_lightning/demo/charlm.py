@@ -49,7 +49,8 @@ class PydocCharsDataModule(pl.LightningDataModule):
         self.val_windows = check_number("val_windows", val_windows, low=1, integer=True)
         self.test_windows = check_number("test_windows", test_windows, low=1, integer=True)
         self.seed = check_number("seed", seed, low=0, integer=True)
-        self._shuffle = torch.Generator().manual_seed(seed)  # one stream: a second fit (after pretraining) sees new batches
+        # one stream over fits: a fit after pretraining sees new batches (its state can be saved and restored)
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
         text = pydoc_text()
         self.alphabet = sorted(set(text))
         index = {c: i for i, c in enumerate(self.alphabet)}
@@ -65,7 +66,7 @@ class PydocCharsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         windows = CharWindows(self._split("train"), self.context, self.train_windows, self.seed)
-        return DataLoader(windows, batch_size=self.batch_size, shuffle=True, generator=self._shuffle)
+        return DataLoader(windows, batch_size=self.batch_size, shuffle=True, generator=self.shuffle_generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(CharWindows(self._split("val"), self.context, self.val_windows, self.seed + 1), batch_size=self.batch_size)

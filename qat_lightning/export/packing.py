@@ -144,10 +144,10 @@ class QuantizedTensor:
         return grid_dequantize(self.levels, self.min.reshape(-1), self.max.reshape(-1), self.group_bits, self.block, dtype=self.dtype).view(self.shape)
 
 
-def _quantize(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None,
-              aliases: list[str], search: int = 0, ranges: torch.Tensor | None = None) -> QuantizedTensor:  # fmt: skip
-    learned = None if ranges is None or not ranges_started(ranges) else (ranges[0], ranges[1])
-    levels, mn, mx = grid_quantize(p, bits, group_size, block, scale_dtype, search, ranges=learned)
+def _packed(p: torch.Tensor, bits: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor], aliases: list[str],
+            block: int, scale_dtype: torch.dtype | None) -> QuantizedTensor:  # fmt: skip
+    """A :class:`QuantizedTensor` on the CPU from ``grid = (levels, min, max)`` of ``p``."""
+    levels, mn, mx = grid
     return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype)
 
 
@@ -158,9 +158,7 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
         names = [slot.qualified_name for slot in qp.slots]
         bits = quantizer.true_bits(qp).to(torch.int64)
         p = qp.param.detach()
-        levels, mn, mx = quantizer.grid_levels(qp, p, bits)
-        result[names[0]] = QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, names[1:],
-                                           qp.range_block, qp.scale_dtype)  # fmt: skip
+        result[names[0]] = _packed(p, bits, quantizer.grid_levels(qp, p, bits), names[1:], qp.range_block, qp.scale_dtype)
     return result
 
 
@@ -516,8 +514,10 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         block, _ = range_block(tuple(p.shape), formulas.scale, formulas.scale_group_size)
         scale_dtype = None if formulas.scale == "tensor" else SCALE_DTYPES[formulas.scale_dtype]
         ranges = state.get(name + "_range" + suffix)  # learned ranges (learn_ranges), zeros until started
-        quantized[name] = _quantize(p, bits, group_size, block, scale_dtype, [], formulas.range_search,
-                                    None if ranges is None else ranges.detach().cpu().float())  # fmt: skip
+        learned = None if ranges is None or not ranges_started(ranges) else ranges.detach().cpu().float()
+        grid = grid_quantize(p, bits, group_size, block, scale_dtype, formulas.range_search,
+                             ranges=None if learned is None else (learned[0], learned[1]))  # fmt: skip
+        quantized[name] = _packed(p, bits, grid, [], block, scale_dtype)
         owners[p.untyped_storage().data_ptr()] = name
     floats, half = {}, set()
     threshold = formulas.min_size * 2**20 / 4

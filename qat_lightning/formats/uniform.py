@@ -108,10 +108,8 @@ def block_range(p: torch.Tensor, block: int, scale_dtype: torch.dtype | None = N
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
     """``x`` rounded to ``dtype`` towards -inf (``down``) or +inf, returned in ``x``'s dtype."""
     near = x.to(dtype)
-    wrong = near.to(x.dtype) > x if down else near.to(x.dtype) < x
-    if wrong.any():
-        near = torch.where(wrong, torch.nextafter(near, torch.full_like(near, -math.inf if down else math.inf)), near)
-    return near.to(x.dtype)
+    wrong = near.to(x.dtype) > x if down else near.to(x.dtype) < x  # no host sync: one where over the blocks
+    return torch.where(wrong, torch.nextafter(near, torch.full_like(near, -math.inf if down else math.inf)), near).to(x.dtype)
 
 
 def grid_quantize(
@@ -135,21 +133,18 @@ def grid_quantize(
     numel = p.numel()
     groups = numel // group_size
     bits = bits.reshape(groups)
-    if ranges is not None:
-        cell = cell_size(group_size, block)
-        mn, mx = (r.detach().to(compute_dtype(p.dtype)) for r in ranges)
-        if scale_dtype is not None:
-            mn, mx = mn.to(scale_dtype).to(mn.dtype), mx.to(scale_dtype).to(mx.dtype)
-        top = per_cell(2 ** bits.to(mn.dtype) - 1, group_size, cell)[:, None]
-        x = p.detach().to(compute_dtype(p.dtype)).reshape(-1, cell)
-        return _levels(x, mn, mx, top, block, cell).to(torch.int16).reshape(groups, group_size), mn, mx
-    if block == numel and scale_dtype is None and not search:
+    if block == numel and scale_dtype is None and not search and ranges is None:
         levels, mn, mx = uniform_quantize(p.reshape(groups, group_size), bits[:, None])
         return levels, mn.reshape(1), mx.reshape(1)
     cell = cell_size(group_size, block)
     x = p.detach().to(compute_dtype(p.dtype)).reshape(-1, cell)
-    mn, mx = block_range(p, block, scale_dtype)
     top = per_cell(2 ** bits.to(x.dtype) - 1, group_size, cell)[:, None]
+    if ranges is not None:
+        mn, mx = (r.detach().to(x.dtype) for r in ranges)
+        if scale_dtype is not None:
+            mn, mx = mn.to(scale_dtype).to(x.dtype), mx.to(scale_dtype).to(x.dtype)
+        return _levels(x, mn, mx, top, block, cell).to(torch.int16).reshape(groups, group_size), mn, mx
+    mn, mx = block_range(p, block, scale_dtype)
     levels = _levels(x, mn, mx, top, block, cell)
     if search:
         error = _block_error(x, levels, mn, mx, top, block, cell)

@@ -25,7 +25,7 @@ from .diffq_size import MAX_QUANT_BITS, MEGABYTE_BITS, DiffQSize
 from .noise import inject_noise
 from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
-from ..layers import direct_readers
+from ..layers import direct_readers, layer_weights
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
 from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, learned_grid_fake_quantize,
                                per_cell, range_block, tensor_range)  # fmt: skip
@@ -187,6 +187,9 @@ class DiffQuantizer:
             hook = lambda m, state, prefix, meta, slots=slots: self._float_state_dict(state, prefix, slots)  # noqa: E731
             self._handles.append(module.register_state_dict_post_hook(hook))
         for qp in self._qparams:
+            if qp.ranges is not None:  # a loaded state may hold started ranges or zeros: read them again once
+                hook = lambda module, keys, qp=qp: setattr(qp, "_ranges_ready", None)  # noqa: E731
+                self._handles.append(qp.slots[0].module.register_load_state_dict_post_hook(hook))
             for tensor in (qp.param, qp.logit):
                 if tensor.requires_grad:  # after backward the noisy tensor's graph is spent: draw anew
                     self._handles.append(tensor.register_post_accumulate_grad_hook(lambda _, qp=qp: self._backward_done(qp)))
@@ -275,6 +278,10 @@ class DiffQuantizer:
                 f"range within one bit group; pick a group_size that divides {block} or a multiple of it, or exclude it "
                 f"with exclude=[{qualified!r}]"
             )
+        if not note and self.scale != "tensor" and layer_weights(slot.module).get(slot.attr, 0) != 0:
+            # GPT-2's Conv1D, transposed convolutions: the stored rows are input channels
+            where = "row" if self.scale == "channel" else f"{block} entries of a row"
+            note = f"a {self.scale_dtype} range per {where} of the stored weight (its output channels lie on another axis)"
         if note:
             self._grid_notes[id(param)] = note
         logit = nn.Parameter(torch.full((param.numel() // group_size,), self._bits.init_logit(self.init_bits), dtype=torch.float32, device=param.device))
@@ -499,11 +506,9 @@ class DiffQuantizer:
         ranges = qp.ranges
         if ranges is None:
             return None
-        if torch.compiler.is_compiling():
-            return ranges if qp._ranges_ready[1] else None
-        if qp._ranges_ready[0] != ranges._version:  # a load_state_dict / an optimizer step bumped it
-            qp._ranges_ready = (ranges._version, ranges_started(ranges))
-        return ranges if qp._ranges_ready[1] else None
+        if qp._ranges_ready is None and not torch.compiler.is_compiling():  # once, and after each load_state_dict
+            qp._ranges_ready = ranges_started(ranges)
+        return ranges if qp._ranges_ready else None
 
     @torch.no_grad()
     def _start_learned_ranges(self) -> None:
@@ -513,7 +518,7 @@ class DiffQuantizer:
                 _, mn, mx = grid_quantize(qp.param.detach(), self.true_bits(qp), qp.group_size, qp.range_block, qp.scale_dtype,
                                           qp.range_search)  # fmt: skip
                 qp.ranges.copy_(torch.stack([mn, mx]).float())
-                qp._ranges_ready = (qp.ranges._version, True)  # a host flag compiled forwards read
+                qp._ranges_ready = True  # a host flag: no device read per step, compiled forwards read it too
 
     def new_noise(self) -> None:
         """Draw fresh noise at the next training forward.

@@ -20,7 +20,7 @@ class QuantizedParam(SwappedParam):
     scale_dtype: torch.dtype | None = None  # where the ranges are stored; None: the reference's exact fp32
     range_search: int = 0  # clipping candidates tried per range block at true quantization
     ranges: nn.Parameter | None = None  # learned [min, max] per block (learn_ranges), zeros until started
-    _ranges_ready: tuple[int, bool] = (-1, False)  # (version, finite) of ranges
+    _ranges_ready: bool | None = None  # whether ranges are started; None: read them (at first use, after a load)
     _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
     _eval: tuple[torch.Tensor, int, int] | None = None
     _buffer: torch.Tensor | None = None  # the last noisy weight, refilled in place once free
