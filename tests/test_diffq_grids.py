@@ -2,6 +2,7 @@
 stored in fp16 / bf16 / fp32, with the learned bits per group as on the reference grid."""
 import copy
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -576,3 +577,164 @@ def test_coverage_says_when_the_rows_are_not_output_channels() -> None:
     rows = {r.name: r.format for r in q.coverage().rows}
     assert rows["0.weight"].endswith("a float16 range per row of the stored weight (its output channels lie on another axis)")
     assert rows["1.weight"].endswith("a float16 range per channel")
+
+
+# -------------------------------------------------------------------------------- symmetric ranges
+def test_symmetric_grid_by_hand() -> None:
+    """Row 0: largest magnitude 3 -> [-3, 3] at 2 bits (step 2): 0.3 -> 1.65 -> 2, 0.9 -> 1.95 -> 2,
+    2.1 -> 2.55 -> 3, 3 -> 3; row 1: m = 1 (the -1) -> [-1, 1] at 1 bit (step 2): -1 -> 0, -0.4 -> 0.3
+    -> 0, 0.2 -> 0.6 -> 1, 0.5 -> 0.75 -> 1."""
+    p = torch.tensor([[0.3, 0.9, 2.1, 3.0], [-1.0, -0.4, 0.2, 0.5]])
+    bits = torch.tensor([2.0, 1.0])
+    levels, mn, mx = grid_quantize(p, bits, group_size=4, block=4, scale_dtype=torch.float32, symmetric=True)
+    assert mn.tolist() == [-3.0, -1.0] and mx.tolist() == [3.0, 1.0]
+    assert levels.tolist() == [[2, 2, 3, 3], [0, 0, 1, 1]]
+    back = grid_dequantize(levels, mn, mx, bits, block=4).view(2, 4)
+    assert torch.equal(back, torch.tensor([[1.0, 1.0, 3.0, 3.0], [-1.0, -1.0, 1.0, 1.0]]))
+    # fp16 storage: m rounded up (0.1 is not a float16), the ends exact negatives of each other
+    _, mn, mx = grid_quantize(torch.tensor([0.1, -0.05]), torch.tensor([3.0]), 2, 2, torch.float16, symmetric=True)
+    assert mx.item() > 0.1 and mx.to(torch.float16).float() == mx and torch.equal(mn, -mx)
+    assert mx.item() == torch.tensor(0.1).to(torch.float16).nextafter(torch.tensor(1.0, dtype=torch.float16)).item()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=str)
+def test_symmetric_clipping_search_against_a_brute_force(scale_dtype: torch.dtype) -> None:
+    """The search shrinks m (ranges stay [-m, m]) and keeps each block's least squared error."""
+    from qat_lightning.formats.uniform import clip_ratios
+
+    torch.manual_seed(2)
+    p = torch.randn(16, 64) + 0.5  # off-centre rows: symmetric ranges waste part of the grid
+    p[::3, 5] *= 10
+    bits = torch.randint(2, 6, (p.numel() // 16,)).float()
+    levels, mn, mx = grid_quantize(p, bits, 16, 64, scale_dtype, search=6, symmetric=True)
+    assert torch.equal(mn, -mx)
+    for row in range(16):
+        w, top = p[row], (2 ** bits[row * 4 : row * 4 + 4] - 1).repeat_interleave(16)
+        best = None
+        for ratio in clip_ratios(6):
+            m = w.abs().max() * ratio
+            m = m.to(scale_dtype).float() if m.to(scale_dtype).float() >= m else m.to(scale_dtype).nextafter(torch.tensor(math.inf, dtype=scale_dtype)).float()
+            q = torch.minimum(((w + m) / (2 * m) * top).round().clamp(min=0), top) * ((1 / top) * (2 * m)) - m
+            e = (q - w).square().sum()
+            if best is None or e < best[0]:
+                best = (e, m)
+        assert mx[row] == best[1], row
+    m, peak = grid_quantize(p, bits, 16, 64, scale_dtype, symmetric=True)[2], p.abs().amax(1)  # no search: the smallest m >= peak
+    below = m.to(scale_dtype).nextafter(torch.zeros_like(m, dtype=scale_dtype)).float()
+    assert torch.equal(m.to(scale_dtype).float(), m) and (m >= peak).all() and (below < peak).all()
+
+
+def _symmetric(model: nn.Module, **options) -> DiffQuantizer:
+    return DiffQuantizer(model, min_size=0, group_size=8, scale="channel", symmetric_ranges=True, exclude=["*.bias"], init_bits=4, **options)
+
+
+def test_symmetric_size_counts_one_value_per_range_and_the_file_matches(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    q = _symmetric(_model())
+    set_widths(q, [4])
+    # per tensor: 4 bits x entries + 2 bits per group of 8 + one fp16 m per row + 8
+    expected = sum(4 * n + 2 * (n // 8) + rows * 16 + 8 for n, rows in [(64 * 96, 96), (96 * 32, 32)]) + 32 * (96 + 32)
+    assert q.true_model_size() == expected / MB
+    asymmetric = DiffQuantizer(_model(), min_size=0, group_size=8, scale="channel", exclude=["*.bias"], init_bits=4)
+    set_widths(asymmetric, [4])
+    assert asymmetric.stored_bits() - q.stored_bits() == pytest.approx(16 * (96 + 32) / (64 * 96 + 96 * 32), rel=1e-12)
+    path = tmp_path / "m.safetensors"
+    size = save_quantized(q, path)
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    stored = sum(n * 4 // 8 + rows * 2 + rows * 4 for n, rows in [(64 * 96, 96), (96 * 32, 32)])  # levels, one fp16 m per row, fp32 biases
+    assert size - 8 - header == stored
+    with safe_open(str(path), framework="pt") as f:
+        ranges = f.get_tensor("0.weight::range")
+    qp = q.quantized_params()[0]
+    _, mn, mx = q.grid_levels(qp, qp.param.detach(), q.true_bits(qp))
+    assert ranges.shape == (1, 96) and ranges.dtype == torch.float16 and torch.equal(ranges[0].float(), mx) and torch.equal(mn, -mx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_symmetric_packed_round_trip_is_bit_exact(dtype: torch.dtype, tmp_path: Path) -> None:
+    model = _model().to(dtype)
+    q = DiffQuantizer(model, min_size=0, group_size=4, scale="group", scale_group_size=16, symmetric_ranges=True, range_search=3,
+                      min_bits=0.6)  # fmt: skip
+    set_widths(q, list(range(1, 16)))
+    save_quantized(q, tmp_path / "m.safetensors")
+    state = read_quantized(tmp_path / "m.safetensors")
+    for qp in q.quantized_params():
+        assert state[qp.name].dtype == dtype and torch.equal(state[qp.name], q.quantized_weight(qp)), qp.name
+    plain = _model().to(dtype)
+    load_quantized(tmp_path / "m.safetensors", plain)
+    expected = quantize_state_dict(q)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_symmetric_file_with_a_negative_m_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .test_packing import _resigned
+
+    save_quantized(_symmetric(_model()), tmp_path / "m.safetensors")
+    assert load_file(str(tmp_path / "m.safetensors"))["0.weight::range"].shape == (1, 96)
+
+    def negative(tensors: dict) -> None:
+        tensors["0.weight::range"] = -tensors["0.weight::range"]
+
+    bad = _resigned(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", None, negative)
+    with pytest.raises(ValueError, match=r"symmetric grid must hold finite m >= 0"):
+        read_quantized(bad)
+
+    def asymmetric(layout: dict) -> None:
+        layout["0.weight"]["symmetric"] = False
+
+    with pytest.raises(ValueError, match=re.escape("'symmetric' and 'shape' imply (2, 96)")):
+        read_quantized(_resigned(tmp_path / "m.safetensors", tmp_path / "bad2.safetensors", asymmetric))
+
+
+def test_symmetric_noise_scale_is_the_symmetric_step() -> None:
+    """The training noise follows the true grid: per entry unit(bits) x 2 m x half."""
+    q = _symmetric(_model())
+    qp = q.quantized_params()[0]
+    p = qp.param.detach()
+    unit = torch.rand(p.numel() // 8) + 0.1
+    std = q._noise_std(qp, p, unit, 0.5)
+    m = p.abs().amax(1)
+    assert torch.allclose(std.reshape(96, 8), unit.reshape(96, 8) * m[:, None], rtol=1e-6, atol=0)
+    assert not torch.allclose(std.reshape(96, 8), unit.reshape(96, 8) * ((p.amax(1) - p.amin(1)) / 2)[:, None], rtol=1e-3)
+
+
+def test_symmetric_learned_ranges_start_train_and_reload(tmp_path: Path) -> None:
+    from qat_lightning.export.packing import quantized_from_checkpoint
+
+    model = _model()
+    options = dict(min_size=0, group_size=8, scale="channel", symmetric_ranges=True, range_search=4, learn_ranges=True,
+                   exclude=["*.bias"], init_bits=3)  # fmt: skip
+    q = DiffQuantizer(model, **options)
+    assert [tuple(qp.ranges.shape) for qp in q.quantized_params()] == [(1, 96), (1, 32)]
+    before = [q.quantized_weight(qp) for qp in q.quantized_params()]
+    q.straight_through = True  # started from the searched m: the same quantized weights
+    for qp, value in zip(q.quantized_params(), before):
+        assert (qp.ranges > 0).all() and torch.equal(q.quantized_weight(qp), value)
+    model.train()
+    model(torch.randn(4, 64)).square().sum().backward()
+    assert all(qp.ranges.grad is not None and qp.ranges.grad.abs().sum() > 0 for qp in q.quantized_params())
+    with torch.no_grad():
+        for qp in q.quantized_params():
+            qp.ranges.mul_(0.8)
+    changed = [q.quantized_weight(qp) for qp in q.quantized_params()]
+    assert not torch.equal(changed[0], before[0])
+    lv, mn, mx = q.grid_levels(q.quantized_params()[0], q.quantized_params()[0].param.detach(), q.true_bits(q.quantized_params()[0]))
+    assert torch.equal(mn, -mx) and torch.equal(mx, q.quantized_params()[0].ranges[0].detach().half().float())
+    save_quantized(q, tmp_path / "m.safetensors")
+    state = read_quantized(tmp_path / "m.safetensors")
+    _, rebuilt, _ = quantized_from_checkpoint(dict(model.state_dict()), options)
+    for qp, value in zip(q.quantized_params(), changed):
+        assert torch.equal(state[qp.name], value) and torch.equal(rebuilt[qp.name].dequantize(), value), qp.name
+
+
+def test_symmetric_ranges_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"symmetric_ranges=True needs scale='channel' or 'group'"):
+        DiffQuantizer(_model(), symmetric_ranges=True)
+    with pytest.raises(ValueError, match="symmetric_ranges"):
+        DiffQuantizer(_model(), scale="channel", symmetric_ranges="yes")
+    rows = {r.name: r.format for r in _symmetric(_model()).coverage().rows}
+    assert rows["0.weight"].endswith("a float16 symmetric range [-m, m] per channel")

@@ -352,6 +352,8 @@ MALFORMED = {
     "range of another dtype": (_set("mid.weight", "range_dtype", "float64"), None, "fields 'range_dtype', 'range_block'"),
     "range dtype unknown": (_set("mid.weight", "range_dtype", "int8"), None, "field 'range_dtype'"),
     "range block not dividing": (_set("mid.weight", "range_block", 7), None, "field 'range_block'"),
+    "symmetric not a bool": (_set("mid.weight", "symmetric", "yes"), None, "field 'symmetric' must be true or false"),
+    "symmetric with a min and a max": (_set("mid.weight", "symmetric", True), None, "imply (1, 1)"),
     "stored as int8": (_set("mid.bias", "stored", "int8"), None, "field 'stored'"),
     "tensor shape": (_set("mid.bias", "shape", [17]), None, "fields 'stored' and 'shape'"),
     "alias not a name": (_set("embed.weight", "aliases", [3]), None, "field 'aliases'"),
@@ -361,7 +363,7 @@ MALFORMED = {
     "NaN range": (None, _tensor("mid.weight::range", lambda t: torch.tensor([[float("nan")], [1.0]])), "finite"),
     "Inf range": (None, _tensor("mid.weight::range", lambda t: torch.tensor([[0.0], [float("inf")]])), "finite"),
     "min above max": (None, _tensor("mid.weight::range", lambda t: t.flip(0)), "min <= max"),
-    "fp64 range for fp32": (None, _tensor("mid.weight::range", lambda t: t.double()), "fields 'range_dtype', 'range_block' and 'shape' imply torch.float32"),
+    "fp64 range for fp32": (None, _tensor("mid.weight::range", lambda t: t.double()), "fields 'range_dtype', 'range_block', 'symmetric' and 'shape' imply torch.float32"),
     "range of two blocks for one": (None, _tensor("mid.weight::range", lambda t: t.repeat(1, 2)), "imply (2, 1)"),
     "levels truncated": (None, _tensor("mid.weight::levels", lambda t: t[:-1]), "bytes of levels"),
     "widths missing": (None, lambda tensors: tensors.pop("mid.weight::bits"), "'mid.weight::bits' is missing"),
@@ -382,7 +384,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-FIELDS = ["kind", "shape", "dtype", "groups", "group_size", "min_bits", "bits_bits", "aliases", "stored"]
+FIELDS = ["kind", "shape", "dtype", "groups", "group_size", "min_bits", "bits_bits", "aliases", "stored", "symmetric"]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3),

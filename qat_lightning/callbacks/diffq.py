@@ -71,6 +71,7 @@ class DiffQ(QuantizationCallback):
         scale: str = "tensor",
         scale_group_size: int = 32,
         scale_dtype: str = "float16",
+        symmetric_ranges: bool = False,
         range_search: int = 0,
         learn_ranges: bool = False,
         min_bits: float = 2,
@@ -123,7 +124,7 @@ class DiffQ(QuantizationCallback):
     # ----------------------------------------------------------------------------- structure
     # options that define the quantized tensors: a checkpoint must be resumed / evaluated with the same
     STRUCTURAL_OPTIONS = ("min_size", "float16", "group_size", "scale", "scale_group_size", "scale_dtype",
-                          "range_search", "learn_ranges", "min_bits", "max_bits", "param", "extra_bits", "suffix",
+                          "symmetric_ranges", "range_search", "learn_ranges", "min_bits", "max_bits", "param", "extra_bits", "suffix",
                           "exclude", "include", "detect_bound")  # fmt: skip
     order = 10
     supports_fsdp2 = True

@@ -8,11 +8,11 @@ Layout of a file written by :func:`save_quantized`:
   packed at ``ceil(log2(1 + max - min))`` bits) and ``<name>::range`` (``[[min...], [max...]]``,
   one column per range block of ``range_block`` contiguous entries: one for the reference grid, in
   float32 (float64 for float64 parameters); per channel or group in the quantizer's
-  ``scale_dtype``); every other parameter and buffer as itself (fp16 where the quantizer keeps it
-  in fp16).
+  ``scale_dtype``; ``[[m...]]`` where the layout says ``symmetric``: ranges ``[-m, m]``); every
+  other parameter and buffer as itself (fp16 where the quantizer keeps it in fp16).
 * metadata (the safetensors JSON header): ``format``, ``version``, ``layout`` (JSON: per name its
-  kind, shape, dtype, stored dtype, group size, widths, range block and dtype, aliases of tied
-  parameters), any extra
+  kind, shape, dtype, stored dtype, group size, widths, range block, dtype and symmetry, aliases of
+  tied parameters; a version-3 file without ``symmetric`` has a min and a max), any extra
   metadata, and ``sha256`` over all of that and every tensor's name, dtype, shape and bytes, so a
   tampered or corrupted file is refused.
 
@@ -40,7 +40,7 @@ from torch import nn
 from ..quantizers.diffq import DiffQuantizer, ranges_started
 from ..quantizers.diffq_records import KeptParam
 from ..quantizers.swap import full_tensor
-from ..formats.uniform import SCALE_DTYPES, compute_dtype, grid_dequantize, grid_quantize, range_block
+from ..formats.uniform import SCALE_DTYPES, compute_dtype, grid_dequantize, grid_quantize, range_block, range_ends
 
 FORMAT = "qat_lightning.packed"
 VERSION = 3  # 3: a range per block (channel / group grids); version 2 files (one range per tensor) still read
@@ -135,6 +135,7 @@ class QuantizedTensor:
     aliases: list[str] = field(default_factory=list)
     range_block: int = 0  # entries per range; 0: the whole tensor
     scale_dtype: torch.dtype | None = None  # None: stored in compute_dtype(dtype), the reference grid
+    symmetric: bool = False  # every range is [-m, m]: only m is stored
 
     @property
     def block(self) -> int:
@@ -145,10 +146,10 @@ class QuantizedTensor:
 
 
 def _packed(p: torch.Tensor, bits: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor], aliases: list[str],
-            block: int, scale_dtype: torch.dtype | None) -> QuantizedTensor:  # fmt: skip
+            block: int, scale_dtype: torch.dtype | None, symmetric: bool = False) -> QuantizedTensor:  # fmt: skip
     """A :class:`QuantizedTensor` on the CPU from ``grid = (levels, min, max)`` of ``p``."""
     levels, mn, mx = grid
-    return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype)
+    return QuantizedTensor(levels.cpu(), bits.cpu(), mn.cpu(), mx.cpu(), tuple(p.shape), p.dtype, aliases, block, scale_dtype, symmetric)
 
 
 def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
@@ -158,7 +159,8 @@ def quantized_tensors(quantizer: DiffQuantizer) -> dict[str, QuantizedTensor]:
         names = [slot.qualified_name for slot in qp.slots]
         bits = quantizer.true_bits(qp).to(torch.int64)
         p = qp.param.detach()
-        result[names[0]] = _packed(p, bits, quantizer.grid_levels(qp, p, bits), names[1:], qp.range_block, qp.scale_dtype)
+        result[names[0]] = _packed(p, bits, quantizer.grid_levels(qp, p, bits), names[1:], qp.range_block, qp.scale_dtype,
+                                    qp.symmetric)
     return result
 
 
@@ -233,11 +235,14 @@ def write_packed(
         tensors[f"{name}::levels"] = pack_levels(q.levels, q.group_bits)
         tensors[f"{name}::bits"] = pack_uint(q.group_bits - low, bits_bits)
         range_dtype = q.scale_dtype or compute_dtype(q.dtype)
-        tensors[f"{name}::range"] = torch.stack([q.min.reshape(-1), q.max.reshape(-1)]).to(range_dtype)
+        ends = [q.max.reshape(-1)] if q.symmetric else [q.min.reshape(-1), q.max.reshape(-1)]
+        if q.symmetric and not torch.equal(q.min.reshape(-1), -q.max.reshape(-1)):
+            raise ValueError(f"not writing {path}: quantized tensor {name!r} is marked symmetric but its ranges are not [-m, m]")
+        tensors[f"{name}::range"] = torch.stack(ends).to(range_dtype)
         layout[name] = {"kind": "quantized", "shape": list(q.shape), "dtype": _dtype_name(q.dtype),
                         "groups": q.group_bits.numel(), "group_size": q.levels.shape[1], "min_bits": low,
                         "bits_bits": bits_bits, "range_block": q.block, "range_dtype": _dtype_name(range_dtype),
-                        "aliases": list(q.aliases)}  # fmt: skip
+                        "symmetric": q.symmetric, "aliases": list(q.aliases)}  # fmt: skip
     for name, t in floats.items():
         stored = t.half() if name in half and t.is_floating_point() else t
         tensors[name] = stored.contiguous()
@@ -427,8 +432,16 @@ def _plan_quantized(name: str, entry: Mapping[str, Any], tensors: Mapping[str, t
             raise _LayoutError(f"layout of {name!r}: field 'range_block' {block} must divide the {numel} entries and nest with "
                                f"field 'group_size' {group_size} (one divides the other)")  # fmt: skip
         range_dtype = _dtype(entry, name, "range_dtype", {**SCALE_DTYPES, "float64": torch.float64})
-        value_range = _stored(tensors, name, f"{name}::range", range_dtype, (2, numel // block),
-                              implied_by="fields 'range_dtype', 'range_block' and 'shape'")  # fmt: skip
+        symmetric = entry.get("symmetric", False)  # absent in the first version-3 files: a min and a max
+        if not isinstance(symmetric, bool):
+            raise _LayoutError(f"layout of {name!r}: field 'symmetric' must be true or false; got {symmetric!r}")
+        value_range = _stored(tensors, name, f"{name}::range", range_dtype, (1 if symmetric else 2, numel // block),
+                              implied_by="fields 'range_dtype', 'range_block', 'symmetric' and 'shape'")  # fmt: skip
+        if symmetric:
+            if not torch.isfinite(value_range).all() or (value_range < 0).any():
+                raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' of a symmetric grid must hold finite m >= 0 "
+                                   f"(ranges [-m, m]); got {value_range[:, :4].tolist()}")  # fmt: skip
+            value_range = torch.cat([-value_range, value_range])
     if not torch.isfinite(value_range).all() or (value_range[0] > value_range[1]).any():
         raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' must hold finite [min, max] pairs with min <= max; "
                            f"got {value_range[:, :4].tolist()}")  # fmt: skip
@@ -515,9 +528,10 @@ def quantized_from_checkpoint(state: dict[str, torch.Tensor], config: dict[str, 
         scale_dtype = None if formulas.scale == "tensor" else SCALE_DTYPES[formulas.scale_dtype]
         ranges = state.get(name + "_range" + suffix)  # learned ranges (learn_ranges), zeros until started
         learned = None if ranges is None or not ranges_started(ranges) else ranges.detach().cpu().float()
+        symmetric = formulas.symmetric_ranges
         grid = grid_quantize(p, bits, group_size, block, scale_dtype, formulas.range_search,
-                             ranges=None if learned is None else (learned[0], learned[1]))  # fmt: skip
-        quantized[name] = _packed(p, bits, grid, [], block, scale_dtype)
+                             ranges=None if learned is None else range_ends(learned, symmetric), symmetric=symmetric)  # fmt: skip
+        quantized[name] = _packed(p, bits, grid, [], block, scale_dtype, symmetric)
         owners[p.untyped_storage().data_ptr()] = name
     floats, half = {}, set()
     threshold = formulas.min_size * 2**20 / 4

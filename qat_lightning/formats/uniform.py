@@ -94,15 +94,29 @@ def per_cell(values: torch.Tensor, unit: int, cell: int) -> torch.Tensor:
     return values if unit == cell else values.repeat_interleave(unit // cell)
 
 
-def block_range(p: torch.Tensor, block: int, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_range(
+    p: torch.Tensor, block: int, scale_dtype: torch.dtype | None = None, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(min, max)`` of each block of ``block`` contiguous entries of ``p`` (flattened), in
     :func:`compute_dtype`; with ``scale_dtype`` (where they are stored) the nearest values of that
     dtype outside them, so that the stored range still holds the whole block (rounding to nearest
-    can swap the ends of a narrow block: bfloat16 keeps 8 bits)."""
+    can swap the ends of a narrow block: bfloat16 keeps 8 bits). ``symmetric``: ``(-m, m)`` with
+    ``m`` the block's largest magnitude (rounded up), one stored value per block."""
     mn, mx = torch.aminmax(p.detach().reshape(-1, block).to(compute_dtype(p.dtype)), dim=1)
+    if symmetric:
+        mx = torch.maximum(mx, -mn)
+        if scale_dtype is not None:
+            mx = _round_outward(mx, scale_dtype, down=False)
+        return -mx, mx
     if scale_dtype is not None:
         mn, mx = _round_outward(mn, scale_dtype, down=True), _round_outward(mx, scale_dtype, down=False)
     return mn, mx
+
+
+def range_ends(stored: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` per block from stored ranges: rows ``[min, max]``, or one row ``[m]`` of a
+    symmetric grid (``[-m, m]``)."""
+    return (-stored[0], stored[0]) if symmetric else (stored[0], stored[1])
 
 
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
@@ -114,7 +128,7 @@ def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Ten
 
 def grid_quantize(
     p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, scale_dtype: torch.dtype | None = None,
-    search: int = 0, ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+    search: int = 0, ranges: tuple[torch.Tensor, torch.Tensor] | None = None, symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Quantize ``p`` with one width per group of ``group_size`` entries (``bits``: one per group)
     and one range per block of ``block`` entries. Returns int16 levels ``(groups, group_size)`` and
@@ -129,11 +143,13 @@ def grid_quantize(
     error over the block is kept (ModelOpt's / AWQ's clipping search, at each group's own width).
 
     ``ranges``: given (learned) ``(min, max)`` per block instead, rounded to nearest in
-    ``scale_dtype``; entries beyond them take the end levels."""
+    ``scale_dtype``; entries beyond them take the end levels.
+
+    ``symmetric``: every range is ``[-m, m]`` (:func:`block_range`); the search shrinks ``m``."""
     numel = p.numel()
     groups = numel // group_size
     bits = bits.reshape(groups)
-    if block == numel and scale_dtype is None and not search and ranges is None:
+    if block == numel and scale_dtype is None and not search and ranges is None and not symmetric:
         levels, mn, mx = uniform_quantize(p.reshape(groups, group_size), bits[:, None])
         return levels, mn.reshape(1), mx.reshape(1)
     cell = cell_size(group_size, block)
@@ -144,12 +160,12 @@ def grid_quantize(
         if scale_dtype is not None:
             mn, mx = mn.to(scale_dtype).to(x.dtype), mx.to(scale_dtype).to(x.dtype)
         return _levels(x, mn, mx, top, block, cell).to(torch.int16).reshape(groups, group_size), mn, mx
-    mn, mx = block_range(p, block, scale_dtype)
+    mn, mx = block_range(p, block, scale_dtype, symmetric)
     levels = _levels(x, mn, mx, top, block, cell)
     if search:
         error = _block_error(x, levels, mn, mx, top, block, cell)
-        exact_mn, exact_mx = block_range(p, block) if scale_dtype is not None else (mn, mx)
-        centre, half = (exact_mn + exact_mx) / 2, (exact_mx - exact_mn) / 2  # shrunk from the block's own ends
+        exact_mn, exact_mx = block_range(p, block, symmetric=symmetric) if scale_dtype is not None else (mn, mx)
+        centre, half = (exact_mn + exact_mx) / 2, (exact_mx - exact_mn) / 2  # shrunk from the block's own ends (centre 0: symmetric)
         for ratio in clip_ratios(search)[1:]:
             lo, hi = centre - ratio * half, centre + ratio * half
             if scale_dtype is not None:

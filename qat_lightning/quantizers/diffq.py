@@ -28,7 +28,7 @@ from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers, layer_weights
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
 from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, learned_grid_fake_quantize,
-                               per_cell, range_block, tensor_range)  # fmt: skip
+                               per_cell, range_block, range_ends, tensor_range)  # fmt: skip
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
@@ -49,6 +49,9 @@ class DiffQConfig:
                                        "range (reported by coverage()); bit groups and ranges must nest")
     scale_dtype: str = option("float16", "storage of the channel / group ranges (counted in the size): 'float16', 'bfloat16' "
                                          "or 'float32'; the tensor grid keeps the reference's fp32")
+    symmetric_ranges: bool = option(False, "channel / group ranges symmetric about zero, [-m, m] with m the block's largest "
+                                           "magnitude: one stored value per block instead of a min and a max (half the "
+                                           "range overhead); needs scale='channel' or 'group'")
     range_search: int = option(0, "clipping search at true quantization: each range block also tries this many ranges "
                                   "shrunk about its centre (down to half) and keeps the one of least squared error "
                                   "(0 .. 64; 0: the min / max range, the reference)")
@@ -76,6 +79,10 @@ class DiffQConfig:
         check_choice("scale", self.scale, ("tensor", "channel", "group"))
         check_number("scale_group_size", self.scale_group_size, low=1, integer=True)
         check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
+        check_bool("symmetric_ranges", self.symmetric_ranges)
+        if self.symmetric_ranges and self.scale == "tensor":
+            raise ValueError("symmetric_ranges=True needs scale='channel' or 'group' (the reference grid scale='tensor' keeps its "
+                             "fp32 min and max, bit-equal to diffq-fixed); got scale='tensor'")
         check_number("range_search", self.range_search, low=0, high=64, integer=True)
         check_bool("learn_ranges", self.learn_ranges)
         check_number("min_bits", self.min_bits, low=0, low_open=True, high=MAX_QUANT_BITS, high_open=True)
@@ -289,10 +296,11 @@ class DiffQuantizer:
         scale_dtype = None if self.scale == "tensor" else SCALE_DTYPES[self.scale_dtype]
         ranges = None
         if self.learn_ranges:  # zeros until the straight-through phase starts them from the searched ranges
-            ranges = nn.Parameter(torch.zeros((2, param.numel() // block), dtype=torch.float32, device=param.device))
+            ends = 1 if self.symmetric_ranges else 2  # [m] of [-m, m], or [min, max]
+            ranges = nn.Parameter(torch.zeros((ends, param.numel() // block), dtype=torch.float32, device=param.device))
             slot.module.register_parameter(slot.attr + "_range" + self.suffix, ranges)
         return QuantizedParam(qualified, param, [slot], logit=logit, group_size=group_size, range_block=block, scale_dtype=scale_dtype,
-                              range_search=self.range_search, ranges=ranges)
+                              range_search=self.range_search, ranges=ranges, symmetric=self.symmetric_ranges)
 
     # ----------------------------------------------------------------------------- bits
     def get_bits(self, logit: torch.Tensor) -> torch.Tensor:
@@ -402,7 +410,7 @@ class DiffQuantizer:
         ranges = self.learned_ranges(qp)
         if ranges is not None:
             bits = self._size.true_bits_of(logit.detach()) + _unused(logit)  # frozen bits, still in the graph
-            return learned_grid_fake_quantize(p, bits, qp.group_size, qp.range_block, ranges[0], ranges[1], qp.scale_dtype)
+            return learned_grid_fake_quantize(p, bits, qp.group_size, qp.range_block, *range_ends(ranges, qp.symmetric), qp.scale_dtype)
         with torch.no_grad():
             delta = self._dequantized(qp, p.detach(), logit.detach()).sub_(p.detach())
         one = _unused(logit).sum().add(1)  # exactly 1; the frozen bits stay in the graph (DDP expects their gradient)
@@ -415,7 +423,7 @@ class DiffQuantizer:
         if qp.range_block == p.numel():
             _, _, span = tensor_range(p)
             return (unit * (span * half)).to(p.dtype)
-        mn, mx = block_range(p, qp.range_block)
+        mn, mx = block_range(p, qp.range_block, symmetric=qp.symmetric)
         cell = cell_size(qp.group_size, qp.range_block)
         span = per_cell(mx.sub_(mn).mul_(half), qp.range_block, cell)
         return per_cell(unit, qp.group_size, cell).mul(span).to(p.dtype)
@@ -498,7 +506,7 @@ class DiffQuantizer:
         ranges once they are trained, else the (searched) min / max ranges."""
         ranges = self.learned_ranges(qp)
         return grid_quantize(p, bits, qp.group_size, qp.range_block, qp.scale_dtype, qp.range_search,
-                             ranges=None if ranges is None else (ranges[0], ranges[1]))  # fmt: skip
+                             ranges=None if ranges is None else range_ends(ranges, qp.symmetric), symmetric=qp.symmetric)  # fmt: skip
 
     def learned_ranges(self, qp: QuantizedParam) -> torch.Tensor | None:
         """``qp``'s learned ``[min, max]`` per block (shape ``(2, blocks)``) once the straight-through
@@ -516,8 +524,8 @@ class DiffQuantizer:
         for qp in self._qparams:
             if qp.ranges is not None and self.learned_ranges(qp) is None:
                 _, mn, mx = grid_quantize(qp.param.detach(), self.true_bits(qp), qp.group_size, qp.range_block, qp.scale_dtype,
-                                          qp.range_search)  # fmt: skip
-                qp.ranges.copy_(torch.stack([mn, mx]).float())
+                                          qp.range_search, symmetric=qp.symmetric)  # fmt: skip
+                qp.ranges.copy_((mx[None] if qp.symmetric else torch.stack([mn, mx])).float())
                 qp._ranges_ready = True  # a host flag: no device read per step, compiled forwards read it too
 
     def new_noise(self) -> None:
@@ -674,7 +682,7 @@ class DiffQuantizer:
         if qp.scale_dtype is None:
             return "one fp32 range per tensor"
         where = "channel" if self.scale == "channel" else f"{qp.range_block} entries"
-        return f"a {self.scale_dtype} range per {where}"
+        return f"a {self.scale_dtype} {'symmetric range [-m, m]' if qp.symmetric else 'range'} per {where}"
 
     def _swapped_entries(self) -> list[SwappedParam]:
         """Entries whose modules see another tensor in some mode (fp32-kept ones never do)."""

@@ -19,7 +19,8 @@ class QuantizedParam(SwappedParam):
     range_block: int = 0  # entries per [min, max] range block (the whole tensor on the reference grid)
     scale_dtype: torch.dtype | None = None  # where the ranges are stored; None: the reference's exact fp32
     range_search: int = 0  # clipping candidates tried per range block at true quantization
-    ranges: nn.Parameter | None = None  # learned [min, max] per block (learn_ranges), zeros until started
+    symmetric: bool = False  # ranges [-m, m]: one stored value per block
+    ranges: nn.Parameter | None = None  # learned [min, max] (symmetric: [m]) per block (learn_ranges), zeros until started
     _ranges_ready: bool | None = None  # whether ranges are started; None: read them (at first use, after a load)
     _noisy: tuple[torch.Tensor, int, int, int] | None = None  # noisy weight, param, logit and own versions
     _eval: tuple[torch.Tensor, int, int] | None = None
@@ -33,6 +34,11 @@ class QuantizedParam(SwappedParam):
     @property
     def num_ranges(self) -> int:
         return self.param.numel() // self.range_block
+
+    @property
+    def range_ends(self) -> int:
+        """Values stored per range block: ``m`` of a symmetric ``[-m, m]``, else min and max."""
+        return 1 if self.symmetric else 2
 
     @property
     def scale_bits(self) -> int:

@@ -29,8 +29,9 @@ HEADER_BITS = 8  # one byte of header per quantized tensor, besides its ranges
 
 
 def fixed_bits(qp: QuantizedParam) -> int:
-    """Bits of ``qp`` that do not depend on its widths: its ranges (a min and a max per block) and header."""
-    return qp.num_ranges * 2 * qp.scale_bits + HEADER_BITS
+    """Bits of ``qp`` that do not depend on its widths: its ranges (a min and a max per block, or the
+    one ``m`` of a symmetric ``[-m, m]``) and header."""
+    return qp.num_ranges * qp.range_ends * qp.scale_bits + HEADER_BITS
 
 
 @dataclass
