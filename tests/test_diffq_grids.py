@@ -211,11 +211,13 @@ def test_size_counts_every_range_and_the_file_matches(tmp_path: Path) -> None:
     assert stored * 8 == expected - 2 * (64 * 96 + 96 * 32) // 8 - 2 * 8
 
 
-@pytest.mark.parametrize("scale, scale_dtype", [("channel", "float16"), ("group", "bfloat16"), ("group", "float32"), ("tensor", "float16")])
+@pytest.mark.parametrize("scale, scale_dtype, symmetric", [("channel", "float16", False), ("group", "bfloat16", False), ("group", "float32", False),
+                                                            ("tensor", "float16", False), ("group", "float16", True)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_packed_round_trip_is_bit_exact(scale: str, scale_dtype: str, dtype: torch.dtype, tmp_path: Path) -> None:
+def test_packed_round_trip_is_bit_exact(scale: str, scale_dtype: str, symmetric: bool, dtype: torch.dtype, tmp_path: Path) -> None:
     model = _model().to(dtype)
-    q = DiffQuantizer(model, min_size=0, group_size=4, scale=scale, scale_group_size=16, scale_dtype=scale_dtype, min_bits=0.6)
+    q = DiffQuantizer(model, min_size=0, group_size=4, scale=scale, scale_group_size=16, scale_dtype=scale_dtype, min_bits=0.6,
+                      symmetric_ranges=symmetric, range_search=3 if symmetric else 0)  # fmt: skip
     set_widths(q, list(range(1, 16)))
     save_quantized(q, tmp_path / "m.safetensors")
     state = read_quantized(tmp_path / "m.safetensors")
@@ -232,7 +234,7 @@ def test_packed_round_trip_is_bit_exact(scale: str, scale_dtype: str, dtype: tor
         ranges = f.get_tensor("0.weight::range")
     rows = {"channel": 96, "group": 96 * 64 // 16, "tensor": 1}[scale]
     stored = torch.float64 if scale == "tensor" and dtype == torch.float64 else (torch.float32 if scale == "tensor" else getattr(torch, scale_dtype))
-    assert ranges.shape == (2, rows) and ranges.dtype == stored
+    assert ranges.shape == (1 if symmetric else 2, rows) and ranges.dtype == stored
 
 
 def test_version_2_files_still_load(tmp_path: Path) -> None:
@@ -649,23 +651,6 @@ def test_symmetric_size_counts_one_value_per_range_and_the_file_matches(tmp_path
     qp = q.quantized_params()[0]
     _, mn, mx = q.grid_levels(qp, qp.param.detach(), q.true_bits(qp))
     assert ranges.shape == (1, 96) and ranges.dtype == torch.float16 and torch.equal(ranges[0].float(), mx) and torch.equal(mn, -mx)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_symmetric_packed_round_trip_is_bit_exact(dtype: torch.dtype, tmp_path: Path) -> None:
-    model = _model().to(dtype)
-    q = DiffQuantizer(model, min_size=0, group_size=4, scale="group", scale_group_size=16, symmetric_ranges=True, range_search=3,
-                      min_bits=0.6)  # fmt: skip
-    set_widths(q, list(range(1, 16)))
-    save_quantized(q, tmp_path / "m.safetensors")
-    state = read_quantized(tmp_path / "m.safetensors")
-    for qp in q.quantized_params():
-        assert state[qp.name].dtype == dtype and torch.equal(state[qp.name], q.quantized_weight(qp)), qp.name
-    plain = _model().to(dtype)
-    load_quantized(tmp_path / "m.safetensors", plain)
-    expected = quantize_state_dict(q)
-    for key, value in plain.state_dict().items():
-        assert torch.equal(value, expected[key]), key
 
 
 def test_symmetric_file_with_a_negative_m_is_refused(tmp_path: Path) -> None:
