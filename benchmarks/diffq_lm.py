@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat_lightning.app.train import _instantiate_model, instantiate_group, pretrain, summarize
+from qat_lightning.demo.charlm import pydoc_fingerprint
 
 CONF = Path(__file__).resolve().parents[1] / "qat_lightning" / "app" / "conf"
 RECIPES = ["lm_float", "lm_torchao_int4_g32", "lm_torchao_int8tok_int4_g32", "lm_lsq_w4", "lm_ema_w4", "lm_diffq_reference", "lm_diffq_channel",
@@ -82,7 +83,8 @@ def main() -> None:
     recipes = args.recipes if "lm_float" in args.recipes else ["lm_float", *args.recipes]
     runs = [run_seed(seed, recipes, args.overrides) for seed in args.seeds]
     control = [r["lm_float"]["quantized_test_acc"] for r in runs]
-    print(f"\nfloat fine-tuned: {statistics.mean(control):.4f} bpc (seeds {args.seeds})")
+    print(f"\n{pydoc_fingerprint()}")
+    print(f"float fine-tuned: {statistics.mean(control):.4f} bpc (seeds {args.seeds})")
     print("| recipe (experiment=) | bits/weight incl. scales | test bpc | Δ bpc vs float |" + (" per seed |" if len(runs) > 1 else ""))
     print("|---|---|---|---|" + ("---|" if len(runs) > 1 else ""))
     for name in recipes[1:]:
