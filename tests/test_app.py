@@ -174,7 +174,7 @@ def test_lm_experiment_pretrains_then_fine_tunes_and_reports_bits_per_character(
     assert summary["test_metric"] == "test/bpc" and 0 < summary["quantized_test_acc"] < 8
     assert 2 < summary["stored_bits"] < 6 and summary["stored_bits"] > summary["avg_bits"]  # widths and ranges counted
     assert "quantized test/bpc" in result.stdout and "pretrained 2 float steps" in result.stdout + result.stderr
-    assert "a float16 range per channel" in result.stdout + result.stderr  # the coverage report names the grid
+    assert "a float16 symmetric range [-m, m] per channel" in result.stdout + result.stderr  # the coverage report names the grid
 
 
 def test_pretrain_refuses_a_learning_rate_the_model_cannot_take() -> None:
