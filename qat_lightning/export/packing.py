@@ -40,7 +40,7 @@ from torch import nn
 from ..quantizers.diffq import DiffQuantizer, ranges_started
 from ..quantizers.diffq_records import KeptParam
 from ..quantizers.swap import full_tensor
-from ..formats.uniform import SCALE_DTYPES, compute_dtype, grid_dequantize, grid_quantize, range_block, range_ends
+from ..formats.uniform import SCALE_DTYPES, compute_dtype, grid_dequantize, grid_quantize, range_block, range_ends, stored_ranges
 
 FORMAT = "qat_lightning.packed"
 VERSION = 3  # 3: a range per block (channel / group grids); version 2 files (one range per tensor) still read
@@ -235,10 +235,9 @@ def write_packed(
         tensors[f"{name}::levels"] = pack_levels(q.levels, q.group_bits)
         tensors[f"{name}::bits"] = pack_uint(q.group_bits - low, bits_bits)
         range_dtype = q.scale_dtype or compute_dtype(q.dtype)
-        ends = [q.max.reshape(-1)] if q.symmetric else [q.min.reshape(-1), q.max.reshape(-1)]
         if q.symmetric and not torch.equal(q.min.reshape(-1), -q.max.reshape(-1)):
             raise ValueError(f"not writing {path}: quantized tensor {name!r} is marked symmetric but its ranges are not [-m, m]")
-        tensors[f"{name}::range"] = torch.stack(ends).to(range_dtype)
+        tensors[f"{name}::range"] = stored_ranges(q.min, q.max, q.symmetric).to(range_dtype)
         layout[name] = {"kind": "quantized", "shape": list(q.shape), "dtype": _dtype_name(q.dtype),
                         "groups": q.group_bits.numel(), "group_size": q.levels.shape[1], "min_bits": low,
                         "bits_bits": bits_bits, "range_block": q.block, "range_dtype": _dtype_name(range_dtype),
@@ -441,7 +440,7 @@ def _plan_quantized(name: str, entry: Mapping[str, Any], tensors: Mapping[str, t
             if not torch.isfinite(value_range).all() or (value_range < 0).any():
                 raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' of a symmetric grid must hold finite m >= 0 "
                                    f"(ranges [-m, m]); got {value_range[:, :4].tolist()}")  # fmt: skip
-            value_range = torch.cat([-value_range, value_range])
+            value_range = torch.stack(range_ends(value_range, symmetric=True))
     if not torch.isfinite(value_range).all() or (value_range[0] > value_range[1]).any():
         raise _LayoutError(f"layout of {name!r}: tensor '{name}::range' must hold finite [min, max] pairs with min <= max; "
                            f"got {value_range[:, :4].tolist()}")  # fmt: skip

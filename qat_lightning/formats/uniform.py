@@ -119,6 +119,11 @@ def range_ends(stored: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, tor
     return (-stored[0], stored[0]) if symmetric else (stored[0], stored[1])
 
 
+def stored_ranges(mn: torch.Tensor, mx: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """The inverse of :func:`range_ends`: rows ``[min, max]``, or the one row ``[m]`` of ``[-m, m]``."""
+    return mx.reshape(1, -1) if symmetric else torch.stack([mn.reshape(-1), mx.reshape(-1)])
+
+
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
     """``x`` rounded to ``dtype`` towards -inf (``down``) or +inf, returned in ``x``'s dtype."""
     near = x.to(dtype)

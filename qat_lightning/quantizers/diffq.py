@@ -28,7 +28,7 @@ from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers, layer_weights
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
 from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, learned_grid_fake_quantize,
-                               per_cell, range_block, range_ends, tensor_range)  # fmt: skip
+                               per_cell, range_block, range_ends, stored_ranges, tensor_range)  # fmt: skip
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
@@ -509,8 +509,8 @@ class DiffQuantizer:
                              ranges=None if ranges is None else range_ends(ranges, qp.symmetric), symmetric=qp.symmetric)  # fmt: skip
 
     def learned_ranges(self, qp: QuantizedParam) -> torch.Tensor | None:
-        """``qp``'s learned ``[min, max]`` per block (shape ``(2, blocks)``) once the straight-through
-        phase has started them, else None."""
+        """``qp``'s learned ``[min, max]`` per block (shape ``(2, blocks)``; ``(1, blocks)`` of ``m``
+        on a symmetric grid) once the straight-through phase has started them, else None."""
         ranges = qp.ranges
         if ranges is None:
             return None
@@ -525,7 +525,7 @@ class DiffQuantizer:
             if qp.ranges is not None and self.learned_ranges(qp) is None:
                 _, mn, mx = grid_quantize(qp.param.detach(), self.true_bits(qp), qp.group_size, qp.range_block, qp.scale_dtype,
                                           qp.range_search, symmetric=qp.symmetric)  # fmt: skip
-                qp.ranges.copy_((mx[None] if qp.symmetric else torch.stack([mn, mx])).float())
+                qp.ranges.copy_(stored_ranges(mn, mx, qp.symmetric))
                 qp._ranges_ready = True  # a host flag: no device read per step, compiled forwards read it too
 
     def new_noise(self) -> None:
