@@ -248,6 +248,9 @@ def test_round_to_nearest_can_keep_the_lm_head_float() -> None:
 # ----------------------------------------------------------------------------- every callback x every model
 CALLBACKS = {
     "diffq": lambda: [DiffQ(min_size=0, group_size=1)],
+    # the transformer recipe's grid: symmetric per-channel ranges, searched, learned in a straight-through second half
+    "diffq_grid": lambda: [DiffQ(min_size=0, group_size=1, scale="channel", symmetric_ranges=True, range_search=2,
+                                 straight_through_fraction=0.5, learn_ranges=True)],
     "fake_quant": lambda: [EMAFakeQuant()],
     "int4_int8": lambda: [EMAFakeQuant(weight_format="int4_g16", activation_format="int8_per_token", activation_position="inputs")],
     "lsq": lambda: [EMAFakeQuant(learned_step=True, weight_bits=4)],
@@ -279,7 +282,7 @@ def test_every_callback_trains_validates_resumes_and_exports_every_model(name: s
         warnings.simplefilter("ignore")
         trainer.fit(resumed, loader(name), loader(name), ckpt_path=str(checkpoint))
     assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["val_loss"])
-    if callback == "diffq":  # the packed file from the checkpoint, loaded into the bare network
+    if callback.startswith("diffq"):  # the packed file from the checkpoint, loaded into the bare network
         out = tmp_path / "model.packed.safetensors"
         assert export_main([str(checkpoint), str(out)]) == 0
         net = build(name, seed=2).net
