@@ -98,6 +98,9 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
         "diffq_channel": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel")],  # issue 18's grid, noise phase
         "diffq_channel_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", range_search=10, learn_ranges=True,
                                     straight_through_fraction=1.0)],  # its straight-through phase (every step)
+        "diffq_sym": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", symmetric_ranges=True)],  # the lm_diffq grid, noise
+        "diffq_sym_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", symmetric_ranges=True, range_search=10,
+                                learn_ranges=True, straight_through_fraction=1.0)],  # and its straight-through phase
         "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
         "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
         "torch_ao": [TorchAOEagerQAT()],
@@ -185,7 +188,8 @@ def main() -> None:
         "int4_g32": "ours int4_g32 weights", "int8tok_int4_g32": "ours int8_per_token + int4_g32",
         "torchao_int4_g32": "torchao QAT int4_g32", "torchao_int8tok_int4_g32": "torchao QAT int8 token + int4_g32",
         "reference_g8": "reference diffq (group 8)", "diffq_channel": "DiffQ per-channel ranges (noise)",
-        "diffq_channel_ste": "DiffQ per-channel, learned ranges (STE)",
+        "diffq_channel_ste": "DiffQ per-channel, learned ranges (STE)", "diffq_sym": "DiffQ symmetric per-channel (noise)",
+        "diffq_sym_ste": "DiffQ symmetric, learned ranges (STE)",
     }  # fmt: skip
     print(result["model"])
     print(f"  {'fp32 step':34s} {result['fp32_step_ms']:8.3f} ms")
