@@ -91,17 +91,31 @@ def test_bits_get_their_own_param_group() -> None:
     assert group["lr"] == 0.02 and group["weight_decay"] == 0.001
 
 
-@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "step"])
+# the scheduler, and the first group's lr when fit starts (what the bits group's bits_lr is scaled against)
+SCHEDULERS = {
+    "cosine": (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8), 0.1),
+    "onecycle": (lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=8), 0.5 / 25),
+    "step": (lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), 0.1),
+    # one lambda per group: the bits group needs its own entry (else zip(..., strict=True) fails)
+    "lambda": (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step)), 0.1),
+    "multiplicative": (lambda opt: torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda step: 0.8), 0.1),
+    # base_lrs and max_lrs per group, momenta cycled per group
+    "cyclic": (lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.02, max_lr=0.2, step_size_up=2), 0.02),
+    # the schedulers inside hold their own base_lrs
+    "sequential": (lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)], milestones=[2]), 0.05),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_lr_schedulers_scale_the_bits_group(scheduler: str) -> None:
+    build, start_lr = SCHEDULERS[scheduler]
+
     class Scheduled(type(tiny_model())):
         def configure_optimizers(self):  # noqa: ANN201
-            opt = torch.optim.SGD(self.parameters(), lr=0.1)
-            sched = {
-                "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
-                "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=8),
-                "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
-            }[scheduler]()
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": build(opt), "interval": "step"}}
 
     torch.manual_seed(0)
     model = Scheduled(tiny_model().net, num_classes=8)
@@ -109,9 +123,30 @@ def test_lr_schedulers_scale_the_bits_group(scheduler: str) -> None:
     trainer = tiny_trainer(max_steps=5, callbacks=[diffq])
     trainer.fit(model, tiny_loader(n=128))
     groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] != pytest.approx(start_lr)  # the schedule moved it
     # the bits group follows the same schedule, scaled so that it started at bits_lr
-    ratio = 0.01 / (0.1 if scheduler != "onecycle" else 0.5 / 25)
-    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * ratio, rel=1e-6)
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.01 / start_lr, rel=1e-6)
+
+
+def test_reduce_on_plateau_lowers_the_bits_group_too() -> None:
+    """ReduceLROnPlateau keeps a floor per group: the bits group gets one, and is reduced alike."""
+
+    class Plateau(type(tiny_model())):
+        def configure_optimizers(self):  # noqa: ANN201
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            # mode="max" on a falling loss: every epoch after the first is a bad one
+            # (a floor per group, given as a list: torch then refuses a group added later without one)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0, min_lr=[0.001])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train/loss"}}
+
+    model = Plateau(tiny_model().net, num_classes=8)
+    diffq = DiffQ(bits_lr=0.01, **SMALL)
+    trainer = tiny_trainer(max_epochs=4, callbacks=[diffq])
+    trainer.fit(model, tiny_loader(n=64))
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] < 0.1 / 2
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1, rel=1e-6)
+    assert trainer.lr_scheduler_configs[0].scheduler.min_lrs == pytest.approx([0.001, 0.0001])
 
 
 def _grads_at_first_step(diffq: DiffQ, trainer_kwargs: dict, batches: int) -> tuple:

@@ -40,12 +40,28 @@ def move_to_own_group(
         if key not in group:
             group[key] = value * ratio if key.endswith("_lr") else value
     for config in trainer.lr_scheduler_configs:
-        scheduler = config.scheduler
-        if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs.append(scheduler.base_lrs[0] * ratio)
-            if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr.append(group["lr"])
+        _extend_scheduler(config.scheduler, optimizer, ratio, len(optimizer.param_groups) - 1)
     return optimizer
+
+
+# a scheduler's lists with one entry per param group: learning rates (scaled for the new group) and
+# the rest (copied): LambdaLR / MultiplicativeLR's lambdas, CyclicLR's momenta, ReduceLROnPlateau's floors
+_PER_GROUP_LRS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
+_PER_GROUP_OTHER = ("lr_lambdas", "base_momentums", "max_momentums")
+
+
+def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, ratio: float, groups_before: int) -> None:
+    """Give ``scheduler`` (and the schedulers a SequentialLR / ChainedScheduler holds) an entry for
+    the group just added to ``optimizer``, copied from the first group's (learning rates x ``ratio``)."""
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        return
+    for child in getattr(scheduler, "_schedulers", ()):
+        _extend_scheduler(child, optimizer, ratio, groups_before)
+    for name in (*_PER_GROUP_LRS, *_PER_GROUP_OTHER):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == groups_before and values:
+            first = values[0]
+            values.append(first * ratio if name in _PER_GROUP_LRS and isinstance(first, (int, float, torch.Tensor)) else first)
 
 
 def init_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
