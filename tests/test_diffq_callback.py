@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 from torch.testing import assert_close
 
 from qat_lightning import DiffQ, DiffQuantizer
 
-from .helpers import tiny_loader, tiny_model, tiny_trainer
+from .helpers import set_widths, tiny_loader, tiny_model, tiny_trainer
 
 SMALL = dict(min_size=0, exclude=["*.bias"])  # quantize every weight of the tiny model
 
@@ -307,3 +308,96 @@ def test_trainer_test_alone_builds_the_quantizer_before_loading(tmp_path) -> Non
 def test_callback_constructor_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DiffQ(**kwargs)
+
+
+# ----------------------------------------------------------------------------- size budget (target_bits)
+class StoredBits(pl.Callback):
+    """Records, at each optimizer step, the stored bits per weight the step trained with."""
+
+    def __init__(self, diffq: DiffQ) -> None:
+        self.diffq, self.stored = diffq, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        self.stored.append(self.diffq.quantizer.stored_bits())
+
+
+def _budget_run(steps: int = 40, **kwargs) -> tuple[DiffQ, StoredBits]:  # noqa: ANN003
+    diffq = DiffQ(**{**dict(penalty=0.0, bits_lr=0.2, init_bits=8, min_bits=3, seed=0), **SMALL, **kwargs})
+    record = StoredBits(diffq)
+    tiny_trainer(max_steps=steps, max_epochs=-1, callbacks=[diffq, record]).fit(tiny_model(), tiny_loader(n=256))
+    return diffq, record
+
+
+def test_target_bits_holds_the_model_at_the_budget() -> None:
+    free, free_record = _budget_run()
+    assert min(free_record.stored) > 8  # no penalty, no budget: the task keeps every bit
+    budget, record = _budget_run(target_bits=5.0)
+    # every step trains within the budget, and the task's pull keeps the bits at it (from the second step: at
+    # the first every group has the same logit, so one shift moves them all a whole bit, to 4 bits and the ranges)
+    assert max(record.stored) <= 5.0 and min(record.stored[1:]) > 4.9, (min(record.stored), max(record.stored))
+    assert 4 < record.stored[0] < 4.5
+    assert 4.9 < budget.quantizer.stored_bits() <= 5.0
+    bits = torch.cat([budget.quantizer.true_bits(qp) for qp in budget.quantizer.quantized_params()])
+    assert bits.unique().numel() > 1  # the task decided where the bits go: not one width for all
+    # with a penalty strong enough, the model goes below the budget: the penalty still acts
+    strong, _ = _budget_run(target_bits=5.0, penalty=2000.0)
+    assert strong.quantizer.stored_bits() < 4.5
+
+
+def test_fit_budget_is_the_least_common_shift() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 16, bias=False))
+    q = DiffQuantizer(model, min_size=0, group_size=8, min_bits=3, init_bits=8)
+    with torch.no_grad():
+        for logit in q.parameters():
+            logit.add_(torch.randn_like(logit))
+    before = [logit.detach().clone() for logit in q.parameters()]
+    assert q.stored_bits() > 6
+    assert q.fit_budget(20.0) == 0.0 and all(torch.equal(a, b) for a, b in zip(before, q.parameters()))  # within: untouched
+    shift = q.fit_budget(5.0)
+    assert shift > 0 and q.stored_bits() <= 5.0
+    for a, b in zip(before, q.parameters()):  # one common amount: the logits keep their order and spacing
+        assert_close(a - b, torch.full_like(a, shift))
+    with torch.no_grad():  # the least such amount: a little less and the model is over the budget
+        for logit in q.parameters():
+            logit.add_(1e-3)
+    assert q.stored_bits() > 5.0
+
+
+def test_target_bits_below_the_grid_is_refused_at_setup() -> None:
+    diffq = DiffQ(target_bits=3.1, min_bits=3, **SMALL)  # ranges and headers add more than 0.1 bit here
+    with pytest.raises(ValueError, match=r"target_bits=3.1\) is below the smallest size this grid stores: 3\.\d+ bits per weight "
+                                         r"with every group at 3 bits"):  # fmt: skip
+        tiny_trainer(max_steps=1, callbacks=[diffq]).fit(tiny_model(), tiny_loader())
+
+
+def test_stored_bits_if_counts_payload_widths_and_ranges() -> None:
+    """Hand count: Linear(32, 16) weight, groups of 8, one fp32 min and max per tensor."""
+    layer = nn.Linear(32, 16, bias=False)
+    q = DiffQuantizer(layer, min_size=0, group_size=8, min_bits=3)
+    numel, groups, ranges = 512, 64, 64
+    # at min_bits every width is 0 bits (one possible value); the ranges and the header are the rest
+    header = q.stored_bits_if(3) * numel - 3 * numel
+    assert ranges <= header < ranges + 64
+    assert q.stored_bits_if(5) == pytest.approx((5 * numel + 2 * groups + header) / numel)  # widths 3..5: 2 bits each
+    assert q.stored_bits_if(4) == pytest.approx((4 * numel + 1 * groups + header) / numel)
+    set_widths(q, [5])
+    assert q.stored_bits() == pytest.approx(q.stored_bits_if(5))
+
+
+def test_target_bits_resume_is_exact(tmp_path) -> None:
+    """The budget is decided from the bits alone: a run resumed after its second epoch ends where the
+    whole run ends, bit for bit."""
+    kwargs = dict(penalty=0.0, bits_lr=0.2, target_bits=5.0, seed=0, **SMALL)
+    whole = DiffQ(**kwargs)
+    tiny_trainer(max_epochs=4, callbacks=[whole]).fit(tiny_model(), tiny_loader(n=128))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = DiffQ(**kwargs)
+    tiny_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[first, ckpt]).fit(tiny_model(), tiny_loader(n=128))
+    second = DiffQ(**kwargs)
+    tiny_trainer(tmp_path, max_epochs=4, callbacks=[second]).fit(tiny_model(), tiny_loader(n=128), ckpt_path=tmp_path / "last.ckpt")
+    assert not torch.equal(first.quantizer.parameters()[0], whole.quantizer.parameters()[0])  # the bits moved after the pause
+    for mine, theirs in zip(second.quantizer.parameters(), whole.quantizer.parameters()):
+        assert torch.equal(mine, theirs)
+    assert second.quantizer.stored_bits() <= 5.0
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["DiffQ"]["target_bits"] == 5.0

@@ -65,6 +65,7 @@ class DiffQ(QuantizationCallback):
     def __init__(
         self,
         penalty: float = 1.0,
+        target_bits: float | None = None,
         group_size: int = 8,
         min_size: float = 0.01,
         float16: bool = False,
@@ -97,6 +98,7 @@ class DiffQ(QuantizationCallback):
         arguments = locals()
         self.hparams = init_arguments(arguments)  # logged once to the Trainer's loggers
         self.penalty = check_number("penalty", penalty, low=0)
+        self.target_bits = None if target_bits is None else check_number("target_bits", target_bits, low=0, low_open=True, high=32)
         self.bits_lr = check_number("bits_lr", bits_lr, low=0, low_open=True)
         self.bits_weight_decay = check_number("bits_weight_decay", bits_weight_decay, low=0)
         self.straight_through_fraction = check_number("straight_through_fraction", straight_through_fraction, low=0, high=1)
@@ -163,6 +165,28 @@ class DiffQ(QuantizationCallback):
                 f"float size {self.quantizer.float_model_size():.4f} MB"
             )
             self.report_coverage(trainer, self.quantizer.coverage())
+        if self.target_bits is not None:
+            self._check_target(self.quantizer)
+
+    def _check_target(self, quantizer: DiffQuantizer) -> None:
+        """Refuse a ``target_bits`` below what the grid can store (every group at ``min_bits``)."""
+        if not quantizer.quantized_params():
+            raise ValueError(f"DiffQ(target_bits={self.target_bits}): nothing is quantized, so there is no size to budget "
+                             "(see the coverage report); set target_bits=None")  # fmt: skip
+        lowest = quantizer.stored_bits_if(self.smallest_width)
+        if self.target_bits < lowest:
+            raise ValueError(
+                f"DiffQ(target_bits={self.target_bits}) is below the smallest size this grid stores: {lowest:.3f} bits per "
+                f"weight with every group at {self.smallest_width} bits (min_bits={self.config.min_bits}, "
+                f"extra_bits={self.config.extra_bits}), its ranges and headers included; raise target_bits, lower min_bits "
+                "or store fewer ranges (scale='channel', symmetric_ranges=True, a larger scale_group_size)"
+            )
+
+    @property
+    def smallest_width(self) -> int:
+        """The fewest bits a group can be stored with: ``min_bits + extra_bits`` rounded (the bits
+        stay above ``min_bits``)."""
+        return min(max(math.floor(self.config.min_bits + self.config.extra_bits + 0.5), 1), 15)
 
     def build_quantizer(self, pl_module: pl.LightningModule) -> DiffQuantizer:
         """Create the quantizer; override to quantize only part of the module."""
@@ -170,6 +194,9 @@ class DiffQ(QuantizationCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fsdp2 and self.target_bits is not None:
+            raise ValueError("DiffQ(target_bits=...) reads the whole model's stored size every step: not under FSDP2 yet; "
+                             "use penalty alone (sweep it for a size) or DDP")  # fmt: skip
         if self.fsdp2:  # configure_model's fully_shard replaced the parameters with shards
             if self.config.learn_ranges:
                 raise ValueError("DiffQ(learn_ranges=True) starts the ranges from whole weights: not under FSDP2 yet; use "
@@ -201,9 +228,16 @@ class DiffQ(QuantizationCallback):
             quantizer.size_penalty = 0.0 if late else self.penalty / trainer.accumulate_grad_batches
             if late:
                 with quantizer.gathered():  # FSDP2: every rank switches at the same step and gathers
-                    bits = float(quantizer.average_bits(exact=True))
-                rank_zero_info(f"DiffQ: step {trainer.global_step}: bits frozen at {bits:.2f} on average; training on the "
-                               "true quantized weights (straight-through) from here")  # fmt: skip
+                    bits, stored = float(quantizer.average_bits(exact=True)), quantizer.stored_bits()
+                rank_zero_info(f"DiffQ: step {trainer.global_step}: bits frozen at {bits:.2f} on average ({stored:.3f} stored "
+                               "bits per weight); training on the true quantized weights (straight-through) from here")  # fmt: skip
+        self._fit_budget()
+
+    def _fit_budget(self) -> None:
+        """``target_bits``: project the bits onto the budget while they are learned (the noise phase)."""
+        quantizer = self._require_quantizer()
+        if self.target_bits is not None and not quantizer.straight_through:
+            quantizer.fit_budget(self.target_bits)
 
     def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""
@@ -222,6 +256,10 @@ class DiffQ(QuantizationCallback):
             self._require_quantizer().prepare_compiled_step()
         else:
             self._require_quantizer().new_noise()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._fit_budget()  # after the optimizer step: validation, a checkpoint and the bits' freeze see the budget
 
     @override
     def on_before_optimizer_step(
@@ -248,6 +286,8 @@ class DiffQ(QuantizationCallback):
             pl_module.log("quant/model_size_mb", size, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/avg_bits", bits, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/penalty", self.penalty * size, on_step=True, on_epoch=False)
+            if self.target_bits is not None:
+                pl_module.log("quant/stored_bits", quantizer.stored_bits(), on_step=True, on_epoch=False)
 
     def add_penalty_gradient(self, quantizer: DiffQuantizer, only_missing: bool = False) -> None:
         """Add ``penalty * d model_size / d bits`` to the bits' ``.grad`` (the task gradient is
@@ -360,6 +400,7 @@ class DiffQ(QuantizationCallback):
         state = {
             "config": config,
             "penalty": self.penalty,
+            "target_bits": self.target_bits,
             "bits_lr": self.bits_lr,
             "bits_weight_decay": self.bits_weight_decay,
             "straight_through_fraction": self.straight_through_fraction,
@@ -375,7 +416,7 @@ class DiffQ(QuantizationCallback):
         check_resumed_options("DiffQ", structural, current["config"], self.STRUCTURAL_OPTIONS)
         if warn:  # init_bits, noise (config) and the bits group's lr / decay, the penalty
             training = {k: v for k, v in state.get("config", {}).items() if k not in self.STRUCTURAL_OPTIONS}
-            training.update({k: state[k] for k in ("penalty", "bits_lr", "bits_weight_decay", "straight_through_fraction", "range_lr") if k in state})
+            training.update({k: state[k] for k in ("penalty", "target_bits", "bits_lr", "bits_weight_decay", "straight_through_fraction", "range_lr") if k in state})
             check_resumed_options("DiffQ", training, {**current["config"], **current}, ())
 
     @override
@@ -396,6 +437,11 @@ class DiffQ(QuantizationCallback):
 
 CALLBACK_OPTIONS = {
     "penalty": "weight of the model size (MB) in the training objective",
+    "target_bits": "a size budget in stored bits per quantized weight (payload, widths, ranges, headers: "
+                   "quant/stored_bits): before each training step of the noise phase every bits logit is lowered by the "
+                   "one common amount that brings the model within it (a projection; the penalty still acts, penalty=0: "
+                   "the bits sit at the budget and the task alone decides where they go); None: no budget (the "
+                   "reference). Refused below what the grid stores at min_bits",
     "bits_lr": "learning rate of the bits param group (the demo uses 1e-2)",
     "bits_weight_decay": "weight decay of the bits param group",
     "straight_through_fraction": "share of the training steps, at the end, that train on the true quantized weights "

@@ -730,6 +730,16 @@ class DiffQuantizer:
         the "bits per weight including scales" to compare with other formats."""
         return self._size.stored_bits()
 
+    def stored_bits_if(self, width: int) -> float:
+        """:meth:`stored_bits` if every group had ``width`` bits (``min_bits``: the smallest size)."""
+        return self._size.stored_bits_if(width)
+
+    def fit_budget(self, target_bits: float) -> float:
+        """Hold the model to a size budget: lower every bits logit by the one common amount that
+        brings :meth:`stored_bits` to at most ``target_bits`` (a no-op within it); returns the amount.
+        Call it after each optimizer step (what ``DiffQ(target_bits=...)`` does)."""
+        return self._size.fit_budget(target_bits)
+
     def size_gradient(self) -> list[torch.Tensor]:
         """``d model_size() / d logit`` for each logit of :meth:`parameters`, in closed form without
         autograd (cheaper than differentiating ``model_size()`` every step)."""

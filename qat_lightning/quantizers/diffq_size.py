@@ -34,6 +34,9 @@ def fixed_bits(qp: QuantizedParam) -> int:
     return qp.num_ranges * qp.range_ends * qp.scale_bits + HEADER_BITS
 
 
+BUDGET_ITERATIONS = 30  # bisection steps of fit_budget: the shift to 2**-30 of the logits' spread
+
+
 @dataclass
 class _Layout:
     lengths: torch.Tensor  # groups per quantized tensor
@@ -94,14 +97,18 @@ class DiffQSize:
         kept_bits = self._kept_bits()
         if not self.quantized:
             return torch.tensor(kept_bits / MEGABYTE_BITS, dtype=torch.float32)
-        bits = self.all_bits(exact)
+        return (self._quantized_bits(self.all_bits(exact)) + kept_bits) / MEGABYTE_BITS
+
+    def _quantized_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """Bits the quantized tensors take with ``bits`` per group (model order): payload, each
+        tensor's widths, ranges and header; differentiable w.r.t. ``bits``."""
         layout = self.layout()
         payload = torch.dot(bits, layout.group_sizes)
         with torch.no_grad():  # bits needed to store each group's number of bits: a constant for the gradient
             max_bits = torch.segment_reduce(bits.detach(), "max", lengths=layout.lengths)
             bits_bits = torch.ceil(torch.log2((max_bits.round() - self.bits.min_bits + 1).clamp(min=1)))
             header = torch.dot(bits_bits, layout.lengths_float) + sum(fixed_bits(qp) for qp in self.quantized)
-        return (payload + header + kept_bits) / MEGABYTE_BITS
+        return payload + header
 
     @torch.no_grad()
     def size_gradient(self) -> list[torch.Tensor]:
@@ -133,6 +140,43 @@ class DiffQSize:
         numel = sum(qp.param.numel() for qp in self.quantized)
         kept = self._kept_bits()
         return (self.model_size(exact=True).item() * MEGABYTE_BITS - kept) / numel
+
+    @torch.no_grad()
+    def stored_bits_if(self, width: int) -> float:
+        """:meth:`stored_bits` if every group were stored with ``width`` bits (``min_bits``: the
+        smallest this grid can store, its ranges and headers included); NaN when nothing is quantized."""
+        if not self.quantized:
+            return float("nan")
+        layout = self.layout()
+        numel = sum(qp.param.numel() for qp in self.quantized)
+        return self._quantized_bits(torch.full_like(layout.group_sizes, float(width))).item() / numel
+
+    @torch.no_grad()
+    def fit_budget(self, target_bits: float, iterations: int = BUDGET_ITERATIONS) -> float:
+        """Lower every bits logit by one common amount, the least (to ``2**-iterations`` of the
+        logits' spread) that brings :meth:`stored_bits` to at most ``target_bits``: a projection
+        onto the size budget that keeps the logits' order (the bits are increasing in the logit).
+        Returns the amount (0.0: already within the budget, nothing changed)."""
+        if not self.quantized or self.stored_bits() <= target_bits:
+            return 0.0
+        logits = [qp.logit for qp in self.quantized]
+        flat = torch.cat([logit.detach() for logit in logits])
+        numel = sum(qp.param.numel() for qp in self.quantized)
+
+        def stored_at(shift: float) -> float:
+            bits = (self.extra_bits + self.bits.bits(flat - shift)).round().clamp(1, MAX_QUANT_BITS)
+            return self._quantized_bits(bits).item() / numel
+
+        low, high = 0.0, float(flat.max() - flat.min()) + 64.0  # high: every logit far below any width's edge
+        if stored_at(high) > target_bits:
+            raise ValueError(f"target_bits={target_bits} is below the smallest size this grid stores ({stored_at(high):.3f} "
+                             "bits per weight at min_bits)")  # fmt: skip
+        for _ in range(iterations):  # stored_at(low) > target >= stored_at(high)
+            middle = (low + high) / 2
+            low, high = (middle, high) if stored_at(middle) > target_bits else (low, middle)
+        for logit in logits:
+            logit.sub_(high)
+        return high
 
     @torch.no_grad()
     def layer_stats(self) -> list[dict[str, Any]]:
