@@ -401,3 +401,15 @@ def test_target_bits_resume_is_exact(tmp_path) -> None:
         assert torch.equal(mine, theirs)
     assert second.quantizer.stored_bits() <= 5.0
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["DiffQ"]["target_bits"] == 5.0
+
+
+@pytest.mark.parametrize(("option", "message"), [({"target_bits": 5.0}, r"target_bits=\.\.\.\) reads the whole model's stored size"),
+                                                 ({"learn_ranges": True, "straight_through_fraction": 0.5, "scale": "channel"},
+                                                  r"learn_ranges=True\) starts the ranges from whole weights")])  # fmt: skip
+def test_fsdp2_refuses_what_needs_whole_tensors_every_step(option: dict, message: str) -> None:
+    diffq = DiffQ(**SMALL, **option)
+    trainer = tiny_trainer(max_steps=1, callbacks=[diffq])
+    diffq.quantizer = DiffQuantizer(tiny_model(), **SMALL, **{k: v for k, v in option.items() if k in ("learn_ranges", "scale")})
+    diffq.fsdp2 = True  # what setup sets under ModelParallelStrategy (tests/test_fsdp.py runs the real one)
+    with pytest.raises(ValueError, match=message + ".*not under FSDP2 yet"):
+        diffq.on_fit_start(trainer, tiny_model())

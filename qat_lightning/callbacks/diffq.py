@@ -46,6 +46,10 @@ class DiffQ(QuantizationCallback):
       the step did not use and logs ``quant/model_size_mb``, ``quant/avg_bits``,
       ``quant/penalty`` every step; ``on_train_epoch_end`` logs ``quant/true_model_size_mb`` and
       ``quant/compression``.
+    * ``target_bits``: at the start and end of every training batch of the noise phase the bits
+      are projected onto the size budget (:meth:`DiffQuantizer.fit_budget`), so every step,
+      validation, checkpoint and the bits' freeze see a model within it; ``quant/stored_bits``
+      is logged every step.
     * validation, test and predict run on the true quantized weights, swapped in once when the
       stage starts and restored bit-identically when it ends (``quantize_eval=False`` keeps float).
     * ``quantize_on_fit_end=True`` leaves the model holding its quantized weights after ``fit``.
