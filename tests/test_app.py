@@ -119,7 +119,7 @@ def test_app_float_baseline_and_multirun(tmp_path: Path) -> None:
     report = subprocess.run([sys.executable, "-m", "qat_lightning.report", str(tmp_path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "3 runs" in report.stdout and (tmp_path / "report.png").exists()
+    assert "3 configurations" in report.stdout and (tmp_path / "report.png").exists()
     assert "penalty=0" in (tmp_path / "report.csv").read_text()
 
 
