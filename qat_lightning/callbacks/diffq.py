@@ -46,10 +46,9 @@ class DiffQ(QuantizationCallback):
       the step did not use and logs ``quant/model_size_mb``, ``quant/avg_bits``,
       ``quant/penalty`` every step; ``on_train_epoch_end`` logs ``quant/true_model_size_mb`` and
       ``quant/compression``.
-    * ``target_bits``: at the start and end of every training batch of the noise phase the bits
-      are projected onto the size budget (:meth:`DiffQuantizer.fit_budget`), so every step,
-      validation, checkpoint and the bits' freeze see a model within it; ``quant/stored_bits``
-      is logged every step.
+    * ``target_bits``: when the bits stop being learned (the switch to the straight-through
+      phase, else the end of ``fit``) every bits logit is moved by one common amount to the
+      largest size within the budget (:meth:`DiffQuantizer.fit_budget`).
     * validation, test and predict run on the true quantized weights, swapped in once when the
       stage starts and restored bit-identically when it ends (``quantize_eval=False`` keeps float).
     * ``quantize_on_fit_end=True`` leaves the model holding its quantized weights after ``fit``.
@@ -199,8 +198,8 @@ class DiffQ(QuantizationCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fsdp2 and self.target_bits is not None:
-            raise ValueError("DiffQ(target_bits=...) reads the whole model's stored size every step: not under FSDP2 yet; "
-                             "use penalty alone (sweep it for a size) or DDP")  # fmt: skip
+            raise ValueError("DiffQ(target_bits=...) moves every bits logit by one amount found on the whole model: not "
+                             "under FSDP2 yet; use penalty alone (sweep it for a size) or DDP")  # fmt: skip
         if self.fsdp2:  # configure_model's fully_shard replaced the parameters with shards
             if self.config.learn_ranges:
                 raise ValueError("DiffQ(learn_ranges=True) starts the ranges from whole weights: not under FSDP2 yet; use "
@@ -228,6 +227,8 @@ class DiffQ(QuantizationCallback):
         quantizer = self._require_quantizer()
         late = self._straight_through_step is not None and trainer.global_step >= self._straight_through_step
         if late != quantizer.straight_through:
+            if late:  # the bits are final from here: bring them to the budget first
+                self._fit_budget(trainer)
             quantizer.straight_through = late
             quantizer.size_penalty = 0.0 if late else self.penalty / trainer.accumulate_grad_batches
             if late:
@@ -235,13 +236,16 @@ class DiffQ(QuantizationCallback):
                     bits, stored = float(quantizer.average_bits(exact=True)), quantizer.stored_bits()
                 rank_zero_info(f"DiffQ: step {trainer.global_step}: bits frozen at {bits:.2f} on average ({stored:.3f} stored "
                                "bits per weight); training on the true quantized weights (straight-through) from here")  # fmt: skip
-        self._fit_budget()
 
-    def _fit_budget(self) -> None:
-        """``target_bits``: project the bits onto the budget while they are learned (the noise phase)."""
+    def _fit_budget(self, trainer: pl.Trainer) -> None:
+        """``target_bits``: move the learned bits, by one common amount, to the budget."""
         quantizer = self._require_quantizer()
-        if self.target_bits is not None and not quantizer.straight_through:
-            quantizer.fit_budget(self.target_bits)
+        if self.target_bits is None:
+            return
+        before = quantizer.stored_bits()
+        shift = quantizer.fit_budget(self.target_bits)
+        rank_zero_info(f"DiffQ: step {trainer.global_step}: bits brought to target_bits={self.target_bits}: "
+                       f"{before:.3f} -> {quantizer.stored_bits():.3f} stored bits per weight (every bits logit {shift:+.3f})")  # fmt: skip
 
     def setup_bits_param_group(self, trainer: pl.Trainer) -> None:
         """Move the bits into their own param group (the optimizer that holds them, else the first)."""
@@ -260,10 +264,6 @@ class DiffQ(QuantizationCallback):
             self._require_quantizer().prepare_compiled_step()
         else:
             self._require_quantizer().new_noise()
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._fit_budget()  # after the optimizer step: validation, a checkpoint and the bits' freeze see the budget
 
     @override
     def on_before_optimizer_step(
@@ -290,8 +290,6 @@ class DiffQ(QuantizationCallback):
             pl_module.log("quant/model_size_mb", size, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/avg_bits", bits, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/penalty", self.penalty * size, on_step=True, on_epoch=False)
-            if self.target_bits is not None:
-                pl_module.log("quant/stored_bits", quantizer.stored_bits(), on_step=True, on_epoch=False)
 
     def add_penalty_gradient(self, quantizer: DiffQuantizer, only_missing: bool = False) -> None:
         """Add ``penalty * d model_size / d bits`` to the bits' ``.grad`` (the task gradient is
@@ -359,6 +357,8 @@ class DiffQ(QuantizationCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         quantizer = self._require_quantizer()
+        if not quantizer.straight_through:  # learned to the end (else: brought to the budget when they froze)
+            self._fit_budget(trainer)
         quantizer.size_penalty = 0.0
         quantizer.straight_through = False
         with quantizer.gathered():  # FSDP2: whole tensors on every rank for the checks, the table and the file
@@ -441,11 +441,11 @@ class DiffQ(QuantizationCallback):
 
 CALLBACK_OPTIONS = {
     "penalty": "weight of the model size (MB) in the training objective",
-    "target_bits": "a size budget in stored bits per quantized weight (payload, widths, ranges, headers: "
-                   "quant/stored_bits): before each training step of the noise phase every bits logit is lowered by the "
-                   "one common amount that brings the model within it (a projection; the penalty still acts, penalty=0: "
-                   "the bits sit at the budget and the task alone decides where they go); None: no budget (the "
-                   "reference). Refused below what the grid stores at min_bits",
+    "target_bits": "a size budget in stored bits per quantized weight (payload, widths, ranges, headers): the "
+                   "penalty shapes which groups get more bits; when the bits stop being learned (the switch to the "
+                   "straight-through phase, else the end of fit) every bits logit is moved by one common amount, up or "
+                   "down, to the largest size within the budget, so the model ends at it whatever the seed; None: the "
+                   "size the penalty leads to (the reference). Refused below what the grid stores at min_bits",
     "bits_lr": "learning rate of the bits param group (the demo uses 1e-2)",
     "bits_weight_decay": "weight decay of the bits param group",
     "straight_through_fraction": "share of the training steps, at the end, that train on the true quantized weights "

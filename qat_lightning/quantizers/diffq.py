@@ -735,9 +735,9 @@ class DiffQuantizer:
         return self._size.stored_bits_if(width)
 
     def fit_budget(self, target_bits: float) -> float:
-        """Hold the model to a size budget: lower every bits logit by the one common amount that
-        brings :meth:`stored_bits` to at most ``target_bits`` (a no-op within it); returns the amount.
-        Call it after each optimizer step (what ``DiffQ(target_bits=...)`` does)."""
+        """Bring the model to a size budget: move every bits logit by the one common amount, up or
+        down, the largest that keeps :meth:`stored_bits` at most ``target_bits``; returns the amount.
+        ``DiffQ(target_bits=...)`` calls it once, when the bits stop being learned."""
         return self._size.fit_budget(target_bits)
 
     def size_gradient(self) -> list[torch.Tensor]:

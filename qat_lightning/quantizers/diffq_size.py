@@ -153,30 +153,37 @@ class DiffQSize:
 
     @torch.no_grad()
     def fit_budget(self, target_bits: float, iterations: int = BUDGET_ITERATIONS) -> float:
-        """Lower every bits logit by one common amount, the least (to ``2**-iterations`` of the
-        logits' spread) that brings :meth:`stored_bits` to at most ``target_bits``: a projection
-        onto the size budget that keeps the logits' order (the bits are increasing in the logit).
-        Returns the amount (0.0: already within the budget, nothing changed)."""
-        if not self.quantized or self.stored_bits() <= target_bits:
+        """Move every bits logit by one common amount, up or down, the largest (to ``2**-iterations``
+        of the search interval) that keeps :meth:`stored_bits` at most ``target_bits``: the model is
+        brought to its size budget, the logits keep their order and spacing (the bits are increasing
+        in the logit). Returns the amount (negative: the bits came down)."""
+        if not self.quantized:
             return 0.0
         logits = [qp.logit for qp in self.quantized]
         flat = torch.cat([logit.detach() for logit in logits])
         numel = sum(qp.param.numel() for qp in self.quantized)
 
         def stored_at(shift: float) -> float:
-            bits = (self.extra_bits + self.bits.bits(flat - shift)).round().clamp(1, MAX_QUANT_BITS)
+            bits = (self.extra_bits + self.bits.bits(flat + shift)).round().clamp(1, MAX_QUANT_BITS)
             return self._quantized_bits(bits).item() / numel
 
-        low, high = 0.0, float(flat.max() - flat.min()) + 64.0  # high: every logit far below any width's edge
-        if stored_at(high) > target_bits:
-            raise ValueError(f"target_bits={target_bits} is below the smallest size this grid stores ({stored_at(high):.3f} "
+        reach = float(flat.max() - flat.min()) + 64.0  # past it every group is at min_bits (down) or max_bits (up)
+        if stored_at(-reach) > target_bits:
+            raise ValueError(f"target_bits={target_bits} is below the smallest size this grid stores ({stored_at(-reach):.3f} "
                              "bits per weight at min_bits)")  # fmt: skip
-        for _ in range(iterations):  # stored_at(low) > target >= stored_at(high)
+        if stored_at(0.0) <= target_bits:  # within: go up, to the largest shift that stays within
+            low, high = 0.0, reach
+            if stored_at(high) <= target_bits:  # even max_bits everywhere fits
+                low = high
+        else:
+            low, high = -reach, 0.0
+        for _ in range(iterations if low < high else 0):  # stored_at(low) <= target < stored_at(high)
             middle = (low + high) / 2
-            low, high = (middle, high) if stored_at(middle) > target_bits else (low, middle)
-        for logit in logits:
-            logit.sub_(high)
-        return high
+            low, high = (middle, high) if stored_at(middle) <= target_bits else (low, middle)
+        if low:
+            for logit in logits:
+                logit.add_(low)
+        return low
 
     @torch.no_grad()
     def layer_stats(self) -> list[dict[str, Any]]:
