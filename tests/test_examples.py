@@ -118,3 +118,4 @@ def test_diffq_lm_benchmark_smoke() -> None:
 
     # which text the numbers were measured on: it changes between Python patch releases
     assert f"Python {platform.python_version()}, pydoc text {len(pydoc_text())} characters, sha256 " in result.stdout
+    assert "characters, sha256 " in result.stdout and ", 1 torch thread(s)" in result.stdout  # and on how many threads
