@@ -99,7 +99,7 @@ def test_seeds_of_one_configuration_are_one_point_with_their_spread(tmp_path: Pa
     per_seed = main([str(root), "--per-seed", "--out", str(tmp_path / "per_seed")])
     assert len(per_seed) == 6 and [r.pareto for r in per_seed] == [True, True, False, True, False, False]
     merged = main([str(root)])
-    assert [r.label for r in merged] == ["experiment=a", "experiment=b", "experiment=c"]
+    assert [r.label for r in merged] == ["a", "b", "c"]  # a recipe by its name
     a, b, c = merged
     assert (a.seeds, b.seeds, c.seeds) == (3, 2, 1)
     assert a.size == pytest.approx(0.15) and a.accuracy == pytest.approx(0.82)  # the means

@@ -154,6 +154,8 @@ def _short(override: str) -> str:
         number = None
     if number is not None and len(value) > 6:  # an Optuna-sampled float: 3 significant digits
         value = f"{number:.3g}"
+    if key == "experiment":  # a recipe: its name says it
+        return value
     return f"{key.split('.')[-1]}={value}"
 
 
@@ -231,7 +233,7 @@ def plot(runs: Sequence[Run], path: str | Path, title: str | None = None, lower:
     if spread:
         ax.errorbar([r.size for r in spread], [scale * r.accuracy for r in spread],
                     yerr=[scale * r.extra["quantized_test_acc_std"] for r in spread], fmt="none", ecolor="#6b7785",
-                    elinewidth=1, capsize=3, zorder=2, label=f"spread over seeds (std; {min(r.seeds for r in spread)}-{max(r.seeds for r in spread)} seeds)")  # fmt: skip
+                    elinewidth=1, capsize=3, zorder=2, label=f"spread over seeds (std; {_count(r.seeds for r in spread)} seeds)")  # fmt: skip
     baseline = float_baseline(runs, lower)
     if baseline is not None:
         size, accuracy, description = baseline
@@ -253,6 +255,11 @@ def plot(runs: Sequence[Run], path: str | Path, title: str | None = None, lower:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _count(values: Any) -> str:
+    values = sorted(values)
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
 
 
 def format_table(runs: Sequence[Run]) -> str:
