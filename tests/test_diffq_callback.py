@@ -349,28 +349,46 @@ def test_target_bits_without_a_straight_through_phase_fits_at_the_end_of_fit() -
     assert 3.95 < budget.quantizer.stored_bits() <= 4.0  # ...then brought to the budget: what test and export see
 
 
-def test_fit_budget_is_the_largest_common_shift() -> None:
+def test_fit_budget_is_the_largest_common_shift_then_a_fill() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 16, bias=False))
     q = DiffQuantizer(model, min_size=0, group_size=8, min_bits=3, init_bits=6)
     with torch.no_grad():
         for logit in q.parameters():
             logit.add_(torch.randn_like(logit))
+    numel, fills = 64 * 32 + 32 * 16, []
     for target in (4.0, 8.0, 5.0):  # down from about 6, then up, then down again
         before = [logit.detach().clone() for logit in q.parameters()]
+        widths_before = [q.true_bits(qp) for qp in q.quantized_params()]
         shift = q.fit_budget(target)
         assert q.stored_bits() <= target and (shift < 0) == (target < 6)
-        for a, b in zip(before, q.parameters()):  # one common amount: the logits keep their order and spacing
-            assert_close(b - a, torch.full_like(a, shift))
-        with torch.no_grad():  # the largest such amount: a little more and the model is over the budget
-            for logit in q.parameters():
-                logit.add_(1e-3)
-        assert q.stored_bits() > target
-        with torch.no_grad():
-            for logit in q.parameters():
-                logit.sub_(1e-3)
+        filled = 0
+        for a, b, qp in zip(before, q.parameters(), q.quantized_params()):
+            moved = (b - a).detach()
+            common = (moved - shift).abs() < 1e-5
+            assert common.float().mean() > 0.7  # most logits moved by the one common amount...
+            shifted = (q._size.extra_bits + q._bits.bits(a + shift)).round()  # ...the rest are the fill:
+            width = q.true_bits(qp)
+            assert torch.equal(width[~common], shifted[~common] + 1)  # one level more each,
+            assert width.max() == shifted.max()  # never past the tensor's widest (no width grows)
+            filled += int((~common).sum())
+        # the fill leaves less than one group's worth: any further group would break the budget
+        assert target - q.stored_bits() < 8 / numel, (target, q.stored_bits(), filled)
+        fills.append(filled)
+        assert any(not torch.equal(w, q.true_bits(qp)) for w, qp in zip(widths_before, q.quantized_params()))
+    assert fills == [17, 0, 0]  # at 4 bits the shift alone fell 17 groups short (a width step); 8 and 5: exact
     with pytest.raises(ValueError, match=r"target_bits=3.0 is below the smallest size this grid stores"):
         q.fit_budget(3.0)
+
+
+def test_logit_of_inverts_bits() -> None:
+    from qat_lightning.quantizers.diffq_bits import BitsParameterization
+
+    bits = torch.tensor([2.01, 3.5, 7.25, 14.99], dtype=torch.float64)
+    for param in ("bits", "noise"):
+        p = BitsParameterization(2, 15, param)
+        assert_close(p.bits(p.logit_of(bits)), bits)
+        assert p.logit_of(torch.tensor([6.0], dtype=torch.float64)).item() == pytest.approx(p.init_logit(6.0))
 
 
 def test_target_bits_below_the_grid_is_refused_at_setup() -> None:

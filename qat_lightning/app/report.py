@@ -267,12 +267,13 @@ def format_table(runs: Sequence[Run]) -> str:
     unit = "%" if scale == 100 else ""
     name = metric_name(runs).split("/")[-1]
     seeds = any(r.seeds > 1 for r in runs)
-    rows = [("run", "size MB", "compression", "avg bits", f"{name} {unit}".strip(), *(("± std", "seeds") if seeds else ()), "Pareto")]
+    # bits per weight as stored (scales and widths included) where the summary has it: the same measure for every method
+    rows = [("run", "size MB", "compression", "bits/weight", f"{name} {unit}".strip(), *(("± std", "seeds") if seeds else ()), "Pareto")]
     digits = 2 if scale == 100 else 4
     for run in sorted(runs, key=lambda r: r.size):
         s = run.summary
         spread = (f"{scale * run.extra['quantized_test_acc_std']:.{digits}f}" if run.seeds > 1 else "", str(run.seeds)) if seeds else ()
-        rows.append((run.label, f"{run.size:.4f}", f"{s.get('compression', math.nan):.2f}x", f"{s.get('avg_bits', math.nan):.2f}",
+        rows.append((run.label, f"{run.size:.4f}", f"{s.get('compression', math.nan):.2f}x", f"{s.get('stored_bits', s.get('avg_bits', math.nan)):.2f}",
                      f"{scale * run.accuracy:.{digits}f}", *spread, "*" if run.pareto else ""))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows)

@@ -33,6 +33,16 @@ class BitsParameterization:
             t = (init_bits - self.min_bits) / (self.max_bits - self.min_bits)
         return math.log(t / (1 - t))
 
+    def logit_of(self, bits: torch.Tensor) -> torch.Tensor:
+        """The logits whose bits are ``bits`` (strictly between ``min_bits`` and ``max_bits``): the
+        inverse of :meth:`bits`, elementwise (:meth:`init_logit` for a tensor)."""
+        if self.param == "noise":
+            log_unit = -torch.log(torch.exp2(bits) - 1)
+            t = (log_unit - math.log(self.max_noise)) / (math.log(self.min_noise) - math.log(self.max_noise))
+        else:
+            t = (bits - self.min_bits) / (self.max_bits - self.min_bits)
+        return torch.log(t) - torch.log1p(-t)
+
     def bits(self, logit: torch.Tensor) -> torch.Tensor:
         """Bits per group (before ``extra_bits`` and rounding)."""
         if self.param == "noise":

@@ -35,6 +35,7 @@ def fixed_bits(qp: QuantizedParam) -> int:
 
 
 BUDGET_ITERATIONS = 30  # bisection steps of fit_budget: the shift to 2**-30 of the logits' spread
+FILL_MARGIN = 1e-3  # bits past a rounding edge that fit_budget's fill sets a group to (round() then gives the level above)
 
 
 @dataclass
@@ -156,7 +157,8 @@ class DiffQSize:
         """Move every bits logit by one common amount, up or down, the largest (to ``2**-iterations``
         of the search interval) that keeps :meth:`stored_bits` at most ``target_bits``: the model is
         brought to its size budget, the logits keep their order and spacing (the bits are increasing
-        in the logit). Returns the amount (negative: the bits came down)."""
+        in the logit); then the remainder is filled (:meth:`_fill_budget`). Returns the amount
+        (negative: the bits came down)."""
         if not self.quantized:
             return 0.0
         logits = [qp.logit for qp in self.quantized]
@@ -180,10 +182,32 @@ class DiffQSize:
         for _ in range(iterations if low < high else 0):  # stored_at(low) <= target < stored_at(high)
             middle = (low + high) / 2
             low, high = (middle, high) if stored_at(middle) <= target_bits else (low, middle)
-        if low:
-            for logit in logits:
-                logit.add_(low)
+        flat += low
+        self._fill_budget(flat, target_bits * numel)
+        offset = 0
+        for logit in logits:  # the shift (and the fill) written back
+            logit.copy_(flat[offset : offset + logit.numel()].view_as(logit))
+            offset += logit.numel()
         return low
+
+    def _fill_budget(self, flat: torch.Tensor, budget: float) -> None:
+        """After the common shift, the budget's remainder (less than one step of the size, which
+        jumps where a tensor's widest group gains a level: every width then takes a bit more) goes
+        to the groups nearest to their next width, one level each, nearest first, each within its
+        tensor's widest (so no width grows): their logits are set just past the rounding edge."""
+        layout = self.layout()
+        bits = self.extra_bits + self.bits.bits(flat)
+        rounded = bits.round().clamp(1, MAX_QUANT_BITS)
+        slack = budget - self._quantized_bits(rounded).item()
+        widest = torch.repeat_interleave(torch.segment_reduce(rounded, "max", lengths=layout.lengths), layout.lengths)
+        edge = rounded + 0.5 + FILL_MARGIN  # bits just past it round to one level more
+        candidate = (rounded < widest) & (edge - self.extra_bits < self.bits.max_bits)
+        if slack <= 0 or not candidate.any():
+            return
+        index = torch.nonzero(candidate).squeeze(1)
+        order = index[torch.argsort(edge[index] - bits[index], stable=True)]  # nearest to the edge first
+        taken = order[torch.cumsum(layout.group_sizes[order], 0) <= slack]
+        flat[taken] = self.bits.logit_of(edge[taken] - self.extra_bits)
 
     @torch.no_grad()
     def layer_stats(self) -> list[dict[str, Any]]:
