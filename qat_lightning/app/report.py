@@ -239,10 +239,9 @@ def plot(runs: Sequence[Run], path: str | Path, title: str | None = None, lower:
         size, accuracy, description = baseline
         ax.scatter([size], [scale * accuracy], marker="*", s=260, color="#00798c", label=description, zorder=4)
         ax.axhline(scale * accuracy, color="#00798c", lw=0.8, ls="--", zorder=1)
-    for i, run in enumerate(sorted(quantized, key=lambda r: (r.size, r.accuracy))):  # neighbours: above / below
-        ax.annotate(run.label, (run.size, scale * run.accuracy), xytext=(6, 5 if i % 2 == 0 else -11), textcoords="offset points",
-                    fontsize=7.5, color="#222222" if run.pareto else "#6b7785")  # fmt: skip
     ax.set_xscale("log")
+    ax.autoscale_view()
+    _labels(ax, quantized, scale)
     ax.set_xlabel("true model size (MB, log scale)")
     ax.set_ylabel(ylabel)
     sizes = [r.size for r in runs] + ([baseline[0]] if baseline else [])
@@ -260,6 +259,25 @@ def plot(runs: Sequence[Run], path: str | Path, title: str | None = None, lower:
 def _count(values: Any) -> str:
     values = sorted(values)
     return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
+def _labels(ax: Any, runs: Sequence[Run], scale: float) -> None:
+    """Each point's label to its right; labels of points close in size are spread apart vertically
+    (at least a line apart, in the order of their points) and joined to their point by a thin line."""
+    if not runs:
+        return
+    low, high = ax.get_ylim()
+    gap = (high - low) * 0.04  # one label line, in data units
+    placed: list[tuple[float, float]] = []  # (log size, label y) of the labels so far
+    for run in sorted(runs, key=lambda r: (scale * r.accuracy, r.size)):  # bottom to top
+        x, y = math.log10(run.size), scale * run.accuracy
+        near = [ly for lx, ly in placed if abs(lx - x) < 0.12]
+        label_y = max([y, *(ly + gap for ly in near)])
+        placed.append((x, label_y))
+        moved = label_y - y > gap / 4
+        ax.annotate(run.label, (run.size, y), xytext=(run.size * 1.06, label_y), textcoords="data", fontsize=7.5, va="center",
+                    color="#222222" if run.pareto else "#6b7785",
+                    arrowprops=dict(arrowstyle="-", color="#b0b8c1", lw=0.6) if moved else None)  # fmt: skip
 
 
 def format_table(runs: Sequence[Run]) -> str:
