@@ -98,7 +98,7 @@ def test_sweep_report_example_smoke(tmp_path: Path) -> None:
     result = _run("examples/sweep_report.py", "--epochs", "1", "--penalties", "0,10", "--group-sizes", "8",
                   "--dir", str(tmp_path / "sweep"), "--extra", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
                   "data.num_samples=500")  # fmt: skip
-    assert "2 runs" in result.stdout and (tmp_path / "sweep" / "report.png").exists()
+    assert "2 configurations" in result.stdout and (tmp_path / "sweep" / "report.png").exists()
 
 
 def test_llama_qat_example_smoke() -> None:
