@@ -97,6 +97,11 @@ def lower_is_better(runs: Sequence[Run]) -> bool:
     return any(word in name for word in LOWER_IS_BETTER)
 
 
+def _lower(runs: Sequence[Run], lower: bool | None) -> bool:
+    """``lower`` if given, else the metric's own direction (:func:`lower_is_better`)."""
+    return lower_is_better(runs) if lower is None else lower
+
+
 def merge_seeds(runs: Sequence[Run], lower: bool | None = None) -> list[Run]:
     """One run per configuration: runs whose overrides differ only in ``seed=`` become their mean
     (every numeric summary entry averaged; ``extra``: ``seeds`` and the sample standard deviation of
@@ -119,7 +124,7 @@ def merge_seeds(runs: Sequence[Run], lower: bool | None = None) -> list[Run]:
                      quantized_size_mb_std=statistics.stdev(m.size for m in members))  # fmt: skip
         merged.append(Run(Path(os.path.commonpath([str(m.path) for m in members])), list(key), summary, extra=extra))
     _label(merged)
-    mark_pareto(merged, lower_is_better(merged) if lower is None else lower)
+    mark_pareto(merged, _lower(merged, lower))
     return merged
 
 
@@ -194,8 +199,7 @@ def float_baseline(runs: Sequence[Run], lower: bool | None = None) -> tuple[floa
     one, else the median over runs of the trained model tested with its quantizers switched off."""
     floats = [r for r in runs if r.is_float]
     if floats:
-        lower = lower_is_better(runs) if lower is None else lower
-        best = (min if lower else max)(floats, key=lambda r: r.accuracy)
+        best = (min if _lower(runs, lower) else max)(floats, key=lambda r: r.accuracy)
         return best.size, best.accuracy, "float32 run" + (f" (mean of {best.seeds} seeds)" if best.seeds > 1 else "")
     values = sorted(float(r.summary["float_test_acc"]) for r in runs if "float_test_acc" in r.summary)
     sizes = [float(r.summary["float_size_mb"]) for r in runs if "float_size_mb" in r.summary]
@@ -220,7 +224,7 @@ def plot(runs: Sequence[Run], path: str | Path, title: str | None = None, lower:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lower = lower_is_better(runs) if lower is None else lower
+    lower = _lower(runs, lower)
     scale, ylabel = _scale(runs, lower)
     quantized = [r for r in runs if not r.is_float]
     frontier = sorted((r for r in runs if r.pareto and not r.is_float), key=lambda r: r.size)
@@ -310,9 +314,11 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     direction.add_argument("--higher-is-better", dest="lower", action="store_false")
     args = parser.parse_args(argv)
     runs = collect(args.sweep_dir, args.summary_file)
-    lower = lower_is_better(runs) if args.lower is None else args.lower
-    runs = runs if args.per_seed else merge_seeds(runs, lower)
-    mark_pareto(runs, lower)
+    lower = _lower(runs, args.lower)
+    if args.per_seed:
+        mark_pareto(runs, lower)  # collect() marked them in the metric's own direction
+    else:
+        runs = merge_seeds(runs, lower)
     out = Path(args.out or args.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(runs, out / "report.csv")

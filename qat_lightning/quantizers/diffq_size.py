@@ -79,6 +79,10 @@ class DiffQSize:
         bits = self.extra_bits + self.bits.bits(logits)
         return bits.round().clamp(1, MAX_QUANT_BITS) if exact else bits
 
+    def _numel(self) -> int:
+        """Entries of the quantized tensors (each tied tensor once)."""
+        return sum(qp.param.numel() for qp in self.quantized)
+
     def layout(self) -> _Layout:
         """Groups per tensor and weights per group, on the logits' device (cached)."""
         device = self.quantized[0].logit.device
@@ -128,7 +132,7 @@ class DiffQSize:
         :meth:`stored_bits` counts them); NaN when nothing is quantized."""
         if not self.quantized:
             return torch.tensor(float("nan"), dtype=torch.float32)
-        numel = sum(qp.param.numel() for qp in self.quantized)
+        numel = self._numel()
         return torch.dot(self.all_bits(exact, detach=True), self.layout().group_sizes) / numel
 
     @torch.no_grad()
@@ -138,7 +142,7 @@ class DiffQSize:
         nothing is quantized."""
         if not self.quantized:
             return float("nan")
-        numel = sum(qp.param.numel() for qp in self.quantized)
+        numel = self._numel()
         kept = self._kept_bits()
         return (self.model_size(exact=True).item() * MEGABYTE_BITS - kept) / numel
 
@@ -149,7 +153,7 @@ class DiffQSize:
         if not self.quantized:
             return float("nan")
         layout = self.layout()
-        numel = sum(qp.param.numel() for qp in self.quantized)
+        numel = self._numel()
         return self._quantized_bits(torch.full_like(layout.group_sizes, float(width))).item() / numel
 
     @torch.no_grad()
@@ -163,11 +167,10 @@ class DiffQSize:
             return 0.0
         logits = [qp.logit for qp in self.quantized]
         flat = torch.cat([logit.detach() for logit in logits])
-        numel = sum(qp.param.numel() for qp in self.quantized)
+        numel = self._numel()
 
         def stored_at(shift: float) -> float:
-            bits = (self.extra_bits + self.bits.bits(flat + shift)).round().clamp(1, MAX_QUANT_BITS)
-            return self._quantized_bits(bits).item() / numel
+            return self._quantized_bits(self.true_bits_of(flat + shift)).item() / numel
 
         reach = float(flat.max() - flat.min()) + 64.0  # past it every group is at min_bits (down) or max_bits (up)
         if stored_at(-reach) > target_bits:
