@@ -251,6 +251,8 @@ CALLBACKS = {
     # the transformer recipe's grid: symmetric per-channel ranges, searched, learned in a straight-through second half
     "diffq_grid": lambda: [DiffQ(min_size=0, group_size=1, scale="channel", symmetric_ranges=True, range_search=2,
                                  straight_through_fraction=0.5, learn_ranges=True)],
+    # the size budget: the bits learned to the end of fit, then shifted to 6 stored bits per weight (from about 11)
+    "diffq_budget": lambda: [DiffQ(min_size=0, group_size=1, target_bits=6.0)],
     "fake_quant": lambda: [EMAFakeQuant()],
     "int4_int8": lambda: [EMAFakeQuant(weight_format="int4_g16", activation_format="int8_per_token", activation_position="inputs")],
     "lsq": lambda: [EMAFakeQuant(learned_step=True, weight_bits=4)],
@@ -273,6 +275,8 @@ def test_every_callback_trains_validates_resumes_and_exports_every_model(name: s
     assert torch.isfinite(losses["val_loss"]) and torch.isfinite(losses["train_loss"])
     report = callbacks[0].coverage
     assert report is not None and all(r.quantized or r.reason for r in report.rows)
+    if getattr(callbacks[0], "target_bits", None) is not None:
+        assert 5.5 < callbacks[0].quantizer.stored_bits() <= callbacks[0].target_bits
     checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else None
     checkpoint = checkpoint or next(tmp_path.rglob("*.ckpt"))
     # resume: one more step from the checkpoint, on a fresh model and fresh callbacks
