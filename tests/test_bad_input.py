@@ -25,7 +25,7 @@ def _model() -> nn.Module:
 
 DIFFQ_CASES = {
     "group_size": 3.5, "min_size": -0.1, "float16": "yes", "min_bits": 0, "max_bits": 16, "param": "logit",
-    "noise": "laplace", "init_bits": 1, "extra_bits": "one", "suffix": "", "exclude": 5, "include": 6, "detect_bound": 2,
+    "noise": "laplace", "noise_sampler": "mt19937", "init_bits": 1, "extra_bits": "one", "suffix": "", "exclude": 5, "include": 6, "detect_bound": 2,
     "scale": "row", "scale_group_size": 0, "scale_dtype": "int8", "symmetric_ranges": "yes", "range_search": -1, "learn_ranges": "yes",
 }  # fmt: skip
 CASES: dict[type, dict[str, Any]] = {

@@ -8,6 +8,8 @@ from torch.testing import assert_close
 
 from qat_lightning import DiffQuantizer
 
+from .helpers import noise_source
+
 MB = 8 * 2**20
 
 
@@ -400,12 +402,13 @@ def _one_noisy_backward(dtype: torch.dtype, **options: str) -> tuple:
 
 @pytest.mark.parametrize("param", ["bits", "noise"])
 @pytest.mark.parametrize("noise", ["gaussian", "uniform"])
-def test_fused_noise_gradients_equal_plain_autograd(param: str, noise: str) -> None:
+@pytest.mark.parametrize("sampler", ["torch", "table"])
+def test_fused_noise_gradients_equal_plain_autograd(param: str, noise: str, sampler: str) -> None:
     """The fused op's closed-form bits gradient equals autograd through the reference formula."""
-    layer, q, logit, upstream, seen = _one_noisy_backward(torch.float32, param=param, noise=noise)
-    # by hand, same random source: noise = (max - min) / (2**bits - 1) * source, source = randn / 2
+    layer, q, logit, upstream, seen = _one_noisy_backward(torch.float32, param=param, noise=noise, noise_sampler=sampler)
+    # by hand, same random source: noise = (max - min) / (2**bits - 1) * source, source = randn / 2 (torch's sampler)
     torch.manual_seed(7)
-    source = torch.randn(32, 64) / 2 if noise == "gaussian" else torch.rand(32, 64) - 0.5
+    source = noise_source(noise, sampler, (32, 64))
     w = layer.weight.detach().clone().requires_grad_()
     ref_logit = logit.detach().clone().requires_grad_()
     unit = 1 / (2 ** q.get_bits(ref_logit) - 1)

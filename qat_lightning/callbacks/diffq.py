@@ -82,6 +82,7 @@ class DiffQ(QuantizationCallback):
         max_bits: float = 15,
         param: str = "bits",
         noise: str = "gaussian",
+        noise_sampler: str = "auto",
         init_bits: float = 8,
         extra_bits: float = 0,
         suffix: str = "_diffq",
