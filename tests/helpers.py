@@ -42,13 +42,15 @@ def set_widths(quantizer: Any, widths: list[int]) -> None:
             qp.logit.copy_(torch.log(t / (1 - t)))
 
 
-def noise_source(noise: str, sampler: str, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+def noise_source(
+    noise: str, sampler: str, shape: tuple[int, ...], generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """What DiffQ's training noise is, ``source`` in ``p + (max - min) / (2**bits - 1) * source``, drawn
     from ``generator`` (None: torch's global RNG) as each sampler specifies, computed here from that
     specification: ``"torch"``: ``randn / 2`` or ``rand - 0.5``; ``"table"``: 64 random bits per
     int64 draw, read as 16-bit values ``k``: ``k`` signed ``/ 2**16`` (uniform), or the standard
     normal's quantile at ``(k unsigned + 0.5) / 2**16``, divided by the RMS of all 65 536 such
-    quantiles, ``/ 2`` (gaussian)."""
+    quantiles, ``/ 2`` (gaussian); each value rounded once into ``dtype``."""
     from statistics import NormalDist
 
     n = 1
@@ -56,13 +58,13 @@ def noise_source(noise: str, sampler: str, shape: tuple[int, ...], generator: to
         n *= size
     if sampler == "torch":
         if noise == "gaussian":
-            return torch.randn(shape, generator=generator) / 2
-        return torch.rand(shape, generator=generator) - 0.5
+            return torch.randn(shape, generator=generator, dtype=dtype) / 2
+        return torch.rand(shape, generator=generator, dtype=dtype) - 0.5
     words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None, generator=generator)
     if noise == "uniform":
-        return (words.view(torch.int16)[:n].double() / 2**16).float().view(shape)
+        return (words.view(torch.int16)[:n].double() / 2**16).to(dtype).view(shape)
     inv_cdf = NormalDist().inv_cdf
     quantiles = [inv_cdf((k + 0.5) / 2**16) for k in range(2**16)]
     rms = (sum(z * z for z in quantiles) / 2**16) ** 0.5
-    values = torch.tensor([z / rms for z in quantiles], dtype=torch.float64).float()
+    values = torch.tensor([z / rms for z in quantiles], dtype=torch.float64).to(dtype)
     return (values[words.view(torch.uint16)[:n].long()] / 2).view(shape)

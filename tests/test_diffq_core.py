@@ -430,7 +430,7 @@ def test_noise_gradient_exact_in_float64_and_from_the_saved_noise_in_bfloat16(dt
     """float64 recovers the noise to 1e-12; half-precision weights keep the drawn noise itself."""
     layer, q, logit, upstream, seen = _one_noisy_backward(dtype)
     torch.manual_seed(7)
-    source = torch.randn(32, 64, dtype=dtype) / 2
+    source = noise_source("gaussian", "table", (32, 64), dtype=dtype)  # the CPU default
     w = layer.weight.detach()
     ref_logit = logit.detach().clone().requires_grad_()
     unit = 1 / (2 ** q.get_bits(ref_logit) - 1)

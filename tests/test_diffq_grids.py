@@ -15,7 +15,7 @@ from qat_lightning.export.packing import load_quantized, quantize_state_dict, re
 from qat_lightning.formats.uniform import grid_dequantize, grid_quantize, range_block
 from qat_lightning.quantizers.noise import inject_noise
 
-from .helpers import set_widths
+from .helpers import noise_source, set_widths
 
 MB = 8 * 2**20
 
@@ -159,7 +159,7 @@ def test_noise_and_gradients_equal_autograd_of_the_formula(dtype: torch.dtype, s
         w = qp.param.detach().float().clone().requires_grad_(True)
         block = qp.range_block
         span = (w.detach().reshape(-1, block).amax(1) - w.detach().reshape(-1, block).amin(1)).repeat_interleave(block)
-        noise = torch.empty(w.shape, dtype=dtype).normal_(generator=generator).float()
+        noise = 2 * noise_source("gaussian", "table", tuple(w.shape), generator, dtype).float()  # the CPU default
         entry_unit = unit.repeat_interleave(qp.group_size)
         noisy[qp.name] = (w, logit, (w.reshape(-1) + entry_unit * span * 0.5 * noise.reshape(-1)).view_as(w))
     for qp in q2.quantized_params():
