@@ -6,8 +6,9 @@ torchao's QAT of the same formats (when torchao is installed; both keep the 40-f
 float: 32 does not divide 40), torch.ao eager QAT (W8A8) and, when ``diffq-fixed`` is installed,
 the reference diffq driven by an equivalent callback alternate in one process; each
 reports the median time between ``on_train_batch_start`` and ``on_train_batch_end`` after
-warm-up. Also prints the noise floor: the time to draw one gaussian number per quantized weight,
-``floor = (fp32 step + noise) / fp32 step``.
+warm-up. Also prints the noise floor: the time to draw one gaussian number per quantized weight
+with torch's ``normal_``, ``floor = (fp32 step + noise) / fp32 step``, and the same with DiffQ's own
+16-bit table draws (``noise_sampler="table"``, its CPU default).
 
     python benchmarks/step_overhead.py [--steps 300] [--rounds 3] [--threads 1] [--json out.json]
 """
@@ -26,6 +27,7 @@ import torch
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant
 from qat_lightning.demo import Classifier, MLP, MNIST1DDataModule
+from qat_lightning.quantizers.noise_draw import NoiseSampler
 
 
 class StepTimer(pl.Callback):
@@ -95,6 +97,7 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
     return {
         "fp32": [],
         "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
+        "diffq_torch_noise": [DiffQ(penalty=1.0, bits_lr=1e-2, noise_sampler="torch")],  # torch's normal_, the old default
         "diffq_channel": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel")],  # issue 18's grid, noise phase
         "diffq_channel_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", range_search=10, learn_ranges=True,
                                     straight_through_fraction=1.0)],  # its straight-through phase (every step)
@@ -130,15 +133,17 @@ def noise_time(hidden: tuple[int, ...], repeats: int = 200) -> float:
     return module_noise_time(MLP(hidden=hidden), repeats)
 
 
-def module_noise_time(module: torch.nn.Module, repeats: int = 200, **diffq: object) -> float:
-    """Median time to draw one gaussian number per weight DiffQ (options ``diffq``) quantizes in ``module``."""
+def module_noise_time(module: torch.nn.Module, repeats: int = 200, sampler: str = "torch", **diffq: object) -> float:
+    """Median time to draw one gaussian number per weight DiffQ (options ``diffq``) quantizes in
+    ``module``: with torch's ``normal_`` (the floor), or ``sampler="table"``, DiffQ's 16-bit draws."""
     quantizer = DiffQuantizer(module, **diffq)
     buffers = [torch.empty_like(qp.param) for qp in quantizer.quantized_params()]  # refilled: no page faults
+    draw = NoiseSampler("gaussian", sampler).draw
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for buffer in buffers:
-            buffer.normal_()
+            draw(buffer, None)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -174,16 +179,19 @@ def main() -> None:
             times[variant].append(step_time(variant, args.steps, args.warmup, hidden))
     median = {v: statistics.median(t) for v, t in times.items()}
     fp32, noise = median["fp32"], noise_time(hidden)
+    table_noise = module_noise_time(MLP(hidden=hidden), sampler="table")
     result = {
         "model": f"MLP 40-{'-'.join(map(str, hidden))}-10, batch 100, {args.threads} thread(s)",
         "fp32_step_ms": 1e3 * fp32,
         "noise_ms": 1e3 * noise,
         "noise_floor_ratio": (fp32 + noise) / fp32,
+        "table_noise_ms": 1e3 * table_noise,  # DiffQ's own draw (noise_sampler="table", the CPU default)
+        "table_noise_floor_ratio": (fp32 + table_noise) / fp32,
         **{f"{v}_step_ms": 1e3 * median[v] for v in variants if v != "fp32"},
         **{f"{v}_ratio": median[v] / fp32 for v in variants if v != "fp32"},
     }
     labels = {
-        "diffq": "qat_lightning DiffQ", "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
+        "diffq": "qat_lightning DiffQ", "diffq_torch_noise": "DiffQ, noise_sampler='torch'", "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
         "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 1)",
         "int4_g32": "ours int4_g32 weights", "int8tok_int4_g32": "ours int8_per_token + int4_g32",
         "torchao_int4_g32": "torchao QAT int4_g32", "torchao_int8tok_int4_g32": "torchao QAT int8 token + int4_g32",
@@ -196,6 +204,7 @@ def main() -> None:
     for v in variants[1:]:
         print(f"  {labels[v]:34s} {result[f'{v}_step_ms']:8.3f} ms   ratio {result[f'{v}_ratio']:.2f}x")
     print(f"  {'noise alone (normal_)':34s} {result['noise_ms']:8.3f} ms   floor {result['noise_floor_ratio']:.2f}x")
+    print(f"  {'noise alone (16-bit table draws)':34s} {result['table_noise_ms']:8.3f} ms   floor {result['table_noise_floor_ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
