@@ -191,7 +191,8 @@ def main() -> None:
         **{f"{v}_ratio": median[v] / fp32 for v in variants if v != "fp32"},
     }
     labels = {
-        "diffq": "qat_lightning DiffQ", "diffq_torch_noise": "DiffQ, noise_sampler='torch'", "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
+        "diffq": "qat_lightning DiffQ", "diffq_torch_noise": "DiffQ, noise_sampler='torch'",
+        "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
         "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 1)",
         "int4_g32": "ours int4_g32 weights", "int8tok_int4_g32": "ours int8_per_token + int4_g32",
         "torchao_int4_g32": "torchao QAT int4_g32", "torchao_int8tok_int4_g32": "torchao QAT int8 token + int4_g32",

@@ -51,11 +51,10 @@ def noise_source(
     int64 draw, read as 16-bit values ``k``: ``k`` signed ``/ 2**16`` (uniform), or the standard
     normal's quantile at ``(k unsigned + 0.5) / 2**16``, divided by the RMS of all 65 536 such
     quantiles, ``/ 2`` (gaussian); each value rounded once into ``dtype``."""
+    from math import prod
     from statistics import NormalDist
 
-    n = 1
-    for size in shape:
-        n *= size
+    n = prod(shape)
     if sampler == "torch":
         if noise == "gaussian":
             return torch.randn(shape, generator=generator, dtype=dtype) / 2

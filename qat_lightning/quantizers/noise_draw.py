@@ -90,4 +90,3 @@ class NoiseSampler:
                 torch.empty(CHUNK, dtype=torch.int32, device=device),
             )
         return scratch
-
