@@ -331,6 +331,27 @@ def test_in_place_writes_to_the_buffers_are_used_in_eval(write: str) -> None:
     assert torch.equal(after, _fresh_output(model.state_dict(), x))
 
 
+def test_replaced_buffers_are_read_not_the_cached_views() -> None:
+    """The CPU paths read the buffers through cached numpy views: a buffer replaced by assignment
+    (a new tensor object and storage) must be seen from the next call on."""
+    from qat_lightning.quantizers.weight import WeightRange
+
+    w = torch.randn(8, 16)
+    wr = WeightRange(8, num_bits=4)
+    assert torch.equal(wr(w), weight_fake_quantize(w, 4, "symmetric", axis=0))  # uncalibrated: the view is cached now
+    wr.clip_ratio = torch.full((8,), 0.5)
+    wr.calibrated = torch.ones(())  # a new flag buffer: calibrated from here on
+    expected = fake_quantize(w, *wr.quant_params(w), 4, "symmetric", axis=0)
+    assert torch.equal(wr(w), expected) and not torch.equal(expected, weight_fake_quantize(w, 4, "symmetric", axis=0))
+    fq = FakeLinearQuantization(num_bits=8, mode="asymmetric_unsigned", ema_decay=0.0)
+    fq(torch.tensor([0.0, 1.0]))
+    fq.eval()
+    x = torch.tensor([0.3, 0.77, 1.5])
+    fq.scale, fq.clamp_range = fq.scale / 4, fq.clamp_range * 4  # the range [0, 4]: levels 4 / 255 apart
+    assert torch.equal(fq(x), fake_quantize(x, fq.scale, fq.zero_point, fq.clamp_range[0], fq.clamp_range[1], 8, "asymmetric_unsigned"))
+    assert fq(x)[2].item() == pytest.approx(1.5, abs=2 / 255)
+
+
 def test_weight_averaging_validation_runs_on_the_averaged_buffers() -> None:
     from lightning.pytorch.callbacks import WeightAveraging
 

@@ -28,6 +28,7 @@ class LinearQuantMode(str, Enum):
 
 
 MODES = tuple(m.value for m in LinearQuantMode)
+_SYMMETRIC = (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
 _TINY = 1e-30  # keeps the division finite where the range is empty; torch.where then picks scale 1
 
 
@@ -234,17 +235,18 @@ def weight_fake_quantize(w: torch.Tensor, num_bits: int, mode: str, axis: int | 
 
     The range is the weight's own min/max, so nothing is clamped and the gradient is the identity.
     """
-    symmetric = mode in (LinearQuantMode.SYMMETRIC, LinearQuantMode.SYMMETRIC_RESTRICTED)
-    with torch.no_grad():
-        mn, mx = channel_min_max(w, axis)
-        if symmetric and not w.is_cuda:
-            # Distiller's symmetric scale in three ops; an all-zero channel gets a huge scale
-            # instead of 1, which quantizes it to zeros all the same
-            n = (2**num_bits - 1) / 2 if mode == LinearQuantMode.SYMMETRIC else 2 ** (num_bits - 1) - 1
-            scale = torch.maximum(mn.float().neg_(), mx.float()).clamp_(min=_TINY).reciprocal_().mul_(n)
-            zero_point = low = high = None
-        else:
-            scale, zero_point, low, high = linear_quant_params(num_bits, mode, mn.float(), mx.float())
+    symmetric = mode in _SYMMETRIC
+    mn, mx = channel_min_max(w, axis)  # detached: nothing below records a graph
+    if symmetric and not w.is_cuda:
+        # Distiller's ``n / max_abs`` (torch computes a scalar over a tensor as reciprocal times
+        # the scalar); an all-zero channel gets a huge scale instead of 1, which quantizes it to
+        # zeros all the same
+        n = (2**num_bits - 1) / 2 if mode == LinearQuantMode.SYMMETRIC else 2 ** (num_bits - 1) - 1
+        scale = torch.maximum(mn.float().neg_(), mx.float()).clamp_(min=_TINY).reciprocal_().mul_(n)
+        if axis is not None:
+            scale = scale.view(_broadcast_shape(w, axis))
+        return _RoundSTE.apply(w, scale.to(w.dtype), None, True)
+    scale, zero_point, low, high = linear_quant_params(num_bits, mode, mn.float(), mx.float())
     if w.is_cuda:
         return fused_fake_quantize(w, scale, zero_point, low, high, num_bits, mode, axis)
     shape = _broadcast_shape(w, axis)

@@ -3,6 +3,7 @@ with a learned step size (LSQ), its state in buffers that are the single source 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,13 @@ class FakeLinearQuantization(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
+        views = None if x.is_cuda or self.learned_step or not self.dequantize else self._views()
+        if views is not None:  # the CPU path of every training step: the buffers read once, through numpy
+            if self.training and self.observe:
+                self._observe_on_host(x, views)
+            if not self.enabled or views[2][()] <= 0:  # no range yet: pass-through
+                return x
+            return _PerTensorSTE.apply(x, self._host_plan(views))
         if self.learned_step and self._learning():
             return self._learned(x) if self.enabled else x
         if self.training and self.observe:
@@ -153,16 +161,15 @@ class FakeLinearQuantization(nn.Module):
 
     @property
     def _mirrored(self) -> tuple[torch.Tensor, ...]:
-        buffers = (self.tracked_biased, self.tracked, self.iter_count, self.scale, self.zero_point, self.clamp_range)
-        return (*buffers, self.step_initialized) if self.learned_step else buffers
+        return (_LSQ_BUFFERS if self.learned_step else _BUFFERS)(self._buffers)  # straight from the dict: no __getattr__
 
     def _views(self) -> tuple[np.ndarray, ...] | None:
         """numpy views of the CPU buffers, in :attr:`_mirrored` order (None off the CPU)."""
         buffers = self._mirrored
-        if buffers[0].device.type != "cpu":
+        if not buffers[0].is_cpu:
             return None
         host = self._host
-        ptrs = tuple(t.data_ptr() for t in buffers)
+        ptrs = tuple(map(_DATA_PTR, buffers))
         if host.ptrs != ptrs:
             host.ptrs, host.views = ptrs, tuple(t.detach().numpy() for t in buffers)
         return host.views
@@ -201,8 +208,8 @@ class FakeLinearQuantization(nn.Module):
         flag = getattr(self, "step_initialized", None)
         self._lsq_known = None if flag is None or flag.is_meta else bool(flag.item())
 
-    def _host_plan(self) -> tuple[float, ...]:
-        views = self._views()
+    def _host_plan(self, views: tuple[np.ndarray, ...] | None = None) -> tuple[float, ...]:
+        views = self._views() if views is None else views
         values = (float(views[3][()]), float(views[4][()]), float(views[5][0]), float(views[5][1]))
         host = self._host
         if host.plan is None or host.plan_values != values:
@@ -241,6 +248,16 @@ class FakeLinearQuantization(nn.Module):
             host = self._device_state()  # what the device now holds, known without a host sync
             host.step, host.learned_ready = step, learned
             return
+        self._observe_on_host(x, self._views(), mn, mx, current)
+
+    def _observe_on_host(
+        self, x: torch.Tensor, views: tuple[np.ndarray, ...], mn: torch.Tensor | None = None, mx: torch.Tensor | None = None,
+        current: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """:meth:`update_range` on the CPU: the batch min / max folded into the EMA in host float32."""
+        if mn is None:
+            mn, mx = torch.aminmax(x.detach())
+            current = self._global_range(mn, mx)
         lo, hi = current.tolist() if current is not None else (mn.item(), mx.item())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise FloatingPointError(
@@ -248,7 +265,7 @@ class FakeLinearQuantization(nn.Module):
                 "updated. The model diverged or the data holds NaN/Inf: check the loss, the learning rate "
                 "and the inputs (Trainer(detect_anomaly=True) finds the first op that produced them)"
             )
-        self._update_on_host(lo, hi, self._steps() + 1)
+        self._update_on_host(lo, hi, int(views[2][()]) + 1, views)
 
     @staticmethod
     def _global_range(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor | None:
@@ -274,8 +291,8 @@ class FakeLinearQuantization(nn.Module):
         torch.div(self.tracked_biased, correction, out=self.tracked)
         self._update_params()
 
-    def _update_on_host(self, lo: float, hi: float, step: int) -> None:
-        biased_view, tracked_view, iter_count, scale, zero_point, clamp_range = self._views()[:6]
+    def _update_on_host(self, lo: float, hi: float, step: int, views: tuple[np.ndarray, ...]) -> None:
+        biased_view, tracked_view, iter_count, scale, zero_point, clamp_range = views[:6]
         # torch's lerp_(current, w): fma(w, current - biased, biased) for w < 0.5, else
         # fma(-(1 - w), current - biased, current), the difference in float32; the double product
         # of two float32 numbers is exact, so one rounding remains, as in the fused multiply-add
@@ -352,6 +369,11 @@ class FakeLinearQuantization(nn.Module):
     def extra_repr(self) -> str:
         lsq = ", learned_step=True" if self.learned_step else ""
         return f"num_bits={self.num_bits}, mode={self.mode.value}, ema_decay={self.ema_decay}{lsq}"
+
+
+_BUFFERS = operator.itemgetter("tracked_biased", "tracked", "iter_count", "scale", "zero_point", "clamp_range")
+_LSQ_BUFFERS = operator.itemgetter("tracked_biased", "tracked", "iter_count", "scale", "zero_point", "clamp_range", "step_initialized")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 class _HostState:

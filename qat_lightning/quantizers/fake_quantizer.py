@@ -406,10 +406,10 @@ class EMAFakeQuantizer:
 
     def set_state(self, *, enabled: bool | None = None, observe: bool | None = None) -> None:
         """Switch quantization (``enabled``) and range tracking (``observe``) of all activation quantizers."""
-        for fq in self._created:
-            if enabled is not None:
+        for fq in self._created:  # called every step: nn.Module.__setattr__ only where a value changes
+            if enabled is not None and fq.enabled != enabled:
                 fq.enabled = enabled
-            if observe is not None and isinstance(fq, FakeLinearQuantization):
+            if observe is not None and isinstance(fq, FakeLinearQuantization) and fq.observe != observe:
                 fq.observe = observe
         if enabled is not None:
             self.weights_enabled = enabled

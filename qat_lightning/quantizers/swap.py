@@ -91,8 +91,8 @@ class WeightSwapper:
                 held[key] = (module, current, tensor)
                 owner._parameters[attr] = tensor  # bypasses the leaf check of __setattr__ on purpose
                 swapped = True
-        if swapped:
-            refresh_rnn(module)
+        if swapped and isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # RNN modules cache their weights in _flat_weights
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         swapped = False
@@ -104,8 +104,8 @@ class WeightSwapper:
                     owner._parameters[attr] = swap[1]
                     swapped = True
                 del held[key]
-        if swapped:
-            refresh_rnn(module)
+        if swapped and isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # RNN modules cache their weights in _flat_weights
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:

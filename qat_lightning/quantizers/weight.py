@@ -33,6 +33,7 @@ class _WeightQuantizer(nn.Module):
         self.label = type(self).__name__  # named in errors; EMAFakeQuantizer sets "weight quantizer (<weight>)"
         self._ready: tuple[tuple[int, int], bool] | None = None  # (flag buffer identity and version, value)
         self._known: bool | None = False  # the flag as our own writes left it (compiled forwards read this); None: re-read
+        self._flag_view: tuple[int, Any] | None = None  # (data pointer, numpy view) of the CPU flag buffer
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> _WeightQuantizer:
         apply_keeping_float32(self, super()._apply, fn, *args, **kwargs)  # moves and casts keep the flag's value
@@ -55,9 +56,12 @@ class _WeightQuantizer(nn.Module):
             if self._known is None:
                 self._known = read_flag(getattr(self, self._flag))  # a graph break, once after a load
             return self._known
-        flag = getattr(self, self._flag)
+        flag = self._buffers[self._flag]
         if flag.is_cpu:
-            return bool(flag.detach().numpy()[()])
+            view = self._flag_view
+            if view is None or view[0] != flag.data_ptr():  # a numpy view, re-made when the buffer is replaced
+                view = self._flag_view = (flag.data_ptr(), flag.detach().numpy())
+            return bool(view[1][()])
         key = (flag.data_ptr(), flag._version)
         if self._ready is None or self._ready[0] != key:
             self._ready = (key, bool(flag.item()))
