@@ -30,7 +30,7 @@ DIFFQ_CASES = {
 }  # fmt: skip
 CASES: dict[type, dict[str, Any]] = {
     DiffQ: {**DIFFQ_CASES, "penalty": -1, "bits_lr": 0, "bits_weight_decay": -1, "quantize_eval": None, "quantize_on_fit_end": "no",
-            "export_path": 3, "layer_report": 3.0, "seed": -1, "straight_through_fraction": 2, "range_lr": 0,
+            "export_path": 3, "layer_report": 3.0, "seed": -1, "straight_through_fraction": 2, "range_lr": 0, "dampening": -1,
             "target_bits": 0},
     DiffQuantizer: {**DIFFQ_CASES, "model": "not a module"},
     EMAFakeQuant: {"weight_bits": 1, "activation_bits": 17, "weight_mode": "ternary", "activation_mode": "x", "per_channel": "y",
@@ -93,6 +93,7 @@ def test_bad_argument_raises_value_error_naming_it(cls: type, argument: str) -> 
         (DiffQ, {"seed": 2**70}, r"seed must be an integer >= 0 and <= 9223372036854775807"),
         (DiffQ, {"min_size": 1e308}, r"min_size must be a number >= 0 and <= 1048576"),
         (DiffQ, {"target_bits": 33}, r"target_bits must be a number > 0 and <= 32"),
+        (DiffQ, {"dampening": 1.0}, r"dampening=1.0\) damps the rounding oscillations of the straight-through phase: set straight_through_fraction > 0"),
         (DiffQ, {"suffix": ""}, r"suffix must be '_' followed by letters"),
         (DiffQ, {"suffix": ".x"}, r"suffix must be '_' followed by letters"),
         (DiffQ, {"suffix": "weight"}, r"suffix must be '_' followed by letters.*got 'weight'"),

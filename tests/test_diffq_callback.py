@@ -432,7 +432,8 @@ def test_target_bits_resume_is_exact(tmp_path) -> None:
 
 @pytest.mark.parametrize(("option", "message"), [({"target_bits": 5.0}, r"target_bits=\.\.\.\) moves every bits logit by one amount found on the whole model"),
                                                  ({"learn_ranges": True, "straight_through_fraction": 0.5, "scale": "channel"},
-                                                  r"learn_ranges=True\) starts the ranges from whole weights")])  # fmt: skip
+                                                  r"learn_ranges=True\) starts the ranges from whole weights"),
+                                                 ({"dampening": 1.0, "straight_through_fraction": 0.5}, r"dampening > 0\) reads each weight's whole grid")])  # fmt: skip
 def test_fsdp2_refuses_what_needs_whole_tensors_every_step(option: dict, message: str) -> None:
     diffq = DiffQ(**SMALL, **option)
     trainer = tiny_trainer(max_steps=1, callbacks=[diffq])

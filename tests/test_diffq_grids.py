@@ -455,6 +455,87 @@ def test_callback_switches_to_straight_through_for_the_last_share_of_the_steps(t
         DiffQ(straight_through_fraction=1.5)
 
 
+# ------------------------------------------------------------------------------ oscillation dampening
+def test_rounding_offset_by_hand() -> None:
+    """Block 1, range [0, 1] at 2 bits (step 1/3, t = 3 x): 0.26 -> t 0.78, 0.22 below level 1; 0.74
+    -> 2.22, 0.22 above level 2; 0.5 -> 1.5, a tie, rounded to even (level 2): -0.5; the end 1.0 and
+    1.2 beyond it (clipped by the grid) get none. Block 2, [-1, 1] at 1 bit (step 2, t = (x + 1) / 2):
+    -0.1 -> 0.45; -1.5 beyond the range: none; 0.2 -> 0.6, 0.4 below level 1; the ends none; 0.9 ->
+    0.95: -0.05."""
+    from qat_lightning.formats.uniform import grid_rounding_offset
+
+    p = torch.tensor([0.0, 0.26, 0.74, 0.5, 1.0, 1.2, -0.1, -1.5, 0.2, 1.0, -1.0, 0.9])
+    bits = torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    offset, step = grid_rounding_offset(p, bits, 2, 6, torch.tensor([0.0, -1.0]), torch.tensor([1.0, 1.0]))
+    expected = [0.0, -0.22, 0.22, -0.5, 0.0, 0.0, 0.45, 0.0, -0.4, 0.0, 0.0, -0.05]
+    assert offset.tolist() == pytest.approx(expected, abs=1e-5)
+    assert step.tolist() == pytest.approx([1 / 3] * 6 + [2.0] * 6)
+
+
+def test_rounding_pull_is_the_gradient_of_the_squared_offset() -> None:
+    """The quantizer's pull, against autograd through t - round(t) (an independent route): half the
+    gradient of sum(offset**2) in each weight, on a channel grid with searched ranges and on learned ones."""
+    from qat_lightning.formats.uniform import per_cell
+
+    torch.manual_seed(0)
+    model = _model()
+    q = DiffQuantizer(model, min_size=0, group_size=8, scale="channel", range_search=4, learn_ranges=True, exclude=["*.bias"])
+    with torch.no_grad():
+        for logit in q.parameters():
+            logit.uniform_(-2, 2)
+    for started in (False, True):
+        q.straight_through = started
+        for qp in q.quantized_params():
+            bits = q._size.true_bits_of(qp.logit.detach())
+            _, mn, mx = q.grid_levels(qp, qp.param.detach(), bits)
+            w = qp.param.detach().clone().requires_grad_(True)
+            rows = w.reshape(-1, 8)
+            step = (per_cell(mx - mn, qp.range_block, 8) / (2 ** bits - 1))[:, None]
+            t = (rows - per_cell(mn, qp.range_block, 8)[:, None]) / step
+            inside = ((t >= 0) & (t <= 2 ** bits[:, None] - 1)).float()
+            (((t - t.detach().round()) * inside).square().sum() / 2).backward()
+            assert torch.allclose(q.rounding_pull(qp), w.grad, rtol=1e-5, atol=1e-5), (started, qp.name)
+            assert w.grad.abs().sum() > 0
+
+
+def test_dampening_settles_the_weights_on_their_levels(tmp_path: Path) -> None:
+    """Trained with dampening, the straight-through phase ends with the latent weights nearer their
+    grid levels than without it (the same run otherwise); before the phase nothing is added, and
+    the strength ramps by a cosine from 0 to its value over the phase."""
+    from qat_lightning import DiffQ
+
+    from .helpers import tiny_loader, tiny_model, tiny_trainer
+
+    def run(dampening: float) -> tuple[DiffQ, list[torch.Tensor]]:
+        pl.seed_everything(0)
+        diffq = DiffQ(min_size=0, group_size=4, scale="channel", init_bits=6, straight_through_fraction=0.5, dampening=dampening, seed=1)
+        trainer = tiny_trainer(tmp_path / str(dampening), max_steps=24, max_epochs=-1, callbacks=[diffq])
+        model = tiny_model()
+        trainer.fit(model, tiny_loader(n=128))
+        q = diffq.quantizer
+        q.straight_through = True
+        offsets = [_offset(q, qp).abs() for qp in q.quantized_params()]
+        return diffq, offsets
+
+    plain, free = run(0.0)
+    damped, pulled = run(50.0)
+    ratio = torch.cat([o.reshape(-1) for o in pulled]).mean() / torch.cat([o.reshape(-1) for o in free]).mean()
+    assert ratio < 0.5
+    assert damped._phase_steps == (12, 24)
+    assert [damped.dampening_strength(s) for s in (0, 11, 12, 23)] == [0.0, 0.0, 0.0, 50.0]
+    assert damped.dampening_strength(17.5) == pytest.approx(25.0)
+    assert damped.dampening_strength(13) == pytest.approx(50 * (1 - math.cos(math.pi / 11)) / 2)
+    assert plain.dampening_strength(23) == 0.0
+
+
+def _offset(q: DiffQuantizer, qp) -> torch.Tensor:  # noqa: ANN001
+    from qat_lightning.formats.uniform import grid_rounding_offset
+
+    bits = q._size.true_bits_of(qp.logit.detach())
+    _, mn, mx = q.grid_levels(qp, qp.param.detach(), bits)
+    return grid_rounding_offset(qp.param.detach(), bits, qp.group_size, qp.range_block, mn, mx)[0]
+
+
 # ----------------------------------------------------------------------------------- learned ranges
 def test_learned_grid_gradients_by_hand() -> None:
     """One block [0, 1] at 1 bit (levels 0, 1), q = level * span + min with the level's gradient

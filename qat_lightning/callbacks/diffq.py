@@ -93,6 +93,7 @@ class DiffQ(QuantizationCallback):
         bits_weight_decay: float = 0.0,
         straight_through_fraction: float = 0.0,
         range_lr: float | None = None,
+        dampening: float = 0.0,
         quantize_eval: bool = True,
         quantize_on_fit_end: bool = False,
         export_path: str | None = None,
@@ -108,6 +109,12 @@ class DiffQ(QuantizationCallback):
         self.straight_through_fraction = check_number("straight_through_fraction", straight_through_fraction, low=0, high=1)
         self._straight_through_step: int | None = None
         self.range_lr = None if range_lr is None else check_number("range_lr", range_lr, low=0, low_open=True)
+        self.dampening = check_number("dampening", dampening, low=0)
+        if self.dampening and not self.straight_through_fraction:
+            raise ValueError(f"DiffQ(dampening={dampening}) damps the rounding oscillations of the straight-through phase: set "
+                             "straight_through_fraction > 0 (e.g. 0.8), or dampening=0")  # fmt: skip
+        self._phase_steps: tuple[int, int] | None = None
+        self._damped: dict[int, frozenset[int]] = {}
         if learn_ranges is True and not self.straight_through_fraction:
             raise ValueError("learn_ranges=True learns the ranges in the straight-through phase: set straight_through_fraction > 0 "
                              "(e.g. 0.3)")  # fmt: skip
@@ -202,6 +209,9 @@ class DiffQ(QuantizationCallback):
             raise ValueError("DiffQ(target_bits=...) moves every bits logit by one amount found on the whole model: not "
                              "under FSDP2 yet; use penalty alone (sweep it for a size) or DDP")  # fmt: skip
         if self.fsdp2:  # configure_model's fully_shard replaced the parameters with shards
+            if self.dampening:
+                raise ValueError("DiffQ(dampening > 0) reads each weight's whole grid: not under FSDP2 yet; use dampening=0 "
+                                 "or DDP")  # fmt: skip
             if self.config.learn_ranges:
                 raise ValueError("DiffQ(learn_ranges=True) starts the ranges from whole weights: not under FSDP2 yet; use "
                                  "range_search (searched ranges work with FSDP2) or DDP")  # fmt: skip
@@ -220,6 +230,8 @@ class DiffQ(QuantizationCallback):
                 raise ValueError("DiffQ(straight_through_fraction > 0) needs a known number of training steps: set the "
                                  "Trainer's max_steps or max_epochs")  # fmt: skip
             self._straight_through_step = int(round((1 - self.straight_through_fraction) * total))
+            self._phase_steps = (self._straight_through_step, int(total))
+        self._damped = {}
 
     def _update_phase(self, trainer: pl.Trainer) -> None:
         """Noise injection, then (the last ``straight_through_fraction`` of the steps) the true
@@ -275,6 +287,8 @@ class DiffQ(QuantizationCallback):
             for qp in quantizer.quantized_params():
                 if qp.ranges.grad is not None and quantizer.learned_ranges(qp) is None:
                     qp.ranges.grad = None
+        if self.dampening and quantizer.straight_through:
+            self.add_dampening_gradient(trainer, quantizer, optimizer)
         if optimizer is not self._bits_optimizer:
             return
         if quantizer.straight_through:  # bits frozen: no gradient, no penalty (Adam skips them)
@@ -291,6 +305,35 @@ class DiffQ(QuantizationCallback):
             pl_module.log("quant/model_size_mb", size, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/avg_bits", bits, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("quant/penalty", self.penalty * size, on_step=True, on_epoch=False)
+
+    def dampening_strength(self, step: int) -> float:
+        """``dampening`` ramped by a cosine from 0 at the first straight-through step to its full
+        value at the last step (Nagel et al. 2022 anneal it the same way)."""
+        if self._phase_steps is None:
+            return 0.0
+        start, end = self._phase_steps
+        progress = min(max((step - start) / max(end - 1 - start, 1), 0.0), 1.0)
+        return self.dampening * (1 - math.cos(math.pi * progress)) / 2
+
+    @torch.no_grad()
+    def add_dampening_gradient(self, trainer: pl.Trainer, quantizer: DiffQuantizer, optimizer: torch.optim.Optimizer) -> None:
+        """Oscillation dampening (Nagel et al. 2022, "Overcoming Oscillations in Quantization-Aware
+        Training"): add the gradient of ``strength * mean(offset**2)`` over the quantized entries, the
+        offset of each entry from its level in grid steps (:meth:`DiffQuantizer.rounding_pull`), to
+        the weights this optimizer holds: latent weights stop flipping across a rounding boundary
+        from step to step and settle at their level, where the straight-through estimator's
+        forward is exact."""
+        strength = self.dampening_strength(trainer.global_step)
+        if strength <= 0:
+            return
+        held = self._damped.get(id(optimizer))
+        if held is None:
+            held = self._damped[id(optimizer)] = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
+        qparams = quantizer.quantized_params()
+        scale = 2 * strength / sum(qp.param.numel() for qp in qparams)
+        for qp in qparams:
+            if id(qp.param) in held and qp.param.grad is not None:
+                qp.param.grad.add_(quantizer.rounding_pull(qp), alpha=scale)
 
     def add_penalty_gradient(self, quantizer: DiffQuantizer, only_missing: bool = False) -> None:
         """Add ``penalty * d model_size / d bits`` to the bits' ``.grad`` (the task gradient is
@@ -410,6 +453,7 @@ class DiffQ(QuantizationCallback):
             "bits_weight_decay": self.bits_weight_decay,
             "straight_through_fraction": self.straight_through_fraction,
             "range_lr": self.range_lr,
+            "dampening": self.dampening,
         }
         if self.quantizer is not None:
             state["noise_rng"] = self.quantizer.noise_rng_state()
@@ -421,7 +465,7 @@ class DiffQ(QuantizationCallback):
         check_resumed_options("DiffQ", structural, current["config"], self.STRUCTURAL_OPTIONS)
         if warn:  # init_bits, noise (config) and the bits group's lr / decay, the penalty
             training = {k: v for k, v in state.get("config", {}).items() if k not in self.STRUCTURAL_OPTIONS}
-            training.update({k: state[k] for k in ("penalty", "target_bits", "bits_lr", "bits_weight_decay", "straight_through_fraction", "range_lr") if k in state})
+            training.update({k: state[k] for k in ("penalty", "target_bits", "bits_lr", "bits_weight_decay", "straight_through_fraction", "range_lr", "dampening") if k in state})
             check_resumed_options("DiffQ", training, {**current["config"], **current}, ())
 
     @override
@@ -454,6 +498,11 @@ CALLBACK_OPTIONS = {
                                  "throughout, the reference)",
     "range_lr": "learning rate of the learned ranges' param group (learn_ranges; None: 0.1 x the optimizer's first "
                 "group's lr, as LSQ's step sizes), no weight decay",
+    "dampening": "oscillation dampening in the straight-through phase (Nagel et al. 2022): the strength of "
+                 "dampening * mean(offset**2) added to the objective, offset the distance of each quantized entry from "
+                 "its grid level in steps (entries beyond their range: none), ramped by a cosine from 0 at the switch to "
+                 "its value at the last step; its gradient is added to the weights before each optimizer step. 0: off "
+                 "(the reference); needs straight_through_fraction > 0",
     "quantize_eval": "validate / test / predict on the true quantized weights",
     "quantize_on_fit_end": "leave the true quantized weights in the model after fit",
     "export_path": "write the bit-packed model there at the end of fit (relative: inside the log dir; None: nowhere)",

@@ -248,3 +248,22 @@ def learned_grid_fake_quantize(
     t = t + (t.detach().round() - t.detach())
     step = (1 / top) * per_cell(span, block, cell)[:, None]
     return (t * step + low).to(p.dtype).view_as(p)
+
+
+def grid_rounding_offset(
+    p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each entry of ``p`` lies between its grid's levels: ``t - round(t)`` with ``t = (p - min)
+    / step`` (in ``[-0.5, 0.5]``; 0 for an entry beyond its range, which the grid clips), and the step
+    ``(max - min) / (2**bits - 1)`` of its cell, both shaped as ``p`` in :func:`compute_dtype`. The
+    oscillation dampening of Nagel et al. (2022) pulls each entry towards its level by ``offset / step``."""
+    work = compute_dtype(p.dtype)
+    cell = cell_size(group_size, block)
+    top = per_cell(2 ** bits.reshape(-1).to(work) - 1, group_size, cell)[:, None]
+    span = (mx - mn).to(work)
+    step = per_cell(torch.where(span > 0, span, torch.ones_like(span)), block, cell)[:, None] / top
+    t = (p.detach().to(work).reshape(-1, cell) - per_cell(mn.to(work), block, cell)[:, None]) / step
+    offset = t - t.round()
+    inside = (t >= 0) & (t <= top) & per_cell(span > 0, block, cell)[:, None]
+    offset = torch.where(inside, offset, torch.zeros_like(offset))
+    return offset.view_as(p), step.expand_as(offset).reshape(p.shape)
