@@ -114,7 +114,6 @@ class DiffQ(QuantizationCallback):
             raise ValueError(f"DiffQ(dampening={dampening}) damps the rounding oscillations of the straight-through phase: set "
                              "straight_through_fraction > 0 (e.g. 0.8), or dampening=0")  # fmt: skip
         self._phase_steps: tuple[int, int] | None = None
-        self._damped: dict[int, frozenset[int]] = {}
         if learn_ranges is True and not self.straight_through_fraction:
             raise ValueError("learn_ranges=True learns the ranges in the straight-through phase: set straight_through_fraction > 0 "
                              "(e.g. 0.3)")  # fmt: skip
@@ -231,7 +230,6 @@ class DiffQ(QuantizationCallback):
                                  "Trainer's max_steps or max_epochs")  # fmt: skip
             self._straight_through_step = int(round((1 - self.straight_through_fraction) * total))
             self._phase_steps = (self._straight_through_step, int(total))
-        self._damped = {}
 
     def _update_phase(self, trainer: pl.Trainer) -> None:
         """Noise injection, then (the last ``straight_through_fraction`` of the steps) the true
@@ -326,9 +324,7 @@ class DiffQ(QuantizationCallback):
         strength = self.dampening_strength(trainer.global_step)
         if strength <= 0:
             return
-        held = self._damped.get(id(optimizer))
-        if held is None:
-            held = self._damped[id(optimizer)] = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}  # read each step: groups may be added
         qparams = quantizer.quantized_params()
         scale = 2 * strength / sum(qp.param.numel() for qp in qparams)
         for qp in qparams:
