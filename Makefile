@@ -1,5 +1,5 @@
 # `make demo`: set up .venv and train the default model with DiffQ (a few minutes on 2 CPU cores).
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv and run the test suite, one test file per worker on every core (pytest-xdist).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ demo: setup
 	$(PY) -m qat_lightning.train
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/step_overhead.py

@@ -28,8 +28,8 @@ from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers, layer_weights
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
-from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, grid_rounding_offset, learned_grid_fake_quantize,
-                               per_cell, range_block, range_ends, stored_ranges, tensor_range)  # fmt: skip
+from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, given_ranges, grid_rounding_pull, learned_grid_fake_quantize,
+                               compute_dtype, per_cell, range_block, range_ends, stored_ranges, tensor_range)  # fmt: skip
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
@@ -514,13 +514,17 @@ class DiffQuantizer:
     @torch.no_grad()
     def rounding_pull(self, qp: QuantizedParam) -> torch.Tensor:
         """``offset / step`` for each entry of ``qp`` on its true grid (frozen bits, learned or
-        searched ranges; :func:`grid_rounding_offset`): half the gradient of ``offset**2`` in the
-        weight, so a step against it moves the entry towards its level. Zero beyond the range."""
+        searched ranges; :func:`grid_rounding_pull`): half the gradient of ``offset**2`` in the
+        weight, so a step against it moves the entry towards its level. Zero beyond the range.
+        Learned ranges are read as they are (no levels computed); searched ones need the search."""
         p = qp.param.detach()
         bits = self._size.true_bits_of(qp.logit.detach())
-        _, mn, mx = self.grid_levels(qp, p, bits)
-        offset, step = grid_rounding_offset(p, bits, qp.group_size, qp.range_block, mn, mx)
-        return offset.div_(step).to(p.dtype)
+        ranges = self.learned_ranges(qp)
+        if ranges is None:
+            _, mn, mx = self.grid_levels(qp, p, bits)
+        else:
+            mn, mx = given_ranges(range_ends(ranges, qp.symmetric), qp.scale_dtype, compute_dtype(p.dtype))
+        return grid_rounding_pull(p, bits, qp.group_size, qp.range_block, mn, mx).to(p.dtype)
 
     def learned_ranges(self, qp: QuantizedParam) -> torch.Tensor | None:
         """``qp``'s learned ``[min, max]`` per block (shape ``(2, blocks)``; ``(1, blocks)`` of ``m``
