@@ -105,6 +105,7 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
         "diffq_sym_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", symmetric_ranges=True, range_search=10,
                                 learn_ranges=True, straight_through_fraction=1.0)],  # and its straight-through phase
         "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
+        "lsq_w4": [EMAFakeQuant(weight_format="distiller4_symmetric_per_channel_lsq", activations=False)],  # lm_lsq_w4's weights
         "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
         "torch_ao": [TorchAOEagerQAT()],
         "int4_g32": [EMAFakeQuant(weight_format="int4_g32", activations=False)],
@@ -198,7 +199,7 @@ def main() -> None:
         "torchao_int4_g32": "torchao QAT int4_g32", "torchao_int8tok_int4_g32": "torchao QAT int8 token + int4_g32",
         "reference_g8": "reference diffq (group 8)", "diffq_channel": "DiffQ per-channel ranges (noise)",
         "diffq_channel_ste": "DiffQ per-channel, learned ranges (STE)", "diffq_sym": "DiffQ symmetric per-channel (noise)",
-        "diffq_sym_ste": "DiffQ symmetric, learned ranges (STE)",
+        "diffq_sym_ste": "DiffQ symmetric, learned ranges (STE)", "lsq_w4": "LSQ W4 per-channel (weights)",
     }  # fmt: skip
     print(result["model"])
     print(f"  {'fp32 step':34s} {result['fp32_step_ms']:8.3f} ms")
