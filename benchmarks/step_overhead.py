@@ -104,6 +104,8 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
         "diffq_sym": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", symmetric_ranges=True)],  # the lm_diffq grid, noise
         "diffq_sym_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", symmetric_ranges=True, range_search=10,
                                 learn_ranges=True, straight_through_fraction=1.0)],  # and its straight-through phase
+        "diffq_sym_ste_damp": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", symmetric_ranges=True, range_search=10,
+                                     learn_ranges=True, straight_through_fraction=1.0, dampening=0.1)],  # lm_diffq's: with dampening
         "ema": [EMAFakeQuant(weight_bits=8, activation_bits=8)],
         "lsq_w4": [EMAFakeQuant(weight_format="distiller4_symmetric_per_channel_lsq", activations=False)],  # lm_lsq_w4's weights
         "diffq_ema": [DiffQ(penalty=1.0, bits_lr=1e-2), EMAFakeQuant(weights=False)],
@@ -200,6 +202,7 @@ def main() -> None:
         "reference_g8": "reference diffq (group 8)", "diffq_channel": "DiffQ per-channel ranges (noise)",
         "diffq_channel_ste": "DiffQ per-channel, learned ranges (STE)", "diffq_sym": "DiffQ symmetric per-channel (noise)",
         "diffq_sym_ste": "DiffQ symmetric, learned ranges (STE)", "lsq_w4": "LSQ W4 per-channel (weights)",
+        "diffq_sym_ste_damp": "DiffQ symmetric, STE, dampening 0.1",
     }  # fmt: skip
     print(result["model"])
     print(f"  {'fp32 step':34s} {result['fp32_step_ms']:8.3f} ms")

@@ -462,7 +462,7 @@ def test_rounding_offset_by_hand() -> None:
     1.2 beyond it (clipped by the grid) get none. Block 2, [-1, 1] at 1 bit (step 2, t = (x + 1) / 2):
     -0.1 -> 0.45; -1.5 beyond the range: none; 0.2 -> 0.6, 0.4 below level 1; the ends none; 0.9 ->
     0.95: -0.05."""
-    from qat_lightning.formats.uniform import grid_rounding_offset
+    from qat_lightning.formats.uniform import grid_rounding_offset, grid_rounding_pull
 
     p = torch.tensor([0.0, 0.26, 0.74, 0.5, 1.0, 1.2, -0.1, -1.5, 0.2, 1.0, -1.0, 0.9])
     bits = torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 1.0])
@@ -470,6 +470,10 @@ def test_rounding_offset_by_hand() -> None:
     expected = [0.0, -0.22, 0.22, -0.5, 0.0, 0.0, 0.45, 0.0, -0.4, 0.0, 0.0, -0.05]
     assert offset.tolist() == pytest.approx(expected, abs=1e-5)
     assert step.tolist() == pytest.approx([1 / 3] * 6 + [2.0] * 6)
+    # the pull, offset / step: a block of no span gets none (0.4 lies beyond its one value 0.3);
+    # [0, 1] at 2 bits: 0.7 -> t 2.1, 0.1 / (1/3) = 0.3; 0.1 -> t 0.3, 0.9
+    pull = grid_rounding_pull(torch.tensor([0.3, 0.4, 0.7, 0.1]), torch.tensor([2.0, 2.0]), 2, 2, torch.tensor([0.3, 0.0]), torch.tensor([0.3, 1.0]))
+    assert pull.tolist() == pytest.approx([0.0, 0.0, 0.3, 0.9], abs=1e-5)
 
 
 def test_rounding_pull_is_the_gradient_of_the_squared_offset() -> None:
@@ -487,13 +491,14 @@ def test_rounding_pull_is_the_gradient_of_the_squared_offset() -> None:
         q.straight_through = started
         for qp in q.quantized_params():
             bits = q._size.true_bits_of(qp.logit.detach())
-            _, mn, mx = q.grid_levels(qp, qp.param.detach(), bits)
+            levels, mn, mx = q.grid_levels(qp, qp.param.detach(), bits)
             w = qp.param.detach().clone().requires_grad_(True)
             rows = w.reshape(-1, 8)
-            step = (per_cell(mx - mn, qp.range_block, 8) / (2 ** bits - 1))[:, None]
-            t = (rows - per_cell(mn, qp.range_block, 8)[:, None]) / step
-            inside = ((t >= 0) & (t <= 2 ** bits[:, None] - 1)).float()
-            (((t - t.detach().round()) * inside).square().sum() / 2).backward()
+            top = (2 ** bits - 1)[:, None]
+            t = (rows - per_cell(mn, qp.range_block, 8)[:, None]) / per_cell(mx - mn, qp.range_block, 8)[:, None] * top
+            inside = (t >= 0) & (t <= top)
+            assert torch.equal(t.detach().round()[inside], levels.float()[inside])  # the grid's own rounding
+            (((t - t.detach().round()) * inside.float()).square().sum() / 2).backward()
             assert torch.allclose(q.rounding_pull(qp), w.grad, rtol=1e-5, atol=1e-5), (started, qp.name)
             assert w.grad.abs().sum() > 0
 

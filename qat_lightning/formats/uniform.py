@@ -279,9 +279,8 @@ class _LearnedGridSTE(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
         u, span, width, top, positive = ctx.saved_tensors
         block, cell = ctx.block, ctx.cell
-        finfo = torch.finfo(u.dtype)
         grad = grad.reshape(-1, block)
-        passed = torch.ops.aten.hardtanh_backward(grad, u, -finfo.smallest_normal * finfo.eps, 1 + finfo.eps)  # inside [0, 1]
+        passed = _inside_unit(grad, u)
         ratio = span / width
         grad_x = passed.mul(ratio[:, None]).view(ctx.shape) if ctx.needs_input_grad[0] else None
         grad_low = grad_span = None
@@ -299,33 +298,46 @@ def grid_rounding_offset(
     p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each entry of ``p`` lies between its grid's levels: ``t - round(t)`` with ``t = (p - min)
-    / step`` (in ``[-0.5, 0.5]``; 0 for an entry beyond its range, which the grid clips), and the step
-    ``(max - min) / (2**bits - 1)`` of its cell, both shaped as ``p`` in :func:`compute_dtype`. The
-    oscillation dampening of Nagel et al. (2022) pulls each entry towards its level by ``offset / step``
-    (:func:`grid_rounding_pull`)."""
-    offset, step = _rounding_cells(p, bits, group_size, block, mn, mx)
-    return offset.view_as(p), step.expand_as(offset).reshape(p.shape)
+    / (max - min) (2**bits - 1)``, as the grid rounds it (in ``[-0.5, 0.5]``; 0 for an entry beyond
+    its range, which the grid clips, and in a block of no span), and the step ``(max - min) / (2**bits
+    - 1)`` of its cell, both shaped as ``p`` in :func:`compute_dtype`. The oscillation dampening of
+    Nagel et al. (2022) pulls each entry towards its level by ``offset / step`` (:func:`grid_rounding_pull`)."""
+    offset, top, span, positive = _rounding_cells(p, bits, group_size, block, mn, mx)
+    step = torch.where(positive, span, torch.ones_like(span)) / top
+    return offset.mul_(positive[:, None]).view_as(p), step[:, None].expand_as(offset).reshape(p.shape)
 
 
 def grid_rounding_pull(
     p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor
 ) -> torch.Tensor:
     """``offset / step`` of :func:`grid_rounding_offset`, shaped as ``p`` in :func:`compute_dtype`:
-    half the gradient of ``offset**2`` in each entry (the step broadcast per cell, never expanded)."""
-    offset, step = _rounding_cells(p, bits, group_size, block, mn, mx)
-    return offset.div_(step).view_as(p)
+    half the gradient of ``offset**2`` in each entry (one multiply per cell by ``(2**bits - 1) / span``)."""
+    offset, top, span, positive = _rounding_cells(p, bits, group_size, block, mn, mx)
+    factor = torch.where(positive, top / torch.where(positive, span, torch.ones_like(span)), torch.zeros_like(span))
+    return offset.mul_(factor[:, None]).view_as(p)
 
 
 def _rounding_cells(
     p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The offsets ``(cells, cell)`` of :func:`grid_rounding_offset` and the steps ``(cells, 1)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The offsets ``(cells, cell)`` of :func:`grid_rounding_offset` (not yet zeroed in blocks of no
+    span), and per cell ``2**bits - 1``, the span and whether it is positive. ``u = (p - min) / span``
+    is formed per block, as :func:`grid_quantize` does; ``inside = 0 <= u <= 1`` by one pass."""
     work = compute_dtype(p.dtype)
     cell = cell_size(group_size, block)
-    top = per_cell(2 ** bits.reshape(-1).to(work) - 1, group_size, cell)[:, None]
-    span = (mx - mn).to(work)
-    step = per_cell(torch.where(span > 0, span, torch.ones_like(span)), block, cell)[:, None] / top
-    t = (p.detach().to(work).reshape(-1, cell) - per_cell(mn.to(work), block, cell)[:, None]) / step
-    offset = t - t.round()
-    inside = (t >= 0) & (t <= top) & per_cell(span > 0, block, cell)[:, None]
-    return offset.masked_fill_(~inside, 0.0), step
+    top = per_cell(torch.exp2(bits.reshape(-1).to(work)) - 1, group_size, cell)
+    mn = mn.to(work)
+    span = mx.to(work) - mn
+    positive = span > 0
+    u = (p.detach().to(work).reshape(-1, block) - mn[:, None]).div_(torch.where(positive, span, torch.ones_like(span))[:, None])
+    t = u.view(-1, cell).mul(top[:, None])
+    offset = t.sub_(t.round())
+    offset = _inside_unit(offset, u.view(-1, cell))
+    return offset, top, per_cell(span, block, cell), per_cell(positive, block, cell)
+
+
+def _inside_unit(values: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``0 <= u <= 1``, else 0: one pass (``hardtanh_backward``'s bounds are strict,
+    so they sit one representable value outside the unit interval)."""
+    finfo = torch.finfo(u.dtype)
+    return torch.ops.aten.hardtanh_backward(values, u, -finfo.smallest_normal * finfo.eps, 1 + finfo.eps)
