@@ -119,3 +119,8 @@ def test_diffq_lm_benchmark_smoke() -> None:
     # which text the numbers were measured on: it changes between Python patch releases
     assert f"Python {platform.python_version()}, pydoc text {len(pydoc_text())} characters, sha256 " in result.stdout
     assert "characters, sha256 " in result.stdout and ", 1 torch thread(s)" in result.stdout  # and on how many threads
+
+
+def test_grid_ops_benchmark_smoke() -> None:
+    result = _run("benchmarks/grid_ops.py", "--rows", "16", "--cols", "64", "--repeats", "2")
+    assert result.stdout.count("ratio") == 2 and "differ" in result.stdout
