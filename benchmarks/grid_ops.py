@@ -19,21 +19,8 @@ from typing import Callable
 
 import torch
 
-from qat_lightning.formats.uniform import cell_size, grid_quantize, grid_rounding_pull, learned_grid_fake_quantize, per_cell
-
-
-def plain_learned_grid(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor,
-                       mx: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """The learned grid as plain ops, for autograd (the formulation before the fused Function)."""
-    cell = cell_size(group_size, block)
-    top = per_cell(2 ** bits.reshape(-1) - 1, group_size, cell)[:, None]
-    span = mx - mn
-    width = torch.where(span.detach() > 0, span, torch.ones_like(span))
-    low = per_cell(mn, block, cell)[:, None]
-    t = (p.reshape(-1, cell) - low) / per_cell(width, block, cell)[:, None] * top
-    t = torch.where(t > top, top, torch.where(t < 0, torch.zeros_like(t), t))
-    t = t + (t.detach().round() - t.detach())
-    return (t * ((1 / top) * per_cell(span, block, cell)[:, None]) + low).view_as(p)
+from qat_lightning.formats.uniform import (cell_size, grid_quantize, grid_rounding_pull, learned_grid_fake_quantize, per_cell,
+                                          plain_learned_grid_fake_quantize)
 
 
 def plain_rounding_pull(p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor,
@@ -90,7 +77,7 @@ def main() -> None:
     detached = (p.detach(), bits, args.group, args.cols, mn.detach(), mx.detach())
     with torch.no_grad():  # the two forms of t differ in the last bit: near a rounding point they can pick other levels
         differ = (~torch.isclose(grid_rounding_pull(*detached), plain_rounding_pull(*detached), rtol=1e-3, atol=1e-3)).float().mean().item()
-    quantize = median_ms({"fused": train_step(learned_grid_fake_quantize), "plain": train_step(plain_learned_grid)}, args.repeats)
+    quantize = median_ms({"fused": train_step(learned_grid_fake_quantize), "plain": train_step(plain_learned_grid_fake_quantize)}, args.repeats)
     pull = median_ms({"fused": lambda: grid_rounding_pull(*detached), "plain": lambda: plain_rounding_pull(*detached)}, args.repeats)
     print(f"weight {args.rows} x {args.cols}, groups of {args.group} at {args.bits} bits, one range per row, {args.threads} thread(s)")
     for label, result in (("learned grid, forward + backward", quantize), ("dampening pull", pull)):

@@ -559,27 +559,11 @@ def test_learned_grid_gradients_by_hand() -> None:
         assert got == pytest.approx(expected, abs=1e-6), (x_value, got)
 
 
-def _learned_grid_by_autograd(p, bits, group_size, block, mn, mx):  # noqa: ANN001, ANN202
-    """The learned grid written as plain differentiable ops (the clip by ``where``, the rounding by
-    ``t + (round(t) - t).detach()``), for autograd to differentiate: the oracle of the fused op."""
-    from qat_lightning.formats.uniform import cell_size, per_cell
-
-    cell = cell_size(group_size, block)
-    top = per_cell(2 ** bits.reshape(-1) - 1, group_size, cell)[:, None]
-    span = mx - mn
-    width = torch.where(span.detach() > 0, span, torch.ones_like(span))
-    low = per_cell(mn, block, cell)[:, None]
-    t = (p.reshape(-1, cell) - low) / per_cell(width, block, cell)[:, None] * top
-    t = torch.where(t > top, top, torch.where(t < 0, torch.zeros_like(t), t))
-    t = t + (t.detach().round() - t.detach())
-    return (t * ((1 / top) * per_cell(span, block, cell)[:, None]) + low).view_as(p)
-
-
 def test_learned_grid_gradients_match_autograd() -> None:
     """The fused op's values and its gradients in the weight, the mins and the maxes equal autograd's
     through the plain formula, on blocks with clipped entries, entries on the ends, a block of zero
     span and one whose ends have crossed (an optimizer can swap them), groups of several widths."""
-    from qat_lightning.formats.uniform import learned_grid_fake_quantize
+    from qat_lightning.formats.uniform import learned_grid_fake_quantize, plain_learned_grid_fake_quantize
 
     torch.manual_seed(0)
     p = torch.randn(6, 32, dtype=torch.float64)
@@ -591,7 +575,7 @@ def test_learned_grid_gradients_match_autograd() -> None:
     mn[3], mx[3] = mx[3].item(), mn[3].item()  # crossed
     grad = torch.randn_like(p)
     results = []
-    for fn in (learned_grid_fake_quantize, _learned_grid_by_autograd):
+    for fn in (learned_grid_fake_quantize, plain_learned_grid_fake_quantize):
         x, lo, hi = (v.clone().requires_grad_(True) for v in (p, mn, mx))
         out = fn(x, bits, 8, 16, lo, hi)
         out.backward(grad)

@@ -251,6 +251,24 @@ def learned_grid_fake_quantize(
     return _LearnedGridSTE.apply(p.to(work), mn, mx - mn, top, block, cell).to(p.dtype)
 
 
+def plain_learned_grid_fake_quantize(
+    p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor
+) -> torch.Tensor:
+    """:func:`learned_grid_fake_quantize` (without ``scale_dtype``) written as plain differentiable
+    ops for autograd to differentiate: the clip by ``where``, the rounding by ``t + (round(t) -
+    t).detach()``. Slower; the independent route the fused op's gradients are tested and
+    benchmarked against (``benchmarks/grid_ops.py``)."""
+    cell = cell_size(group_size, block)
+    top = per_cell(2 ** bits.reshape(-1) - 1, group_size, cell)[:, None]
+    span = mx - mn
+    width = torch.where(span.detach() > 0, span, torch.ones_like(span))
+    low = per_cell(mn, block, cell)[:, None]
+    t = (p.reshape(-1, cell) - low) / per_cell(width, block, cell)[:, None] * top
+    t = torch.where(t > top, top, torch.where(t < 0, torch.zeros_like(t), t))
+    t = t + (t.detach().round() - t.detach())
+    return (t * ((1 / top) * per_cell(span, block, cell)[:, None]) + low).view_as(p)
+
+
 class _LearnedGridSTE(torch.autograd.Function):
     """The fake quantization of :func:`learned_grid_fake_quantize`: ``x`` with one ``low`` and
     ``span`` per block of ``block`` entries and one ``top`` (``2**bits - 1``) per cell of ``cell``,
