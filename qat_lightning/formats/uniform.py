@@ -289,17 +289,16 @@ class _LearnedGridSTE(torch.autograd.Function):
         u = (x.reshape(-1, block) - low[:, None]).div_(width[:, None])
         step = (1 / top) * per_cell(span, block, cell)
         levels = u.clamp(0, 1).view(-1, cell).mul_(top[:, None]).round_()
-        ctx.save_for_backward(u, span, width, top, positive)
+        ctx.save_for_backward(u, span / width, top, positive)
         ctx.shape, ctx.block, ctx.cell = x.shape, block, cell
         return levels.mul_(step[:, None]).view(-1, block).add_(low[:, None]).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]  # noqa: ANN001, ANN205
-        u, span, width, top, positive = ctx.saved_tensors
+        u, ratio, top, positive = ctx.saved_tensors
         block, cell = ctx.block, ctx.cell
         grad = grad.reshape(-1, block)
         passed = _inside_unit(grad, u)
-        ratio = span / width
         grad_x = passed.mul(ratio[:, None]).view(ctx.shape) if ctx.needs_input_grad[0] else None
         grad_low = grad_span = None
         if ctx.needs_input_grad[1]:
@@ -320,8 +319,8 @@ def grid_rounding_offset(
     its range, which the grid clips, and in a block of no span), and the step ``(max - min) / (2**bits
     - 1)`` of its cell, both shaped as ``p`` in :func:`compute_dtype`. The oscillation dampening of
     Nagel et al. (2022) pulls each entry towards its level by ``offset / step`` (:func:`grid_rounding_pull`)."""
-    offset, top, span, positive = _rounding_cells(p, bits, group_size, block, mn, mx)
-    step = torch.where(positive, span, torch.ones_like(span)) / top
+    offset, top, width, positive = _rounding_cells(p, bits, group_size, block, mn, mx)
+    step = width / top
     return offset.mul_(positive[:, None]).view_as(p), step[:, None].expand_as(offset).reshape(p.shape)
 
 
@@ -330,16 +329,16 @@ def grid_rounding_pull(
 ) -> torch.Tensor:
     """``offset / step`` of :func:`grid_rounding_offset`, shaped as ``p`` in :func:`compute_dtype`:
     half the gradient of ``offset**2`` in each entry (one multiply per cell by ``(2**bits - 1) / span``)."""
-    offset, top, span, positive = _rounding_cells(p, bits, group_size, block, mn, mx)
-    factor = torch.where(positive, top / torch.where(positive, span, torch.ones_like(span)), torch.zeros_like(span))
-    return offset.mul_(factor[:, None]).view_as(p)
+    offset, top, width, positive = _rounding_cells(p, bits, group_size, block, mn, mx)
+    return offset.mul_((top / width * positive)[:, None]).view_as(p)
 
 
 def _rounding_cells(
     p: torch.Tensor, bits: torch.Tensor, group_size: int, block: int, mn: torch.Tensor, mx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The offsets ``(cells, cell)`` of :func:`grid_rounding_offset` (not yet zeroed in blocks of no
-    span), and per cell ``2**bits - 1``, the span and whether it is positive. ``u = (p - min) / span``
+    span), and per cell ``2**bits - 1``, the span (1 where it is not positive) and whether it is
+    positive. ``u = (p - min) / span``
     is formed per block, as :func:`grid_quantize` does; ``inside = 0 <= u <= 1`` by one pass."""
     work = compute_dtype(p.dtype)
     cell = cell_size(group_size, block)
@@ -347,11 +346,11 @@ def _rounding_cells(
     mn = mn.to(work)
     span = mx.to(work) - mn
     positive = span > 0
-    u = (p.detach().to(work).reshape(-1, block) - mn[:, None]).div_(torch.where(positive, span, torch.ones_like(span))[:, None])
+    width = torch.where(positive, span, torch.ones_like(span))
+    u = (p.detach().to(work).reshape(-1, block) - mn[:, None]).div_(width[:, None])
     t = u.view(-1, cell).mul(top[:, None])
-    offset = t.sub_(t.round())
-    offset = _inside_unit(offset, u.view(-1, cell))
-    return offset, top, per_cell(span, block, cell), per_cell(positive, block, cell)
+    offset = _inside_unit(t.sub_(t.round()), u.view(-1, cell))
+    return offset, top, per_cell(width, block, cell), per_cell(positive, block, cell)
 
 
 def _inside_unit(values: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
 from ..layers import direct_readers, layer_weights
 from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, rebind, refresh_rnn
-from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, grid_dequantize, grid_quantize, given_ranges, grid_rounding_pull, learned_grid_fake_quantize,
-                               compute_dtype, per_cell, range_block, range_ends, stored_ranges, tensor_range)  # fmt: skip
+from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, compute_dtype, given_ranges, grid_dequantize, grid_quantize, grid_rounding_pull,
+                               learned_grid_fake_quantize, per_cell, range_block, range_ends, stored_ranges, tensor_range)  # fmt: skip
 
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
