@@ -32,7 +32,7 @@ from qat_lightning.demo.charlm import pydoc_fingerprint
 
 CONF = Path(__file__).resolve().parents[1] / "qat_lightning" / "app" / "conf"
 RECIPES = ["lm_float", "lm_torchao_int4_g32", "lm_torchao_int8tok_int4_g32", "lm_lsq_w4", "lm_ema_w4", "lm_diffq_reference", "lm_diffq_channel",
-           "lm_diffq", "lm_diffq_budget", "lm_diffq_small", "lm_lsq_w3"]  # fmt: skip
+           "lm_diffq", "lm_diffq_budget", "lm_diffq_min4", "lm_diffq_small", "lm_lsq_w3"]  # fmt: skip
 
 
 def _config(name: str, overrides: list[str]):  # noqa: ANN202

@@ -183,3 +183,18 @@ def test_pretrain_refuses_a_learning_rate_the_model_cannot_take() -> None:
     cfg = compose_train(["pretrain.steps=1", "pretrain.lr=0.1"])
     with pytest.raises(ValueError, match="pretrain.lr is set but Module has no lr attribute"):
         pretrain(cfg, torch.nn.Module(), None)
+
+
+def test_readme_diffq_recipe_is_the_experiment_config() -> None:
+    """The ``DiffQ(...)  # lm_diffq_min4`` call shown in README.md sets what experiment=lm_diffq_min4 sets."""
+    import ast
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("DiffQ(scale=")
+    code = readme[start : readme.index("# lm_diffq_min4", start)]
+    call = ast.parse(code.strip(), mode="eval").body
+    shown = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    cfg = OmegaConf.to_container(compose_train(["experiment=lm_diffq_min4"]).callbacks.diffq)
+    assert shown == {key: cfg[key] for key in shown}
+    left_out = {"_target_", "include", "exclude", "min_size", "layer_report"}  # decoder-only patterns and the report: not DiffQ's grid
+    assert {key for key, value in cfg.items() if value != getattr(DiffQ(), key, value)} - left_out <= set(shown)
