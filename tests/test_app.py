@@ -197,4 +197,5 @@ def test_readme_diffq_recipe_is_the_experiment_config() -> None:
     cfg = OmegaConf.to_container(compose_train(["experiment=lm_diffq_min4"]).callbacks.diffq)
     assert shown == {key: cfg[key] for key in shown}
     left_out = {"_target_", "include", "exclude", "min_size", "layer_report"}  # decoder-only patterns and the report: not DiffQ's grid
-    assert {key for key, value in cfg.items() if value != getattr(DiffQ(), key, value)} - left_out <= set(shown)
+    defaults = DiffQ()
+    assert {key for key, value in cfg.items() if value != getattr(defaults, key, value)} - left_out <= set(shown)
