@@ -3,9 +3,10 @@ forward latency and the serialized size of the weights, side by side in one proc
 
 A random-init Hugging Face Llama (hidden 256, 4 layers, intermediate 688 rounded to 704, vocab
 512; nothing downloaded), batch 8 x 128 tokens, every decoder Linear and the head converted (the
-embedding stays float), one thread by default.
+embedding stays float), one thread by default. ``--device cuda``: on a GPU (float32 and torchao's
+tensors there; each forward timed between ``torch.cuda.synchronize`` calls).
 
-    python benchmarks/converted_inference.py [--threads 1] [--repeats 20]
+    python benchmarks/converted_inference.py [--threads 1] [--repeats 20] [--device cpu]
 """
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ import statistics
 import time
 import warnings
 
+import sys
+from pathlib import Path
+
 import torch
 
-from qat_lightning import EMAFakeQuantizer
-from qat_lightning.export.inference import convert_to_torchao
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.step_overhead import synchronize  # noqa: E402
+from qat_lightning import EMAFakeQuantizer  # noqa: E402
+from qat_lightning.export.inference import convert_to_torchao  # noqa: E402
 
 SCHEMES = {
     "int4_g32 weights": dict(weight_format="int4_g32", activations=False),
@@ -29,11 +35,14 @@ SCHEMES = {
 }
 
 
-def llama() -> torch.nn.Module:
+def llama(hidden: int = 256, layers: int = 4) -> torch.nn.Module:
+    """Random-init Llama: ``hidden`` wide (heads of 64), MLP ``2.75 * hidden`` rounded up to 64."""
     import transformers
 
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)  # fmt: skip
+    heads = max(hidden // 64, 1)
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=-(-11 * hidden // 4 // 64) * 64,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=max(heads // 2, 1), vocab_size=512, max_position_embeddings=256)  # fmt: skip
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -42,8 +51,10 @@ def latency(model: torch.nn.Module, tokens: torch.Tensor, repeats: int) -> float
     times = []
     with torch.no_grad():
         for _ in range(repeats + 3):
+            synchronize(str(tokens.device))
             start = time.perf_counter()
             model(tokens)
+            synchronize(str(tokens.device))
             times.append(time.perf_counter() - start)
     return statistics.median(times[3:])
 
@@ -58,14 +69,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    base = llama()
-    tokens = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(0))
+    base = llama(args.hidden, args.layers).to(args.device)
+    tokens = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(0)).to(args.device)
     float_time, float_size = latency(base, tokens, args.repeats), size_mb(base)
-    print(f"Llama 256 x 4 layers, batch 8 x 128 tokens, {args.threads} thread(s)")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} thread(s)"
+    print(f"Llama {args.hidden} x {args.layers} layers, batch 8 x 128 tokens, {where}")
     print(f"  {'float32':28s} {1e3 * float_time:8.2f} ms  {float_size:7.2f} MB")
     for name, options in SCHEMES.items():
         model = copy.deepcopy(base)

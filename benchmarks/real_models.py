@@ -9,8 +9,9 @@ Variants: DiffQ (``min_size=0``, biases float: every weight), EMAFakeQuant W8A8 
 callback they configure. Also prints each model's DiffQ noise floor: ``(fp32 step + time to draw
 one gaussian per quantized weight) / fp32 step``. ``--compile``: every variant also
 ``torch.compile``d (inductor; needs a C++ compiler), each ratio to the eager fp32 step.
+``--device cuda``: on a GPU (steps timed between ``torch.cuda.synchronize`` calls).
 
-    python benchmarks/real_models.py [--steps 60] [--rounds 2] [--models gpt2 llama] [--json out.json]
+    python benchmarks/real_models.py [--steps 60] [--rounds 2] [--models gpt2 llama] [--device cpu] [--json out.json]
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.step_overhead import StepTimer, module_noise_time  # noqa: E402
+from benchmarks.step_overhead import StepTimer, accelerator, module_noise_time  # noqa: E402
 from qat_lightning import DiffQ, EMAFakeQuant  # noqa: E402
 from tests.real_models import MODELS, build, loader  # noqa: E402
 
@@ -40,16 +41,18 @@ VARIANTS = {
 }
 
 
-def step_time(name: str, variant: str, steps: int, warmup: int, batch_size: int, compiled: bool = False) -> float:
+def step_time(name: str, variant: str, steps: int, warmup: int, batch_size: int, compiled: bool = False,
+              device: str = "cpu") -> float:
     pl.seed_everything(0, verbose=False)
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, device)
     model = build(name)
     if compiled:  # inductor; the warm-up steps absorb the compilation
         model.log_loss = False
         model = torch.compile(model)
     trainer = pl.Trainer(
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[timer, *VARIANTS[variant]()], accelerator="cpu",
+        enable_model_summary=False, limit_val_batches=0, callbacks=[timer, *VARIANTS[variant]()],
+        accelerator=accelerator(device), devices=1,
     )  # fmt: skip
     trainer.fit(model, loader(name, n=batch_size * 8, batch_size=batch_size))
     return statistics.median(timer.times)
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also each variant torch.compile'd (inductor): ratios to the eager fp32 step")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,17 +78,18 @@ def main() -> None:
     if args.compile:
         variants += [f"{v}+compile" for v in variants]
     result: dict[str, dict[str, float]] = {}
-    print(f"batch {args.batch_size}, {args.threads} thread(s), median of {args.steps} steps, {args.rounds} interleaved rounds")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} thread(s)"
+    print(f"batch {args.batch_size}, {where}, median of {args.steps} steps, {args.rounds} interleaved rounds")
     print(f"  {'model':20s} {'fp32 ms':>8s} " + " ".join(f"{v:>24s}" for v in variants[1:]) + f" {'noise floor':>12s}")
     for name in args.models:
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):  # interleaved: drifts of the machine hit every variant alike
             for variant in variants:
                 base, compiled = variant.removesuffix("+compile"), variant.endswith("+compile")
-                times[variant].append(step_time(name, base, args.steps, args.warmup, args.batch_size, compiled))
+                times[variant].append(step_time(name, base, args.steps, args.warmup, args.batch_size, compiled, args.device))
         median = {v: statistics.median(t) for v, t in times.items()}
         fp32 = median["fp32"]
-        row = {"fp32_step_ms": 1e3 * fp32, "noise_floor_ratio": (fp32 + module_noise_time(build(name), 100, **DIFFQ)) / fp32}
+        row = {"fp32_step_ms": 1e3 * fp32, "noise_floor_ratio": (fp32 + module_noise_time(build(name).to(args.device), 100, **DIFFQ)) / fp32}
         row.update({f"{v}_ratio": median[v] / fp32 for v in variants[1:]})
         result[name] = row
         print(f"  {name:20s} {row['fp32_step_ms']:8.2f} " + " ".join(f"{row[f'{v}_ratio']:23.2f}x" for v in variants[1:])

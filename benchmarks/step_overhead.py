@@ -10,7 +10,10 @@ warm-up. Also prints the noise floor: the time to draw one gaussian number per q
 with torch's ``normal_``, ``floor = (fp32 step + noise) / fp32 step``, and the same with DiffQ's own
 16-bit table draws (``noise_sampler="table"``, its CPU default).
 
-    python benchmarks/step_overhead.py [--steps 300] [--rounds 3] [--threads 1] [--json out.json]
+``--device cuda``: the same loop on a GPU (each step's time between two ``torch.cuda.synchronize``,
+the floor's draws on the GPU); ``--batch-size`` and ``--hidden`` size the MLP up.
+
+    python benchmarks/step_overhead.py [--steps 300] [--rounds 3] [--threads 1] [--device cpu] [--json out.json]
 """
 from __future__ import annotations
 
@@ -30,14 +33,22 @@ from qat_lightning.demo import Classifier, MLP, MNIST1DDataModule
 from qat_lightning.quantizers.noise_draw import NoiseSampler
 
 
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so a wall-clock interval holds it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepTimer(pl.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self._start = warmup, [], 0.0
+    def __init__(self, warmup: int, device: str = "cpu") -> None:
+        self.warmup, self.device, self.times, self._start = warmup, device, [], 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize(self.device)
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._start)
 
@@ -120,33 +131,42 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
     }[variant]
 
 
-def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...]) -> float:
+def accelerator(device: str) -> str:
+    """Lightning's ``accelerator`` for a torch device string."""
+    return {"cpu": "cpu", "cuda": "gpu"}[torch.device(device).type]
+
+
+def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...], device: str = "cpu", batch_size: int = 100) -> float:
     pl.seed_everything(0, verbose=False)
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, device)
     callbacks = [timer, *callbacks_for(variant)]
     trainer = pl.Trainer(
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, accelerator="cpu",
+        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, accelerator=accelerator(device), devices=1,
     )  # fmt: skip
-    trainer.fit(Classifier(MLP(hidden=hidden)), MNIST1DDataModule(batch_size=100))
+    trainer.fit(Classifier(MLP(hidden=hidden)), MNIST1DDataModule(batch_size=batch_size))
     return statistics.median(timer.times)
 
 
-def noise_time(hidden: tuple[int, ...], repeats: int = 200) -> float:
-    return module_noise_time(MLP(hidden=hidden), repeats)
+def noise_time(hidden: tuple[int, ...], repeats: int = 200, device: str = "cpu") -> float:
+    return module_noise_time(MLP(hidden=hidden).to(device), repeats)
 
 
 def module_noise_time(module: torch.nn.Module, repeats: int = 200, sampler: str = "torch", **diffq: object) -> float:
     """Median time to draw one gaussian number per weight DiffQ (options ``diffq``) quantizes in
-    ``module``: with torch's ``normal_`` (the floor), or ``sampler="table"``, DiffQ's 16-bit draws."""
+    ``module`` (on its device): with torch's ``normal_`` (the floor), or ``sampler="table"``, DiffQ's
+    16-bit draws."""
     quantizer = DiffQuantizer(module, **diffq)
     buffers = [torch.empty_like(qp.param) for qp in quantizer.quantized_params()]  # refilled: no page faults
+    device = str(buffers[0].device) if buffers else "cpu"
     draw = NoiseSampler("gaussian", sampler).draw
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         for buffer in buffers:
             draw(buffer, None)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -158,6 +178,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variants", nargs="+", default=None, help="subset to run (fp32 is always included)")
     parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip torch.ao and the reference diffq")
@@ -179,12 +201,13 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved, so drifts of the machine hit every variant alike
         for variant in variants:
-            times[variant].append(step_time(variant, args.steps, args.warmup, hidden))
+            times[variant].append(step_time(variant, args.steps, args.warmup, hidden, args.device, args.batch_size))
     median = {v: statistics.median(t) for v, t in times.items()}
-    fp32, noise = median["fp32"], noise_time(hidden)
-    table_noise = module_noise_time(MLP(hidden=hidden), sampler="table")
+    fp32, noise = median["fp32"], noise_time(hidden, device=args.device)
+    table_noise = module_noise_time(MLP(hidden=hidden).to(args.device), sampler="table")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} thread(s)"
     result = {
-        "model": f"MLP 40-{'-'.join(map(str, hidden))}-10, batch 100, {args.threads} thread(s)",
+        "model": f"MLP 40-{'-'.join(map(str, hidden))}-10, batch {args.batch_size}, {where}",
         "fp32_step_ms": 1e3 * fp32,
         "noise_ms": 1e3 * noise,
         "noise_floor_ratio": (fp32 + noise) / fp32,
