@@ -22,7 +22,7 @@ from .._validate import check_bool, check_choice, check_number, check_patterns
 from .diffq_bits import BitsParameterization
 from .diffq_records import KeptParam, QuantizedParam
 from .diffq_size import MAX_QUANT_BITS, MEGABYTE_BITS, DiffQSize
-from .noise import inject_noise
+from .noise import inject_noise, inject_noise_many
 from .noise_draw import SAMPLERS, NoiseSampler
 from .noise_rng import NoiseGenerators
 from ..coverage import CoverageReport, weight_rows
@@ -31,6 +31,7 @@ from .swap import Slot, SwappedParam, WeightSwapper, full_tensor, is_dtensor, re
 from ..formats.uniform import (SCALE_DTYPES, block_range, cell_size, compute_dtype, given_ranges, grid_dequantize, grid_quantize, grid_rounding_pull,
                                learned_grid_fake_quantize, per_cell, range_block, range_ends, stored_ranges, tensor_range)  # fmt: skip
 
+BATCH_NUMEL = 2**16  # weights up to this size draw their noise together (_draw_small_weights): dispatch-bound alone
 MAX_MIN_SIZE_MB = 2.0**20  # 1 TB: beyond it "keep every tensor float" is exclude=["*"]
 
 
@@ -182,6 +183,7 @@ class DiffQuantizer:
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
         self._constants: tuple[tuple, dict] | None = None
+        self._batch: tuple[list[QuantizedParam], set[int]] | None = None  # _draw_small_weights's, per new_noise
         self._rng = NoiseGenerators()  # unseeded: noise from torch's global RNG (as the reference)
         self._sampler = NoiseSampler(self.noise, self.noise_sampler)
         self._size_penalty = 0.0
@@ -391,6 +393,8 @@ class DiffQuantizer:
         versions = (p._version, logit._version)
         if qp._noisy is not None and qp._noisy[1:] == (*versions, qp._noisy[0]._version):
             return qp._noisy[0]  # a tied weight used again in this forward (its backward reuses the memory)
+        if not gathered and self._draw_small_weights(qp):
+            return qp._noisy[0]
         noise = torch.empty_like(p, memory_format=torch.contiguous_format) if gathered else qp.noise_buffer()
         noise, half = self._sampler.draw(noise, self._rng.generator(p.device))
         if gathered:
@@ -406,6 +410,56 @@ class DiffQuantizer:
         if not gathered:  # FSDP2's gathered tensors are new every forward: nothing to reuse, nothing kept
             qp._noisy = (noisy, *versions, noisy._version)
         return noisy
+
+    def _small_weights(self) -> list[QuantizedParam]:
+        """The quantized weights whose noise :meth:`_draw_small_weights` draws together: float32,
+        contiguous, on the reference grid (one range per tensor, no learned ranges), with the
+        configured group size, at most ``BATCH_NUMEL`` entries each and a multiple of 4 (the
+        16-bit draws then fall on them exactly as when each is drawn alone), on one device where
+        the noise is drawn from the table; none when the parameters are FSDP2 shards."""
+        if not self.group_size or not self._qparams:
+            return []
+        device = self._qparams[0].param.device
+        if not self._sampler.uses_table(device) or self.sharded:
+            return []
+        return [qp for qp in self._qparams
+                if qp.range_block == qp.param.numel() and qp.ranges is None and qp.group_size == self.group_size
+                and qp.param.dtype == torch.float32 and qp.param.device == device and qp.param.is_contiguous()
+                and qp.param.numel() <= BATCH_NUMEL and qp.param.numel() % 4 == 0]  # fmt: skip
+
+    def _draw_small_weights(self, qp: QuantizedParam) -> bool:
+        """When ``qp`` is one of :meth:`_small_weights`: this step's noisy weights of all of them
+        at once, in registration order (one draw, one range pass, one autograd node), the same
+        values, noise included, as drawing each alone in that order; True. Models of many small
+        weights spend their DiffQ time in per-op dispatch, not arithmetic. The others are drawn
+        one by one when first used."""
+        if self._batch is None:
+            batch = self._small_weights()
+            self._batch = (batch, {id(b) for b in batch}) if len(batch) > 1 else ([], set())
+        batch, members = self._batch
+        if id(qp) not in members:
+            return False
+        params = [b.param for b in batch]
+        noise = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+        noise, half = self._sampler.draw(noise, self._rng.generator(noise.device))
+        constants = self._step_constants()
+        unit, log_slope, penalty_grad = (
+            None if parts[0] is None else torch.cat(parts) for parts in zip(*(constants[b.logit] for b in batch))
+        )
+        with torch.no_grad():
+            detached = [p.detach() for p in params]  # the spans as tensor_range's: exact min and max, float64 difference
+            if hasattr(torch, "_foreach_max"):  # torch >= 2.4
+                mx = torch.stack(torch._foreach_max(detached)).double()
+                mn = torch.stack(torch._foreach_max(torch._foreach_neg(detached))).double().neg_()
+            else:
+                mn, mx = (torch.stack(ends).double() for ends in zip(*(torch.aminmax(p) for p in detached)))
+            span = (mx - mn).float().mul_(half)
+            std = unit * torch.repeat_interleave(span, torch.tensor([b.num_groups for b in batch]), output_size=unit.numel())
+        logits = [b.logit for b in batch]
+        outputs = inject_noise_many(params, logits, self.group_size, std, log_slope, noise, penalty_grad)
+        for entry, noisy in zip(batch, outputs):
+            entry._noisy = (noisy, entry.param._version, entry.logit._version, noisy._version)
+        return True
 
     def _straight_through_weight(self, qp: QuantizedParam, p: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
         """``p + (q(p) - p).detach()``: the true quantized values forward, the identity backward;
@@ -555,6 +609,7 @@ class DiffQuantizer:
         for qp in self._qparams:
             qp.drop_noise()
         self._constants = None
+        self._batch = None
 
     def _on_root_forward(self, module: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling():
