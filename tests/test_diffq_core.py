@@ -7,6 +7,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from qat_lightning import DiffQuantizer
+from qat_lightning.quantizers import diffq as diffq_module
 
 from .helpers import noise_source
 
@@ -460,7 +461,8 @@ def test_each_pending_graph_keeps_its_own_noise() -> None:
     assert q.parameters()[0].grad is not None
 
 
-def test_retained_graph_after_reuse_raises_instead_of_using_new_noise() -> None:
+def test_retained_graph_after_reuse_raises_instead_of_using_new_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(diffq_module, "BATCH_NUMEL", 0)  # each weight drawn alone, into its reused buffer
     model = mlp()
     DiffQuantizer(model, min_size=0)
     x = torch.randn(8, 40)
@@ -469,6 +471,25 @@ def test_retained_graph_after_reuse_raises_instead_of_using_new_noise() -> None:
     model(x).sum().backward()  # refills the buffers the retained graph saved
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+def test_retained_graph_of_weights_drawn_together_keeps_its_own_noise() -> None:
+    """Small weights drawn together get new tensors every step, none modified in place: the
+    retained graph's second backward gives its own gradients again."""
+    model = mlp()
+    q = DiffQuantizer(model, min_size=0)
+    assert len(q._small_weights()) == len(q.quantized_params())
+    x = torch.randn(8, 40)
+    out = model(x).sum()
+    out.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).sum().backward()  # new noise
+    second = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert not torch.equal(first["0.weight"], second["0.weight"])
+    out.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, first[name] + second[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("group_size", [0, 8])

@@ -183,7 +183,7 @@ class DiffQuantizer:
         self._kept: list[KeptParam] = []
         self._saved: dict[int, torch.Tensor] | None = None
         self._constants: tuple[tuple, dict] | None = None
-        self._batch: tuple[list[QuantizedParam], set[int]] | None = None  # _draw_small_weights's, per new_noise
+        self._batch: tuple[list[QuantizedParam], set[int], torch.Tensor | None] | None = None  # _draw_small_weights's, per new_noise
         self._rng = NoiseGenerators()  # unseeded: noise from torch's global RNG (as the reference)
         self._sampler = NoiseSampler(self.noise, self.noise_sampler)
         self._size_penalty = 0.0
@@ -435,8 +435,11 @@ class DiffQuantizer:
         one by one when first used."""
         if self._batch is None:
             batch = self._small_weights()
-            self._batch = (batch, {id(b) for b in batch}) if len(batch) > 1 else ([], set())
-        batch, members = self._batch
+            if len(batch) < 2:
+                batch = []
+            counts = torch.tensor([b.num_groups for b in batch], dtype=torch.int64, device=batch[0].param.device) if batch else None
+            self._batch = (batch, {id(b) for b in batch}, counts)
+        batch, members, counts = self._batch
         if id(qp) not in members:
             return False
         params = [b.param for b in batch]
@@ -454,9 +457,9 @@ class DiffQuantizer:
             else:
                 mn, mx = (torch.stack(ends).double() for ends in zip(*(torch.aminmax(p) for p in detached)))
             span = (mx - mn).float().mul_(half)
-            std = unit * torch.repeat_interleave(span, torch.tensor([b.num_groups for b in batch]), output_size=unit.numel())
-        logits = [b.logit for b in batch]
-        outputs = inject_noise_many(params, logits, self.group_size, std, log_slope, noise, penalty_grad)
+            std = unit * torch.repeat_interleave(span, counts, output_size=unit.numel())
+            flat = torch.cat([p.view(-1) for p in detached])
+        outputs = inject_noise_many(params, [b.logit for b in batch], self.group_size, std, log_slope, noise, penalty_grad, flat)
         for entry, noisy in zip(batch, outputs):
             entry._noisy = (noisy, entry.param._version, entry.logit._version, noisy._version)
         return True

@@ -101,43 +101,35 @@ class _InjectNoiseMany(torch.autograd.Function):
     """:func:`inject_noise` of ``k`` float32 tensors in one node (see :func:`inject_noise_many`)."""
 
     @staticmethod
-    def forward(ctx, group_size: int, counts: list[int], std: torch.Tensor, log_slope: torch.Tensor,  # type: ignore[override]
-                penalty_grad: torch.Tensor | None, noise: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, group_size: int, counts: list[int], flat: torch.Tensor, std: torch.Tensor,  # type: ignore[override]
+                log_slope: torch.Tensor, penalty_grad: torch.Tensor | None, noise: torch.Tensor,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = len(tensors) // 2
         params = tensors[:k]
-        cells = noise.view(-1, group_size).split(counts)
-        outs = tuple(torch.empty_like(p) for p in params)  # not views: autograd forbids in-place use of a multi-output node's views
-        for p, n, cell, s, out in zip(params, counts, cells, std.split(counts), outs):
-            torch.addcmul(p.view(n, group_size), cell, s[:, None], out=out.view(n, group_size))
+        noisy = torch.addcmul(flat.view(-1, group_size), noise.view(-1, group_size), std[:, None]).view(-1)
+        outs = tuple(part.view_as(p) for part, p in zip(noisy.split([p.numel() for p in params]), params))
         ctx.group_size, ctx.counts, ctx.penalty_grad, ctx.log_slope = group_size, counts, penalty_grad, log_slope
         ctx.set_materialize_grads(False)  # an output no loss used: None, not zeros (no gradient, as for a weight drawn alone)
-        ctx.save_for_backward(*params, *outs)
+        ctx.save_for_backward(flat, noisy)
         return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         k = len(grads)
-        saved = ctx.saved_tensors
-        params, noisy = saved[:k], saved[k:]
-        grad_params = [g if ctx.needs_input_grad[6 + i] else None for i, g in enumerate(grads)]
+        grad_params = [g if ctx.needs_input_grad[7 + i] else None for i, g in enumerate(grads)]
         grad_logits: list[torch.Tensor | None] = [None] * k
-        used = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[6 + k + i]]  # unused outputs: no gradient
-        if used:
-            # as inject_noise's backward: every use of the noisy weights has run, their memory is free
-            products = [noisy[i] for i in used]
-            torch._foreach_sub_(products, [params[i] for i in used])
-            torch._foreach_mul_(products, [grads[i] for i in used])
-            flat = torch.cat([t.view(-1) for t in products]).view(-1, ctx.group_size)
-            grad_std = torch.mv(flat, flat.new_ones(ctx.group_size))
-            slope, penalty = ctx.log_slope, ctx.penalty_grad
-            if len(used) < k:  # the used tensors' groups only
-                take = lambda t: torch.cat([part for i, part in enumerate(t.split(ctx.counts)) if i in used])  # noqa: E731
-                slope, penalty = take(slope), (None if penalty is None else take(penalty))
-            grad_std = grad_std.to(slope.dtype)
-            grad_logit = grad_std.mul_(slope) if penalty is None else torch.addcmul(penalty, grad_std, slope)
-            for i, part in zip(used, grad_logit.split([ctx.counts[i] for i in used])):
-                grad_logits[i] = part
-        return (None, None, None, None, None, None, *grad_params, *grad_logits)
+        used = [g is not None and ctx.needs_input_grad[7 + k + i] for i, g in enumerate(grads)]  # unused outputs: no gradient
+        if any(used):
+            flat, noisy = ctx.saved_tensors
+            counts, group_size = ctx.counts, ctx.group_size
+            grad = torch.cat([g.reshape(-1) if u else noisy.new_zeros(n * group_size) for g, u, n in zip(grads, used, counts)])
+            # out of place (small tensors): a retained graph's second backward still finds its own noisy weights
+            product = torch.sub(noisy, flat).mul_(grad).view(-1, group_size)  # (std * unit noise) * grad
+            grad_std = torch.mv(product, product.new_ones(group_size)).to(ctx.log_slope.dtype)
+            penalty = ctx.penalty_grad
+            grad_logit = grad_std.mul_(ctx.log_slope) if penalty is None else torch.addcmul(penalty, grad_std, ctx.log_slope)
+            grad_logits = [part if u else None for part, u in zip(grad_logit.split(counts), used)]
+        return (None,) * 7 + (*grad_params, *grad_logits)
 
 
 def inject_noise_many(
@@ -148,14 +140,21 @@ def inject_noise_many(
     log_slope: torch.Tensor,
     noise: torch.Tensor,
     penalty_grad: torch.Tensor | None = None,
+    flat: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`inject_noise` of several float32 tensors at once, one autograd node and a few ops
     for all of them rather than a dozen each (for models of many small weights the per-op
     dispatch, not the arithmetic, is the cost). Each ``params[i]`` (contiguous) has
     ``logits[i].numel()`` groups of ``group_size`` entries, each group one cell; ``std``,
     ``log_slope`` and ``penalty_grad`` hold one value per group, tensor after tensor, and
-    ``noise`` the unit noise of every entry, tensor after tensor (read, not kept). The values are
-    bit for bit those of :func:`inject_noise` on each tensor; the backward runs once every used
-    output has its gradient (an output no loss used gives its tensors no gradient)."""
+    ``noise`` the unit noise of every entry, tensor after tensor (read, not kept); ``flat``: the
+    parameters' values concatenated, if the caller has them. The values are bit for bit those of
+    :func:`inject_noise` on each tensor; the outputs are views of one new tensor (nothing reused
+    from step to step, nothing modified in place: a retained graph stays valid); the backward
+    runs once every used output has its gradient (an output no loss used gives its tensors no
+    gradient)."""
     counts = [logit.numel() for logit in logits]
-    return _InjectNoiseMany.apply(group_size, counts, std, log_slope, penalty_grad, noise, *params, *logits)
+    if flat is None:
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return _InjectNoiseMany.apply(group_size, counts, flat, std, log_slope, penalty_grad, noise, *params, *logits)
