@@ -3,7 +3,8 @@ Lightning loop without callbacks, measured side by side in one process (one thre
 
 The tiny random-init models of the test matrix (``tests/real_models.py``: Hugging Face GPT-2,
 Llama, BERT, ``nn.TransformerEncoder``, an LSTM LM, ResNet- and MobileNetV3-style CNNs), batch 16.
-Variants: DiffQ (``min_size=0``, biases float: every weight), EMAFakeQuant W8A8 (defaults),
+Variants: DiffQ (``min_size=0``, biases float: every weight; ``diffq_alone``: each weight's noise
+drawn alone, as before stop 30), EMAFakeQuant W8A8 (defaults),
 ``int4_g16`` weights + ``int8_per_token`` layer inputs, LSQ W4A8. The calibration callbacks
 (AdaScale, HistogramCalibration, Rescaling) cost once, at setup, and train like the fake-quant
 callback they configure. Also prints each model's DiffQ noise floor: ``(fp32 step + time to draw
@@ -27,14 +28,17 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.step_overhead import StepTimer, accelerator, module_noise_time  # noqa: E402
+from benchmarks.step_overhead import DiffQAlone, StepTimer, accelerator, module_noise_time  # noqa: E402
 from qat_lightning import DiffQ, EMAFakeQuant  # noqa: E402
 from tests.real_models import MODELS, build, loader  # noqa: E402
 
 DIFFQ = dict(min_size=0, exclude=["*bias"])  # every weight of these tiny models (the default min_size would skip most)
+
+
 VARIANTS = {
     "fp32": lambda: [],
     "diffq": lambda: [DiffQ(**DIFFQ)],
+    "diffq_alone": lambda: [DiffQAlone(**DIFFQ)],
     "ema_w8a8": lambda: [EMAFakeQuant()],
     "int4_g16_int8tok": lambda: [EMAFakeQuant(weight_format="int4_g16", activation_format="int8_per_token", activation_position="inputs")],
     "lsq_w4a8": lambda: [EMAFakeQuant(learned_step=True, weight_bits=4)],
@@ -66,7 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "diffq_alone"], choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also each variant torch.compile'd (inductor): ratios to the eager fp32 step")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--json", default=None)

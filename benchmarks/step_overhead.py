@@ -53,6 +53,15 @@ class StepTimer(pl.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
+class DiffQAlone(DiffQ):
+    """DiffQ with each weight's noise drawn alone (as before stop 30), for the side-by-side ratio."""
+
+    def build_quantizer(self, pl_module: pl.LightningModule) -> DiffQuantizer:
+        quantizer = super().build_quantizer(pl_module)
+        quantizer._small_weights = lambda: []
+        return quantizer
+
+
 class ReferenceDiffQ(pl.Callback):
     """The reference ``diffq.DiffQuantizer`` (PyPI ``diffq-fixed``) driven the same way, for comparison."""
 
@@ -108,6 +117,7 @@ def callbacks_for(variant: str) -> list[pl.Callback]:
     return {
         "fp32": [],
         "diffq": [DiffQ(penalty=1.0, bits_lr=1e-2)],
+        "diffq_alone": [DiffQAlone(penalty=1.0, bits_lr=1e-2)],  # each weight's noise drawn alone (before stop 30)
         "diffq_torch_noise": [DiffQ(penalty=1.0, bits_lr=1e-2, noise_sampler="torch")],  # torch's normal_, the old default
         "diffq_channel": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel")],  # issue 18's grid, noise phase
         "diffq_channel_ste": [DiffQ(penalty=1.0, bits_lr=1e-2, scale="channel", range_search=10, learn_ranges=True,
@@ -217,7 +227,7 @@ def main() -> None:
         **{f"{v}_ratio": median[v] / fp32 for v in variants if v != "fp32"},
     }
     labels = {
-        "diffq": "qat_lightning DiffQ", "diffq_torch_noise": "DiffQ, noise_sampler='torch'",
+        "diffq": "qat_lightning DiffQ", "diffq_alone": "DiffQ, each weight drawn alone", "diffq_torch_noise": "DiffQ, noise_sampler='torch'",
         "ema": "EMAFakeQuant W8A8", "diffq_ema": "DiffQ + EMAFakeQuant A8",
         "torch_ao": "torch.ao eager QAT W8A8", "reference": "reference diffq (group 1)",
         "int4_g32": "ours int4_g32 weights", "int8tok_int4_g32": "ours int8_per_token + int4_g32",
