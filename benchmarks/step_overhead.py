@@ -10,7 +10,9 @@ warm-up. Also prints the noise floor: the time to draw one gaussian number per q
 with torch's ``normal_``, ``floor = (fp32 step + noise) / fp32 step``, and the same with DiffQ's own
 16-bit table draws (``noise_sampler="table"``, its CPU default).
 
-``--device cuda``: the same loop on a GPU (each step's time between two ``torch.cuda.synchronize``,
+``--compile``: each variant also ``torch.compile``d (inductor; needs a C++ compiler), the module's
+``training_step`` without ``self.log`` (dynamo cannot trace Lightning's), each compiled ratio to
+the compiled fp32 step. ``--device cuda``: the same loop on a GPU (each step's time between two ``torch.cuda.synchronize``,
 the floor's draws on the GPU); ``--batch-size`` and ``--hidden`` size the MLP up.
 
     python benchmarks/step_overhead.py [--steps 300] [--rounds 3] [--threads 1] [--device cpu] [--json out.json]
@@ -27,6 +29,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
 from qat_lightning import DiffQ, DiffQuantizer, EMAFakeQuant
 from qat_lightning.demo import Classifier, MLP, MNIST1DDataModule
@@ -112,6 +115,15 @@ class TorchAOQAT(pl.Callback):
         quantize_(pl_module, QATConfig(activation_config=activation, weight_config=weight, step="prepare"), filter_fn=fits)
 
 
+class QuietClassifier(Classifier):
+    """The demo classifier without ``self.log`` in ``training_step``, for a compiled module: dynamo
+    cannot trace Lightning's ``log`` (Lightning 2.6)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
 def callbacks_for(variant: str) -> list[pl.Callback]:
     """The callbacks of one benchmarked variant (fresh instances)."""
     return {
@@ -147,14 +159,17 @@ def accelerator(device: str) -> str:
 
 
 def step_time(variant: str, steps: int, warmup: int, hidden: tuple[int, ...], device: str = "cpu", batch_size: int = 100) -> float:
+    """Median step time of ``variant`` (``"<variant>+compile"``: the module ``torch.compile``d, inductor)."""
     pl.seed_everything(0, verbose=False)
     timer = StepTimer(warmup, device)
-    callbacks = [timer, *callbacks_for(variant)]
+    base, compiled = variant.removesuffix("+compile"), variant.endswith("+compile")
+    callbacks = [timer, *callbacks_for(base)]
     trainer = pl.Trainer(
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, accelerator=accelerator(device), devices=1,
     )  # fmt: skip
-    trainer.fit(Classifier(MLP(hidden=hidden)), MNIST1DDataModule(batch_size=batch_size))
+    model = torch.compile(QuietClassifier(MLP(hidden=hidden))) if compiled else Classifier(MLP(hidden=hidden))
+    trainer.fit(model, MNIST1DDataModule(batch_size=batch_size))
     return statistics.median(timer.times)
 
 
@@ -192,6 +207,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variants", nargs="+", default=None, help="subset to run (fp32 is always included)")
+    parser.add_argument("--compile", action="store_true", help="also each variant torch.compile'd (inductor), ratios to compiled fp32")
     parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip torch.ao and the reference diffq")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -208,6 +224,8 @@ def main() -> None:
             variants += ["reference", "reference_g8"]
     if args.variants:
         variants = ["fp32", *[v for v in args.variants if v != "fp32"]]
+    if args.compile:  # torch.ao's prepare_qat, torchao's quantize_ and the reference swap modules: eager only
+        variants += [f"{v}+compile" for v in variants if not v.startswith(("torch_ao", "torchao", "reference"))]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved, so drifts of the machine hit every variant alike
         for variant in variants:
@@ -225,6 +243,7 @@ def main() -> None:
         "table_noise_floor_ratio": (fp32 + table_noise) / fp32,
         **{f"{v}_step_ms": 1e3 * median[v] for v in variants if v != "fp32"},
         **{f"{v}_ratio": median[v] / fp32 for v in variants if v != "fp32"},
+        **{f"{v}_compiled_ratio": median[v] / median["fp32+compile"] for v in variants if v.endswith("+compile") and v != "fp32+compile"},
     }
     labels = {
         "diffq": "qat_lightning DiffQ", "diffq_alone": "DiffQ, each weight drawn alone", "diffq_torch_noise": "DiffQ, noise_sampler='torch'",
@@ -240,7 +259,10 @@ def main() -> None:
     print(result["model"])
     print(f"  {'fp32 step':34s} {result['fp32_step_ms']:8.3f} ms")
     for v in variants[1:]:
-        print(f"  {labels[v]:34s} {result[f'{v}_step_ms']:8.3f} ms   ratio {result[f'{v}_ratio']:.2f}x")
+        base, compiled = v.removesuffix("+compile"), v.endswith("+compile")
+        label = ("compiled fp32" if base == "fp32" else f"compiled {labels[base]}") if compiled else labels[v]
+        extra = f"   / compiled fp32 {result[f'{v}_compiled_ratio']:.2f}x" if f"{v}_compiled_ratio" in result else ""
+        print(f"  {label[:34]:34s} {result[f'{v}_step_ms']:8.3f} ms   ratio {result[f'{v}_ratio']:.2f}x{extra}")
     print(f"  {'noise alone (normal_)':34s} {result['noise_ms']:8.3f} ms   floor {result['noise_floor_ratio']:.2f}x")
     print(f"  {'noise alone (16-bit table draws)':34s} {result['table_noise_ms']:8.3f} ms   floor {result['table_noise_floor_ratio']:.2f}x")
     if args.json:
