@@ -5,6 +5,15 @@
 # limit, its log under $OUT (default ./gpu_out). DEVICE=cpu QUICK=1 dry-runs it on the CPU.
 #
 #   bash benchmarks/gpu_suite.sh            # on a machine with a CUDA GPU
+#
+# On this workplace's device machine (torch 2.11, no torchao / mnist1d, no network), carry wheels: here,
+#   echo /.whl/ >> .git/info/exclude; echo /.whl17/ >> .git/info/exclude
+#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform any"
+#   python3 -m pip download -q $P -d .whl torchao==0.18.0 mnist1d==0.0.2.post1; python3 -m pip download -q $P -d .whl17 torchao==0.17.0
+# then run (carry .whl and .whl17), torchao 0.17 where 0.18 does not import beside that torch:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site;
+#   python3 -c "from torchao.quantization.qat import QATConfig" || { python3 -m pip install -q --no-index --no-deps
+#   --target /tmp/site17 .whl17/*.whl; export PYTHONPATH=$PWD:/tmp/site17:/tmp/site; }; OUT=$OUT bash benchmarks/gpu_suite.sh
 set -u
 OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
