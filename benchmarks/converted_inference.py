@@ -15,10 +15,9 @@ import copy
 import io
 import logging
 import statistics
+import sys
 import time
 import warnings
-
-import sys
 from pathlib import Path
 
 import torch

@@ -33,8 +33,6 @@ from qat_lightning import DiffQ, EMAFakeQuant  # noqa: E402
 from tests.real_models import MODELS, build, loader  # noqa: E402
 
 DIFFQ = dict(min_size=0, exclude=["*bias"])  # every weight of these tiny models (the default min_size would skip most)
-
-
 VARIANTS = {
     "fp32": lambda: [],
     "diffq": lambda: [DiffQ(**DIFFQ)],

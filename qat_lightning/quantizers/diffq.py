@@ -458,8 +458,7 @@ class DiffQuantizer:
                 mn, mx = (torch.stack(ends).double() for ends in zip(*(torch.aminmax(p) for p in detached)))
             span = (mx - mn).float().mul_(half)
             std = unit * torch.repeat_interleave(span, counts, output_size=unit.numel())
-            flat = torch.cat([p.view(-1) for p in detached])
-        outputs = inject_noise_many(params, [b.logit for b in batch], self.group_size, std, log_slope, noise, penalty_grad, flat)
+        outputs = inject_noise_many(params, [b.logit for b in batch], self.group_size, std, log_slope, noise, penalty_grad)
         for entry, noisy in zip(batch, outputs):
             entry._noisy = (noisy, entry.param._version, entry.logit._version, noisy._version)
         return True

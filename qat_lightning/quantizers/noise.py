@@ -140,21 +140,18 @@ def inject_noise_many(
     log_slope: torch.Tensor,
     noise: torch.Tensor,
     penalty_grad: torch.Tensor | None = None,
-    flat: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`inject_noise` of several float32 tensors at once, one autograd node and a few ops
     for all of them rather than a dozen each (for models of many small weights the per-op
     dispatch, not the arithmetic, is the cost). Each ``params[i]`` (contiguous) has
     ``logits[i].numel()`` groups of ``group_size`` entries, each group one cell; ``std``,
     ``log_slope`` and ``penalty_grad`` hold one value per group, tensor after tensor, and
-    ``noise`` the unit noise of every entry, tensor after tensor (read, not kept); ``flat``: the
-    parameters' values concatenated, if the caller has them. The values are bit for bit those of
-    :func:`inject_noise` on each tensor; the outputs are views of one new tensor (nothing reused
-    from step to step, nothing modified in place: a retained graph stays valid); the backward
-    runs once every used output has its gradient (an output no loss used gives its tensors no
-    gradient)."""
+    ``noise`` the unit noise of every entry, tensor after tensor (read, not kept). The values are
+    bit for bit those of :func:`inject_noise` on each tensor; the outputs are views of one new
+    tensor (nothing reused from step to step, nothing modified in place: a retained graph stays
+    valid); the backward runs once every used output has its gradient (an output no loss used
+    gives its tensors no gradient)."""
     counts = [logit.numel() for logit in logits]
-    if flat is None:
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
+    with torch.no_grad():
+        flat = torch.cat([p.view(-1) for p in params])  # kept for the backward's noisy - p
     return _InjectNoiseMany.apply(group_size, counts, flat, std, log_slope, penalty_grad, noise, *params, *logits)
